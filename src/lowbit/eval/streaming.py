@@ -1,0 +1,138 @@
+"""The streaming protocol: prefill P tokens in one forward, then feed T tokens one at a time through the cache.
+
+At every step the method's next-token distribution is compared with the uncompressed model's on the
+same prefix (computed once by :func:`reference_run` and reused for every method). Predictions cover
+the T tokens after the prefill: the first comes from the prefill's last logits, the others from the
+T-1 single-token decode steps, exactly as generation would produce them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache
+
+from lowbit.kv.registry import cache_nbytes, make_cache
+
+
+@dataclass
+class ReferenceRun:
+    """The uncompressed model's log-probabilities at each evaluated position."""
+
+    logprobs: torch.Tensor  # [T, vocab] float32
+    targets: torch.Tensor  # [T]
+    seconds: float
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return -self.logprobs.gather(-1, self.targets[:, None]).squeeze(-1)
+
+
+@dataclass
+class EvalResult:
+    """What one method cost, measured against the uncompressed reference."""
+
+    method: str
+    ppl: float
+    ppl_ref: float
+    kl_mean: float
+    kl_max: float
+    top1_agree: float
+    kv_bytes: int
+    kv_bytes_fp16: int
+    tokens: int
+    prefill: int
+    tokens_per_s: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def compression(self) -> float:
+        return self.kv_bytes_fp16 / self.kv_bytes if self.kv_bytes else float("nan")
+
+    @property
+    def bits_per_element(self) -> float:
+        return 16.0 * self.kv_bytes / self.kv_bytes_fp16 if self.kv_bytes_fp16 else float("nan")
+
+    @property
+    def delta_ppl_pct(self) -> float:
+        return 100.0 * (self.ppl - self.ppl_ref) / self.ppl_ref
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(compression=self.compression, bits_per_element=self.bits_per_element, delta_ppl_pct=self.delta_ppl_pct)
+        return d
+
+
+def _validate(ids: torch.Tensor, prefill: int, tokens: int) -> None:
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"expected token ids of shape [1, n], got {tuple(ids.shape)}")
+    if prefill < 1 or tokens < 1:
+        raise ValueError(f"prefill ({prefill}) and tokens ({tokens}) must both be >= 1")
+    if ids.shape[1] < prefill + tokens:
+        raise ValueError(f"need {prefill + tokens} tokens for prefill {prefill} + {tokens}, got {ids.shape[1]}")
+
+
+@torch.no_grad()
+def _stream(model, ids: torch.Tensor, cache: Cache, prefill: int, tokens: int, progress=None) -> torch.Tensor:
+    """Log-probabilities [tokens, vocab] of the streaming protocol through `cache`."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    out = []
+    logits = model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits[0, -1]
+    out.append(torch.log_softmax(logits.float(), -1).cpu())
+    for i in range(prefill, prefill + tokens - 1):
+        logits = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+        out.append(torch.log_softmax(logits.float(), -1).cpu())
+        if progress is not None:
+            progress()
+    return torch.stack(out)
+
+
+def reference_run(model, ids: torch.Tensor, prefill: int, tokens: int, progress=None) -> ReferenceRun:
+    """Run the uncompressed model through the same protocol (fp16 method) and keep its log-probs."""
+    _validate(ids, prefill, tokens)
+    t0 = time.perf_counter()
+    logprobs = _stream(model, ids, make_cache("fp16", model.config), prefill, tokens, progress)
+    return ReferenceRun(logprobs, ids[0, prefill : prefill + tokens].cpu(), time.perf_counter() - t0)
+
+
+def evaluate_kv(
+    model,
+    ids: torch.Tensor,
+    kv: str = "fp16",
+    prefill: int = 512,
+    tokens: int = 256,
+    reference: ReferenceRun | None = None,
+    cache_factory: Callable[[], Cache] | None = None,
+    progress=None,
+) -> EvalResult:
+    """Evaluate one KV method (a ``--kv`` spec) with the streaming protocol against the reference."""
+    _validate(ids, prefill, tokens)
+    if reference is None:
+        reference = reference_run(model, ids, prefill, tokens, progress)
+    cache = cache_factory() if cache_factory is not None else make_cache(kv, model.config)
+    t0 = time.perf_counter()
+    logprobs = _stream(model, ids, cache, prefill, tokens, progress)
+    seconds = time.perf_counter() - t0
+    nll = -logprobs.gather(-1, reference.targets[:, None]).squeeze(-1)
+    p_ref = reference.logprobs.exp()
+    kl = (p_ref * (reference.logprobs - logprobs)).sum(-1).clamp_min(0.0)
+    top1 = (logprobs.argmax(-1) == reference.logprobs.argmax(-1)).float().mean().item()
+    kv_bytes, kv_bytes_fp16 = cache_nbytes(cache)
+    return EvalResult(
+        method=kv,
+        ppl=math.exp(nll.mean().item()),
+        ppl_ref=math.exp(reference.nll.mean().item()),
+        kl_mean=kl.mean().item(),
+        kl_max=kl.max().item(),
+        top1_agree=top1,
+        kv_bytes=kv_bytes,
+        kv_bytes_fp16=kv_bytes_fp16,
+        tokens=tokens,
+        prefill=prefill,
+        tokens_per_s=tokens / seconds,
+    )

@@ -1,0 +1,6 @@
+"""KV-cache methods as transformers Caches, and the registry that builds them from ``--kv`` specs."""
+
+from lowbit.kv.kivi import KiviCache, KiviLayer
+from lowbit.kv.registry import KV_METHODS, cache_nbytes, make_cache, parse_kv_spec
+
+__all__ = ["KV_METHODS", "KiviCache", "KiviLayer", "cache_nbytes", "make_cache", "parse_kv_spec"]

