@@ -53,8 +53,11 @@ def test_layer_matches_reference(bits, sinks, prefill, decode):
     v = torch.randn(B, H, prefill + decode, D)
     layer = KiviLayer(bits, G, R, sinks)
     K, V = layer.update(k[..., :prefill, :], v[..., :prefill, :])
+    assert torch.equal(K, k[..., :prefill, :])  # the prefill attends with its exact states
     for t in range(prefill, prefill + decode):
         K, V = layer.update(k[..., t : t + 1, :], v[..., t : t + 1, :])
+    assert torch.equal(K[..., -1, :], k[..., -1, :])  # so does each new token
+    K, V = layer.full_keys(), layer.full_values()  # what later steps see
     refK, refV, nk, nv = ref_kivi(k, v, bits, G, R, sinks)
     assert layer.n_qk == nk and layer.n_qv == nv
     assert layer.get_seq_length() == prefill + decode

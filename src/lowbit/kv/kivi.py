@@ -10,7 +10,8 @@ Per layer, tokens live in up to three places, always concatenated in token order
   once R are held (after a prefill of P tokens, all but the last ``P mod R`` are quantized at once);
   values leave it one token at a time, oldest first, once more than R are held.
 
-Quantized tokens are never re-quantized. Full-precision parts are stored in ``storage_dtype``
+The tokens of the current forward attend with their exact states (as in KIVI); what they left in the
+cache is what later steps see. Quantized tokens are never re-quantized. Full-precision parts are stored in ``storage_dtype``
 (fp16 by default for an fp32 model, else the model's dtype), so :meth:`KiviCache.nbytes` is the
 true number of bytes a deployment would hold.
 """
@@ -99,24 +100,35 @@ class KiviLayer(DynamicLayer):
         self.qv_zero = _cat(self.qv_zero, zero)
         self.n_qv += v.shape[-2]
 
-    def dequantized_keys(self) -> torch.Tensor | None:
-        if self.qk_packed is None:
-            return None
-        codes = unpack(self.qk_packed, self.bits, dim=-2)
-        return dequantize_codes(codes, self.qk_scale, self.qk_zero, self.group_size, -2, self.dtype)
+    def _assemble(self, sink, packed, scale, zero, n_quant: int, residual, dim: int) -> torch.Tensor:
+        """sinks | dequantized | residual in token order, written once into one [B, H, T, D] tensor."""
+        ref = next(t for t in (sink, residual, scale) if t is not None)
+        total = self.get_seq_length()
+        out = torch.empty(ref.shape[0], ref.shape[1], total, self.head_dim, dtype=self.dtype, device=ref.device)
+        if sink is not None:
+            out[..., : self.n_sink, :] = sink
+        if n_quant:
+            codes = unpack(packed, self.bits, dim=dim)
+            view = out[..., self.n_sink : self.n_sink + n_quant, :]
+            dequantize_codes(codes, scale, zero, self.group_size, dim, self.dtype, out=view)
+        if residual is not None:
+            out[..., self.n_sink + n_quant :, :] = residual
+        return out
 
-    def dequantized_values(self) -> torch.Tensor | None:
-        if self.qv_packed is None:
-            return None
-        codes = unpack(self.qv_packed, self.bits, dim=-1)
-        return dequantize_codes(codes, self.qv_scale, self.qv_zero, self.group_size, -1, self.dtype)
+    def full_keys(self) -> torch.Tensor:
+        """All cached keys in token order, dequantized to the model dtype."""
+        return self._assemble(self.sink_k, self.qk_packed, self.qk_scale, self.qk_zero, self.n_qk, self.res_k, -2)
+
+    def full_values(self) -> torch.Tensor:
+        """All cached values in token order, dequantized to the model dtype."""
+        return self._assemble(self.sink_v, self.qv_packed, self.qv_scale, self.qv_zero, self.n_qv, self.res_v, -1)
 
     # ----------------------------------------------------------------- Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        k = key_states.to(self.storage_dtype)
-        v = value_states.to(self.storage_dtype)
+        k = key_states.detach().to(self.storage_dtype)  # a cache is for inference: no autograd through codes
+        v = value_states.detach().to(self.storage_dtype)
         if self.n_sink < self.sinks:
             take = min(self.sinks - self.n_sink, k.shape[-2])
             self.sink_k = _cat(self.sink_k, k[..., :take, :])
@@ -134,17 +146,12 @@ class KiviLayer(DynamicLayer):
             if excess > 0:
                 self._quantize_values(self.res_v[..., :excess, :])
                 self.res_v = self.res_v[..., excess:, :].contiguous()
-        return self.full_keys(), self.full_values()
-
-    def full_keys(self) -> torch.Tensor:
-        """All cached keys in token order, dequantized to the model dtype."""
-        parts = [self.sink_k, self.dequantized_keys(), self.res_k]
-        return torch.cat([p.to(self.dtype) for p in parts if p is not None], dim=-2)
-
-    def full_values(self) -> torch.Tensor:
-        """All cached values in token order, dequantized to the model dtype."""
-        parts = [self.sink_v, self.dequantized_values(), self.res_v]
-        return torch.cat([p.to(self.dtype) for p in parts if p is not None], dim=-2)
+        # as in KIVI, the tokens of this step attend with their exact states; quantization applies from the next step
+        keys, values = self.full_keys(), self.full_values()
+        n = key_states.shape[-2]
+        keys[..., -n:, :] = key_states
+        values[..., -n:, :] = value_states
+        return keys, values
 
     def _tensor_names(self) -> tuple[str, ...]:
         return ("sink_k", "sink_v", "qk_packed", "qk_scale", "qk_zero", "qv_packed", "qv_scale", "qv_zero", "res_k", "res_v")

@@ -25,6 +25,12 @@ def packed_size(n: int, bits: int) -> int:
     return n // per_byte
 
 
+def _shifts(bits: int, dim: int, ndim: int, device) -> torch.Tensor:
+    """Bit offsets 0, bits, 2*bits, … shaped to broadcast along the axis inserted after `dim`."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
+    return shifts.view([-1] + [1] * (ndim - dim - 1))
+
+
 def pack(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     """Pack unsigned `bits`-bit codes (uint8, values < 2**bits) along `dim` into uint8 bytes."""
     per_byte = _check_bits(bits)
@@ -34,11 +40,8 @@ def pack(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     packed_size(codes.shape[dim], bits)
     if per_byte == 1:
         return codes.clone()
-    moved = codes.movedim(dim, -1)
-    grouped = moved.reshape(*moved.shape[:-1], moved.shape[-1] // per_byte, per_byte)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    out = (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
-    return out.movedim(-1, dim).contiguous()
+    grouped = codes.unflatten(dim, (codes.shape[dim] // per_byte, per_byte))
+    return (grouped << _shifts(bits, dim + 1, grouped.dim(), codes.device)).sum(dim=dim + 1, dtype=torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
@@ -49,9 +52,5 @@ def unpack(packed: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     dim = dim % packed.dim()
     if per_byte == 1:
         return packed.clone()
-    moved = packed.movedim(dim, -1)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    mask = (1 << bits) - 1
-    codes = (moved.unsqueeze(-1) >> shifts) & mask
-    codes = codes.reshape(*moved.shape[:-1], moved.shape[-1] * per_byte)
-    return codes.movedim(-1, dim).contiguous()
+    expanded = packed.unsqueeze(dim + 1) >> _shifts(bits, dim + 1, packed.dim() + 1, packed.device)
+    return (expanded & ((1 << bits) - 1)).flatten(dim, dim + 1)

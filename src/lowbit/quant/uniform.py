@@ -89,13 +89,30 @@ def quantize_codes(
 
 
 def dequantize_codes(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dim: int, dtype: torch.dtype
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    dim: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """codes * scale + zero, with scale/zero broadcast over their groups along `dim`."""
+    """codes * scale + zero, with scale/zero broadcast over their groups along `dim`.
+
+    `out` (optional, same shape as `codes`, dtype `dtype`) receives the result without an extra copy.
+    """
     dim = dim % codes.dim()
-    s = scale.float().repeat_interleave(group_size, dim=dim)
-    z = zero.float().repeat_interleave(group_size, dim=dim)
-    return (codes.float() * s + z).to(dtype)
+    split = (codes.shape[dim] // group_size, group_size)
+    compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # half types: math in fp32
+    grouped = codes.unflatten(dim, split).to(compute)
+    z, s = zero.to(compute).unsqueeze(dim + 1), scale.to(compute).unsqueeze(dim + 1)
+    if out is None:
+        return torch.addcmul(z, grouped, s).flatten(dim, dim + 1).to(dtype)
+    if compute == dtype:
+        torch.addcmul(z, grouped, s, out=out.unflatten(dim, split))
+    else:
+        out.copy_(torch.addcmul(z, grouped, s).flatten(dim, dim + 1))
+    return out
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""``lowbit lut``: fit GQA-LUT tables from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lowbit.lut.genetic import FitResult, dense_errors, fit
+from lowbit.lut.functions import FUNCTIONS, get_function
+
+app = typer.Typer(
+    help="GQA-LUT: genetic, quantization-aware piecewise-linear tables for non-linear functions "
+    "(integer-only evaluation on int8 inputs).",
+    no_args_is_help=True,
+)
+
+
+@app.callback()
+def _main() -> None:
+    """GQA-LUT tools."""
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    """``"-4,4"`` (spaces allowed, ``:`` also accepted as separator) -> (-4.0, 4.0)."""
+    parts = text.strip().replace(":", ",").split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise typer.BadParameter(f"expected LO,HI (e.g. -4,4), got '{text}'") from None
+    return lo, hi
+
+
+def _plot(result: FitResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    t = result.table
+    f = get_function(t.fn).f
+    codes = np.arange(t.qlo, t.qhi + 1)
+    x = codes * t.in_scale
+    fx = f(x)
+    y_ga = t.dequantize(t.evaluate_int(codes))
+    y_uni = result.baseline_table.dequantize(result.baseline_table.evaluate_int(codes))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    ax1.plot(x, fx, "k-", lw=1.5, label=f"{t.fn}(x)")
+    ax1.plot(x, y_ga, "C0.", ms=3, label=f"GA LUT ({t.segments} seg)")
+    ax1.plot(x, y_uni, "C1.", ms=2, alpha=0.6, label="uniform baseline")
+    for p in t.breakpoints_real:
+        ax1.axvline(p, color="C0", lw=0.5, alpha=0.4)
+    ax1.set_ylabel("y")
+    ax1.legend()
+    ax1.set_title(f"{t.fn} on [{t.lo:g}, {t.hi:g}], int{t.in_bits} input, int{t.coef_bits} coefficients")
+    ax2.plot(x, y_ga - fx, "C0-", label=f"GA  max {result.max_err:.2e}")
+    ax2.plot(x, y_uni - fx, "C1-", alpha=0.7, label=f"uniform  max {result.baseline_max_err:.2e}")
+    ax2.axhline(0, color="k", lw=0.5)
+    ax2.set_xlabel("x (on the input grid)")
+    ax2.set_ylabel("LUT - f")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@app.command("fit")
+def fit_cmd(
+    fn: str = typer.Option(..., "--fn", help=f"function: {', '.join(FUNCTIONS)}"),
+    segments: int = typer.Option(8, "--segments", "-n", help="number of segments (2..64)"),
+    range_: Optional[str] = typer.Option(
+        None, "--range", help="LO,HI input range, e.g. --range -4,4 (default per function)"
+    ),
+    in_bits: int = typer.Option(8, "--in-bits", help="input code width"),
+    coef_bits: int = typer.Option(8, "--coef-bits", help="slope/intercept code width"),
+    in_scale: str = typer.Option("float", "--in-scale", help="input scale: float or pow2"),
+    seed: int = typer.Option(0, "--seed", help="GA seed"),
+    generations: int = typer.Option(300, "--generations", help="GA generations"),
+    population: int = typer.Option(128, "--population", help="GA population"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the table as JSON here"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="save a PNG of f, the LUTs and their errors"),
+) -> None:
+    """Fit a GA table and the uniform baseline; print their errors, write JSON and optionally a plot."""
+    lo, hi = parse_range(range_) if range_ is not None else (None, None)
+    try:
+        result = fit(fn, segments=segments, lo=lo, hi=hi, in_bits=in_bits, seed=seed, generations=generations,
+                     population=population, in_scale=in_scale, coef_bits=coef_bits)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    t = result.table
+    console = Console()
+    grid = Table(title=f"GQA-LUT {t.fn}: {t.segments} segments on [{t.lo:g}, {t.hi:g}], "
+                       f"int{t.in_bits} in (scale {t.in_scale:.6g}, codes {t.qlo}..{t.qhi}), int{t.coef_bits} coefs")
+    for col in ("table", "max |err| (grid)", "mean |err| (grid)", "max |err| (dense x)"):
+        grid.add_column(col, justify="right" if col != "table" else "left")
+    grid.add_row("GA", f"{result.max_err:.3e}", f"{result.mean_err:.3e}", f"{dense_errors(t, t.fn)[0]:.3e}")
+    grid.add_row("uniform", f"{result.baseline_max_err:.3e}", f"{result.baseline_mean_err:.3e}",
+                 f"{dense_errors(result.baseline_table, t.fn)[0]:.3e}")
+    console.print(grid)
+    console.print(f"breakpoints (codes): {list(t.breakpoints)}")
+    console.print(f"fit time: {result.seconds:.2f} s (seed {seed}, {population} x {generations})")
+    if out is not None:
+        t.save(str(out))
+        console.print(f"wrote {out}")
+    if plot is not None:
+        _plot(result, plot)
+        console.print(f"wrote {plot}")
