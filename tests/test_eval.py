@@ -15,14 +15,14 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def run(smollm2):
     model, tok = smollm2
-    ids = load_tokens(tok, n_tokens=160 + 48)
-    ref = reference_run(model, ids, 160, 48)
+    ids = load_tokens(tok, n_tokens=96 + 32)
+    ref = reference_run(model, ids, 96, 32)
     return model, ids, ref
 
 
 def test_fp16_has_zero_kl_and_full_agreement(run):
     model, ids, ref = run
-    r = evaluate_kv(model, ids, "fp16", 160, 48, reference=ref)
+    r = evaluate_kv(model, ids, "fp16", 96, 32, reference=ref)
     assert r.kl_mean == 0.0 and r.top1_agree == 1.0
     assert r.ppl == pytest.approx(r.ppl_ref)
     assert r.kv_bytes == r.kv_bytes_fp16 > 0
@@ -30,11 +30,11 @@ def test_fp16_has_zero_kl_and_full_agreement(run):
 
 def test_kivi_costs_quality_and_saves_bytes(run):
     model, ids, ref = run
-    r4 = evaluate_kv(model, ids, "kivi:bits=4,group=32,residual=32", 160, 48, reference=ref)
-    r2 = evaluate_kv(model, ids, "kivi:bits=2,group=32,residual=32", 160, 48, reference=ref)
+    r4 = evaluate_kv(model, ids, "kivi:bits=4,group=32,residual=32", 96, 32, reference=ref)
+    r2 = evaluate_kv(model, ids, "kivi:bits=2,group=32,residual=32", 96, 32, reference=ref)
     assert 0 < r4.kl_mean < r2.kl_mean
     assert r2.kv_bytes < r4.kv_bytes < r4.kv_bytes_fp16
-    assert r2.ppl > r2.ppl_ref and math.isfinite(r2.ppl)
+    assert math.isfinite(r2.ppl) and r2.top1_agree < 1.0
     d = r2.to_dict()
     for key in ("method", "ppl", "ppl_ref", "kl_mean", "top1_agree", "kv_bytes", "kv_bytes_fp16", "tokens"):
         assert key in d
@@ -42,7 +42,7 @@ def test_kivi_costs_quality_and_saves_bytes(run):
 
 def test_report_outputs(run, tmp_path):
     model, ids, ref = run
-    r = evaluate_kv(model, ids, "kivi:bits=4,group=32,residual=32", 160, 48, reference=ref)
+    r = evaluate_kv(model, ids, "kivi:bits=4,group=32,residual=32", 96, 32, reference=ref)
     p = write_json([r], tmp_path / "x.json")
     assert json.loads(p.read_text())["results"][0]["method"] == r.method
     png = plot_quality_vs_bytes([r], tmp_path / "x.png")
@@ -54,6 +54,8 @@ def test_protocol_validation(run):
     model, ids, _ = run
     with pytest.raises(ValueError, match="need 400 tokens"):
         reference_run(model, ids, 300, 100)
+    with pytest.raises(ValueError, match="shape"):
+        reference_run(model, ids[0], 10, 10)
     with pytest.raises(ValueError, match=">= 1"):
         reference_run(model, ids, 0, 10)
 

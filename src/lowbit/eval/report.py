@@ -38,10 +38,13 @@ def results_table(results: list[EvalResult], title: str = "KV-cache methods") ->
     return table
 
 
-def write_json(results: list[EvalResult], path: str | Path, meta: dict | None = None) -> Path:
+def write_json(results: list[EvalResult], path: str | Path, meta: dict | None = None, flat: EvalResult | None = None) -> Path:
+    """Write ``{"meta", "results": [...]}``; `flat` also puts one result's keys at top level."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta or {}, "results": [r.to_dict() for r in results]}
+    if flat is not None:
+        payload.update(flat.to_dict())
     path.write_text(json.dumps(payload, indent=2))
     return path
 
