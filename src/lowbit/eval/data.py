@@ -33,3 +33,14 @@ def load_tokens(tokenizer, path: str | Path = DEFAULT_TEXT, n_tokens: int | None
     if need is not None and ids.shape[1] < need:
         raise ValueError(f"{path} holds only {ids.shape[1]} tokens, fewer than the {need} requested")
     return ids[:, offset:need]
+
+
+def calibration_tokens(tokenizer, path: str | Path = DEFAULT_TEXT, n: int = 8, length: int = 256, seed: int = 0) -> torch.Tensor:
+    """`n` seeded windows of `length` tokens from the second half of the text: disjoint from the
+    evaluation tokens, which are taken from its start. Used by W/A methods that calibrate (FMPQ)."""
+    from lowbit.wa import calibration_ids
+
+    text = read_text(path)
+    half = text[len(text) // 2 :]
+    ids = tokenizer(half[: min(len(half), 8 * n * length + 4000)], add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return calibration_ids(ids, n=n, length=length, seed=seed)

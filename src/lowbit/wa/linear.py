@@ -1,0 +1,217 @@
+"""QuantLinear: a drop-in ``nn.Linear`` replacement holding packed low-bit weights.
+
+Storage (all persistent buffers, saved by :func:`lowbit.wa.save_quantized`):
+
+* ``qweight``  uint8 ``[out, padded_in * w_bits / 8]``: weight codes along the *permuted, padded* input
+  axis, two 4-bit codes per byte (lowest index in the low nibble, see :mod:`lowbit.quant.packing`).
+* ``w_scale``  float16 ``[out, padded_in / group]``; ``w_zero`` uint8 (asymmetric weights only).
+* ``perm``     int32 ``[in]`` (fmpq only): permuted channel ``j`` is original channel ``perm[j]``.
+* ``int8_mask`` bool ``[padded_in / block]`` (quantized activations only): INT8 blocks.
+* ``bias``     the original bias, unchanged (when the layer had one).
+
+Forward: ``x -> x[..., perm] -> zero-pad to padded_in -> per-token per-block quantization -> blocked
+integer matmul with the weight codes -> scales -> + bias``. Padded channels are zero in both operands,
+so they add nothing. Two execution modes give the same quantized function:
+
+* ``mode="int"`` (reference): integer partial products per tile, exact (see :mod:`lowbit.wa.core`),
+  then scaled per (token, tile) and (row, tile) and summed over tiles, as a tensor-core kernel does.
+* ``mode="fake"``: dequantize activations and weights to float32 and run one float matmul. Equal to
+  the integer path up to float32 rounding of the summation; faster on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.wa import core
+from lowbit.wa.methods import WAConfig
+
+MODES = ("int", "fake")
+
+
+def layout(in_features: int, cfg: WAConfig) -> tuple[int, int, int]:
+    """``(group, block, padded_in)`` for a layer of `in_features` inputs under `cfg`.
+
+    ``0`` (whole row) resolves to the input dim; the padded input dim is the smallest multiple of
+    ``max(group, block)`` holding every input. With ``pad=false`` a non-multiple is rejected.
+    """
+    group = cfg.group or in_features
+    if cfg.a_bits >= 16:
+        block = group  # activations are not quantized: blocks play no part
+    else:
+        block = cfg.block or in_features
+    if max(group, block) % min(group, block):
+        raise ValueError(f"{cfg.spec}: block {block} and group {group} must divide one another")
+    unit = max(group, block)
+    padded = -(-in_features // unit) * unit
+    if padded != in_features and not cfg.pad:
+        raise ValueError(
+            f"{cfg.spec}: input dim {in_features} is not a multiple of {unit} (max of block {block} and group {group}); "
+            f"pick a block/group dividing {in_features} (e.g. block=64,group=64 for 576) or allow zero padding with pad=true"
+        )
+    return group, block, padded
+
+
+class QuantLinear(nn.Module):
+    """Low-bit linear layer; build it with :meth:`from_linear` (or :meth:`empty` before loading)."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: WAConfig, has_bias: bool,
+                 bias_dtype: torch.dtype = torch.float32, mode: str = "int"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown QuantLinear mode '{mode}': allowed modes are {MODES}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.cfg = cfg
+        self.group, self.block, self.padded_in = layout(in_features, cfg)
+        self.mode = mode
+        ng = self.padded_in // self.group
+        self.register_buffer("qweight", torch.zeros(out_features, self.padded_in * cfg.w_bits // 8, dtype=torch.uint8))
+        self.register_buffer("w_scale", torch.ones(out_features, ng, dtype=torch.float16))
+        self.register_buffer("w_zero", None if cfg.sym else torch.zeros(out_features, ng, dtype=torch.uint8))
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32) if cfg.permute else None)
+        self.register_buffer(
+            "int8_mask", torch.zeros(self.padded_in // self.block, dtype=torch.bool) if self.quantizes_activations else None
+        )
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if has_bias else None)
+        self._cache: dict = {}
+
+    # ---------------------------------------------------------------------------------- building
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.cfg.a_bits < 16
+
+    @property
+    def n_blocks(self) -> int:
+        return self.padded_in // self.block
+
+    @property
+    def n_int8_blocks(self) -> int:
+        return int(self.int8_mask.sum()) if self.int8_mask is not None else 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg: WAConfig, channel_stats: torch.Tensor | None = None,
+                    mode: str = "int") -> "QuantLinear":
+        """Quantize `linear` under `cfg`; `channel_stats` ([in], e.g. calibrated max |x|) drive fmpq."""
+        w = linear.weight.detach()
+        out_f, in_f = w.shape
+        has_bias = linear.bias is not None
+        q = cls(in_f, out_f, cfg, has_bias, linear.bias.dtype if has_bias else torch.float32, mode).to(w.device)
+        stats = None
+        if channel_stats is not None:
+            stats = channel_stats.detach().float().to(w.device)
+            if stats.shape != (in_f,):
+                raise ValueError(f"channel stats of shape {tuple(stats.shape)} for a layer with {in_f} inputs")
+        if cfg.permute:
+            if stats is None:
+                perm = torch.arange(in_f, device=w.device)
+            else:
+                perm = outlier_permutation(stats)
+            q.perm.copy_(perm.to(torch.int32))
+            w = w[:, perm]
+            if stats is not None:
+                stats = stats[perm]
+        wq, scale, zero = core.quantize_weight(core.pad_last(w.float(), q.padded_in), cfg.w_bits, q.group, cfg.sym)
+        q.qweight.copy_(core.pack_weight(wq, cfg.w_bits, cfg.sym))
+        q.w_scale.copy_(scale)
+        if zero is not None:
+            q.w_zero.copy_(zero)
+        if q.int8_mask is not None:
+            q.int8_mask.copy_(select_int8_blocks(stats, q.block, q.padded_in, cfg))
+        if has_bias:
+            q.bias.copy_(linear.bias.detach())
+        return q
+
+    # ---------------------------------------------------------------------------------- compute
+
+    def _apply(self, fn, recurse=True):
+        self._cache = {}
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def weight_int(self) -> torch.Tensor:
+        """Signed integer weight values ``[out, padded_in]`` (int16) that multiply ``w_scale``."""
+        return core.weight_int(self.qweight, self.w_zero, self.cfg.w_bits, self.cfg.sym, self.group)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """Float weight ``[out, padded_in]`` in the permuted, padded input order."""
+        return core.dequantize_weight(self.qweight, self.w_scale, self.w_zero, self.cfg.w_bits, self.cfg.sym, self.group, dtype)
+
+    def _cached(self, key: str):
+        if key not in self._cache:
+            if key == "w_deq":
+                self._cache[key] = self.dequantized_weight(torch.float32)
+            elif key == "w_int":  # [tiles, tile, out], contiguous, as core.int_matmul wants it
+                self._cache[key] = core.tile_weight(self.weight_int(), min(self.group, self.block), self.partial_dtype)
+            elif key == "perm":
+                self._cache[key] = self.perm.long()
+        return self._cache[key]
+
+    @property
+    def partial_dtype(self) -> torch.dtype:
+        """Float dtype in which this layer's integer tile products are exact."""
+        a_max = 128 if self.n_int8_blocks else 1 << (self.cfg.a_bits - 1)
+        w_max = (1 << (self.cfg.w_bits - 1)) if self.cfg.sym else (1 << self.cfg.w_bits) - 1
+        return core.int_partial_dtype(min(self.group, self.block), a_max, w_max)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in] -> [tokens, padded_in]`` float32: permuted and zero-padded."""
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.perm is not None:
+            x2 = x2.index_select(1, self._cached("perm"))
+        return core.pad_last(x2, self.padded_in)
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token per-block activation codes and scales of ``x [..., in]``."""
+        return core.quantize_activation(self.prepare_input(x), self.block, self.int8_mask, self.cfg.a_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xp = self.prepare_input(x)
+        if not self.quantizes_activations:
+            y = xp @ self._cached("w_deq").t()
+        else:
+            codes, scale = core.quantize_activation(xp, self.block, self.int8_mask, self.cfg.a_bits)
+            if self.mode == "fake":
+                y = core.dequantize_activation(codes, scale, self.block) @ self._cached("w_deq").t()
+            else:
+                y = core.int_matmul(codes, scale, self.block, self._cached("w_int"), self.w_scale, self.group,
+                                    partial_dtype=self.partial_dtype)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        a = f"a{self.cfg.a_bits}" if self.quantizes_activations else "a16"
+        extra = f", int8 blocks {self.n_int8_blocks}/{self.n_blocks}" if self.quantizes_activations else ""
+        return (f"in={self.in_features}, out={self.out_features}, {self.cfg.method} w{self.cfg.w_bits}{a}, "
+                f"group={self.group}, block={self.block}, padded_in={self.padded_in}{extra}, mode={self.mode}")
+
+
+def outlier_permutation(stats: torch.Tensor) -> torch.Tensor:
+    """Channel order gathering outliers: channels sorted by descending magnitude (stable, deterministic)."""
+    return torch.sort(stats.float(), descending=True, stable=True).indices
+
+
+def select_int8_blocks(stats: torch.Tensor | None, block: int, padded_in: int, cfg: WAConfig) -> torch.Tensor:
+    """INT8-block mask: every block for ``a=8``; else the ``ceil(int8_frac * blocks)`` blocks with the
+    largest channel magnitude (`stats` already in permuted order; without stats the first blocks)."""
+    nb = padded_in // block
+    if cfg.a_bits >= 8:
+        return torch.ones(nb, dtype=torch.bool)
+    n8 = core.ceil_blocks(cfg.int8_frac, nb)
+    mask = torch.zeros(nb, dtype=torch.bool)
+    if n8 == 0:
+        return mask
+    if stats is None:
+        mask[:n8] = True
+        return mask
+    block_mag = core.pad_last(stats.float().cpu(), padded_in).reshape(nb, block).amax(dim=1)
+    top = torch.sort(block_mag, descending=True, stable=True).indices[:n8]
+    mask[top] = True
+    return mask

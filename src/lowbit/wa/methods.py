@@ -1,0 +1,123 @@
+"""The weight/activation quantization methods lowbit knows (``--wa`` specs) and their resolved config.
+
+All four methods run through the same :class:`~lowbit.wa.linear.QuantLinear`; they differ only in
+the resolved :class:`WAConfig`:
+
+=========  ============================================================================================
+``fmpq``   COMET's fine-grained mixed precision: INT4 weights (group-wise), per-token per-block
+           activations, channels permuted by calibrated magnitude so outliers share a few blocks, the
+           top ``int8_frac`` of blocks in INT8 and the rest in INT4 (``a=8``: every block INT8, W4A8).
+``w8a8``   per-output-channel INT8 weights, per-token INT8 activations (one block = the whole row).
+``w4a16``  weight-only INT4 group-wise; activations stay in floating point.
+``w4a4``   plain round-to-nearest W4A4: INT4 weights and INT4 per-token per-block activations, no
+           permutation, no INT8 blocks.
+=========  ============================================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from lowbit.spec import MethodSpec, Param, ParsedSpec, SpecError, parse_spec
+
+
+def _even(v: int) -> bool:
+    return v > 0 and v % 2 == 0
+
+
+_EVEN = "a positive even integer (e.g. 64 or 128)"
+_BLOCK = Param(int, 128, aliases=("block_size", "b"), check=_even, allowed=_EVEN, help="activation block (input channels)")
+_GROUP = Param(int, 128, aliases=("group_size", "g"), check=_even, allowed=_EVEN, help="weight group (input channels)")
+_SYM = Param(bool, True, help="symmetric weights (false: asymmetric with an integer zero point)")
+_PAD = Param(bool, True, help="zero-pad input dims that are not a multiple of block/group (false: reject them)")
+
+WA_METHODS: dict[str, MethodSpec] = {
+    "fmpq": MethodSpec(
+        "fmpq",
+        {
+            "w": Param(int, 4, aliases=("w_bits", "wbits"), check=lambda v: v in (4, 8), allowed="one of (4, 8)"),
+            "a": Param(int, 4, aliases=("a_bits", "abits"), check=lambda v: v in (4, 8), allowed="one of (4, 8)"),
+            "block": _BLOCK,
+            "group": _GROUP,
+            "int8_frac": Param(
+                float, 0.1, aliases=("frac",), check=lambda v: 0.0 <= v <= 1.0, allowed="a number in [0, 1]",
+                help="fraction of activation blocks kept in INT8 (ceil(frac * blocks)); ignored when a=8",
+            ),
+            "sym": _SYM,
+            "pad": _PAD,
+        },
+        "COMET FMPQ: INT4 weights, per-block INT4/INT8 activations with outlier-gathering permutation",
+    ),
+    "w8a8": MethodSpec("w8a8", {}, "per-channel INT8 weights, per-token INT8 activations"),
+    "w4a16": MethodSpec("w4a16", {"group": _GROUP, "sym": _SYM, "pad": _PAD}, "weight-only INT4, group-wise"),
+    "w4a4": MethodSpec(
+        "w4a4", {"block": _BLOCK, "group": _GROUP, "sym": _SYM, "pad": _PAD},
+        "round-to-nearest W4A4 (no permutation, no INT8 blocks)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class WAConfig:
+    """Resolved quantization config of one method (what a QuantLinear is built from).
+
+    ``group``/``block`` of 0 mean "the whole (padded) input row" (per-channel weights / per-token
+    activations). ``a_bits`` of 16 means activations are not quantized.
+    """
+
+    method: str
+    w_bits: int
+    a_bits: int
+    group: int
+    block: int
+    int8_frac: float
+    sym: bool
+    permute: bool
+    pad: bool
+    spec: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WAConfig":
+        return cls(**d)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration decides the permutation and the INT8 blocks; only fmpq uses it."""
+        return self.permute
+
+
+def parse_wa_spec(text: str) -> ParsedSpec:
+    """Validate a ``--wa`` spec; raises :class:`SpecError` naming what was wrong and what is allowed."""
+    parts = parse_spec(text, WA_METHODS, family="weight/activation method")
+    if len(parts) > 1:
+        raise SpecError(f"'{text}': composing weight/activation methods with '+' is not supported; give one of {', '.join(WA_METHODS)}")
+    part = parts[0]
+    o = part.options
+    if "block" in o and "group" in o and max(o["block"], o["group"]) % min(o["block"], o["group"]):
+        raise SpecError(
+            f"'{text}': block ({o['block']}) and group ({o['group']}) must divide one another "
+            "(equal, or one a multiple of the other) so that weight and activation scales are constant on each tile"
+        )
+    return part
+
+
+def resolve_config(spec: str | ParsedSpec | WAConfig) -> WAConfig:
+    """Turn a spec string (or a parsed spec) into the :class:`WAConfig` QuantLinear is built from."""
+    if isinstance(spec, WAConfig):
+        return spec
+    part = parse_wa_spec(spec) if isinstance(spec, str) else spec
+    o = part.options
+    text = part.text
+    if part.name == "fmpq":
+        return WAConfig("fmpq", o["w"], o["a"], o["group"], o["block"], o["int8_frac"] if o["a"] == 4 else 1.0,
+                        o["sym"], True, o["pad"], text)
+    if part.name == "w8a8":
+        return WAConfig("w8a8", 8, 8, 0, 0, 1.0, True, False, True, text)
+    if part.name == "w4a16":
+        return WAConfig("w4a16", 4, 16, o["group"], 0, 0.0, o["sym"], False, o["pad"], text)
+    if part.name == "w4a4":
+        return WAConfig("w4a4", 4, 4, o["group"], o["block"], 0.0, o["sym"], False, o["pad"], text)
+    raise SpecError(f"unknown weight/activation method '{part.name}': allowed methods are {', '.join(WA_METHODS)}")
