@@ -11,15 +11,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lowbit.lut.cli import app as lut_app
+from lowbit.serve.cli import bench_serve_command, serve_command
 from lowbit.spec import SpecError
 
 app = typer.Typer(help="lowbit: low-bit KV caches and weights for LLM inference, with honest measurements.", no_args_is_help=True)
 app.add_typer(lut_app, name="lut", help="GQA-LUT: fit integer piecewise-linear approximations of non-linear functions")
-console = Console()
+app.command("serve", help="OpenAI-compatible server with continuous batching over compressed KV caches.")(serve_command)
+bench_app = typer.Typer(help="Benchmarks: each result beside its baseline measured in the same run.", no_args_is_help=True)
+bench_app.command("serve", help="Bounded loopback load test of `lowbit serve`, one row per KV method.")(bench_serve_command)
+app.add_typer(bench_app, name="bench")
+console = Console(width=None if sys.stdout.isatty() else 150)  # full tables in logs and CI too
 err = Console(stderr=True)
 
 DEFAULT_COMPARE = ["fp16", "kivi:bits=4", "kivi:bits=2", "kivi:bits=2,sinks=4"]
 DEFAULT_LUT = ["silu:segments=16"]
+DEFAULT_WA = ["w8a8", "w4a16", "w4a4", "fmpq:w=4,a=4", "fmpq:w=4,a=8"]
+DEFAULT_WA_KV = ["fmpq:w=4,a=4|kivi:bits=4"]
 
 
 def _fail(message: str) -> None:
@@ -59,6 +66,16 @@ def _tokens(tok, text, n):
         _fail(str(exc))
 
 
+def _calibration(tok, text):
+    from lowbit.eval import DEFAULT_TEXT
+    from lowbit.eval.data import calibration_tokens
+
+    try:
+        return calibration_tokens(tok, text or DEFAULT_TEXT)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(f"calibration: {exc}")
+
+
 def _run_variants(model, ids, variants, prefill: int, tokens: int, calib=None):
     """Reference once, then each variant through the streaming protocol; returns EvalResults."""
     from lowbit.eval import evaluate_kv, reference_run
@@ -85,22 +102,63 @@ def eval_cmd(
     model: str = typer.Option("smollm2", help="bundled name, local HF dir, .gguf file or hub id"),
     kv: str = typer.Option("fp16", help="KV method spec, e.g. kivi:bits=2,group=32,residual=128"),
     lut: Optional[str] = typer.Option(None, help="activation LUT spec, e.g. silu:segments=8"),
+    wa: Optional[str] = typer.Option(None, help="weight/activation spec, e.g. fmpq:w=4,a=4 (COMET W4A4KV4 with --kv kivi:bits=4)"),
     text: Optional[Path] = typer.Option(None, help="UTF-8 text file (default: bundled WikiText-2 test)"),
     prefill: int = typer.Option(512, help="tokens processed in one forward into the cache"),
     tokens: int = typer.Option(256, help="tokens then fed one at a time and scored"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here"),
+    task: Optional[str] = typer.Option(None, help="long-context task instead of perplexity: passkey or kv-retrieval"),
+    length: int = typer.Option(2048, help="task prompt length in tokens (up to the model's context)"),
+    samples: int = typer.Option(10, help="task samples (seeded)"),
+    depth: float = typer.Option(0.5, help="task: where the needle sits in the filler (0..1)"),
+    seed: int = typer.Option(0, help="task: seed of the first sample"),
 ):
-    """Streaming perplexity / KL / top-1 of one method against the uncompressed model."""
+    """Streaming perplexity / KL / top-1 of one method against the uncompressed model (or a --task)."""
     from lowbit.eval.report import results_table, write_json
     from lowbit.eval.variants import Variant
 
-    (variant,) = _validated([Variant(kv=kv, lut=lut)])
+    (variant,) = _validated([Variant(kv=kv, lut=lut, wa=wa)])
+    if task is not None:
+        if lut or wa:
+            _fail("--task evaluates a KV method: combine it with --kv only")
+        return _run_task(model, kv, task, length, samples, depth, seed, json_out)
     m, tok = _load(model)
     ids = _tokens(tok, text, prefill + tokens)
-    (result,) = _run_variants(m, ids, [variant], prefill, tokens)
+    (result,) = _run_variants(m, ids, [variant], prefill, tokens, _calibration(tok, text) if wa else None)
     console.print(results_table([result], title=f"{model}: prefill {prefill}, {tokens} streamed tokens"))
     if json_out:
         write_json([result], json_out, {"model": model, "prefill": prefill, "tokens": tokens}, flat=result)
+        console.print(f"wrote {json_out}")
+
+
+def _run_task(model, kv, task, length, samples, depth, seed, json_out):
+    import json
+
+    from rich.table import Table
+
+    from lowbit.eval.tasks import TASKS, run_task
+
+    if task not in TASKS:
+        _fail(f"unknown task '{task}': allowed tasks are {', '.join(TASKS)}")
+    if not 0.0 <= depth <= 1.0:
+        _fail(f"--depth {depth} must be within 0..1")
+    m, tok = _load(model)
+    if length < 64 or length > m.config.max_position_embeddings:
+        _fail(f"--length {length} must be within 64..{m.config.max_position_embeddings} (the model's context)")
+    with _progress() as progress:
+        bar = progress.add_task(f"{task} · {kv}", total=samples)
+        try:
+            result = run_task(m, tok, task, length, samples, kv, depth=depth, seed=seed, progress=lambda: progress.advance(bar))
+        except ValueError as exc:
+            _fail(str(exc))
+    table = Table(title=f"{model} · {task} · {length} tokens · depth {depth}")
+    for col in ("method", "accuracy", "correct", "KV bytes", "ratio"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    table.add_row(kv, f"{result.accuracy:.3f}", f"{result.correct}/{result.n}", f"{result.kv_bytes / 2**20:.2f} MiB", f"{result.compression:.2f}×")
+    console.print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_dict(), indent=2, default=str))
         console.print(f"wrote {json_out}")
 
 
@@ -109,6 +167,9 @@ def compare(
     model: str = typer.Option("smollm2", help="bundled name, local HF dir, .gguf file or hub id"),
     kv: list[str] = typer.Option(DEFAULT_COMPARE, help="KV methods to compare (repeat the option)"),
     lut: list[str] = typer.Option(DEFAULT_LUT, help="LUT rows (uncompressed KV, activation swapped); repeatable"),
+    wa: list[str] = typer.Option(DEFAULT_WA, help="W/A rows, full-sequence perplexity; repeatable ('' for none)"),
+    wa_kv: list[str] = typer.Option(DEFAULT_WA_KV, help="'WA_SPEC|KV_SPEC' rows through the streaming protocol"),
+    wa_tokens: int = typer.Option(2048, help="tokens scored (windows of 1024) in the W/A section"),
     text: Optional[Path] = typer.Option(None, help="UTF-8 text file (default: bundled WikiText-2 test)"),
     prefill: int = typer.Option(512),
     tokens: int = typer.Option(256),
@@ -119,16 +180,69 @@ def compare(
     from lowbit.eval.report import plot_quality_vs_bytes, results_table, write_json
     from lowbit.eval.variants import Variant
 
-    variants = _validated([Variant(kv=k) for k in kv] + [Variant(lut=spec) for spec in lut if spec])
+    wa = [w for w in wa if w]
+    pairs = []
+    for item in (x for x in wa_kv if x):
+        w, sep, k = item.partition("|")
+        if not sep:
+            _fail(f"--wa-kv '{item}' must be 'WA_SPEC|KV_SPEC', e.g. 'fmpq:w=4,a=4|kivi:bits=4'")
+        pairs.append(Variant(kv=k.strip(), wa=w.strip()))
+    variants = _validated([Variant(kv=k) for k in kv] + [Variant(lut=spec) for spec in lut if spec] + pairs)
+    _validated([Variant(wa=w) for w in wa])
     m, tok = _load(model)
     ids = _tokens(tok, text, prefill + tokens)
-    results = _run_variants(m, ids, variants, prefill, tokens)
+    calib = _calibration(tok, text) if (wa or pairs) else None
+    results = _run_variants(m, ids, variants, prefill, tokens, calib)
     title = f"{model} · {Path(text or DEFAULT_TEXT).name} · prefill {prefill}, {tokens} streamed tokens"
     console.print(results_table(results, title=title))
     meta = {"model": model, "text": str(text or DEFAULT_TEXT), "prefill": prefill, "tokens": tokens}
-    json_path = write_json(results, out / "compare.json", meta)
-    kv_rows = [r for r, v in zip(results, variants) if not v.lut]
+    wa_results = _wa_section(m, tok, text, wa, wa_tokens, calib) if wa else []
+    json_path = write_json(results, out / "compare.json", {**meta, "wa_tokens": wa_tokens, "wa": wa_results})
+    kv_rows = [r for r, v in zip(results, variants) if v.kv != "fp16" or not (v.lut or v.wa)]
     console.print(f"wrote {json_path} and {plot_quality_vs_bytes(kv_rows, out / 'compare.png', title)}")
+
+
+def _wa_section(model, tok, text, specs, n_tokens, calib) -> list[dict]:
+    """Full-sequence perplexity and weight bytes for each W/A spec, beside the unquantized model."""
+    from rich.table import Table
+
+    from lowbit.wa.evaluate import wa_rows
+
+    ids = _tokens(tok, text, n_tokens)[0]
+    with _progress() as progress:
+        task = progress.add_task("W/A quantizers (full sequences)", total=len(specs) + 1)
+        rows = wa_rows(model, ["fp"] + list(specs), ids, calib, window=1024, progress=lambda: progress.advance(task))
+    table = Table(title=f"weights/activations · full-sequence perplexity on {n_tokens} tokens (windows of 1024)")
+    for col in ("method", "ppl", "Δppl %", "model bytes", "vs fp16"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    base = rows[0]
+    for r in rows:
+        table.add_row(
+            "fp16" if r["spec"] == "fp" else r["spec"], f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}",
+            f"{r['bytes'] / 2**20:.1f} MiB", f"{r['bytes'] / base['bytes']:.2f}×",
+        )
+    console.print(table)
+    return rows
+
+
+@app.command()
+def quantize(
+    model: str = typer.Option("smollm2", help="bundled name, local HF dir, .gguf file or hub id"),
+    wa: str = typer.Option("fmpq:w=4,a=4", help="weight/activation spec"),
+    out: Path = typer.Option(..., help="output folder (safetensors + JSON config)"),
+    text: Optional[Path] = typer.Option(None, help="calibration text (default: bundled WikiText-2, second half)"),
+):
+    """Quantize a model's linear layers and save the packed result."""
+    from lowbit.eval.variants import Variant
+    from lowbit.wa import model_nbytes, quantize_model, save_quantized
+
+    _validated([Variant(wa=wa)])
+    m, tok = _load(model)
+    calib = _calibration(tok, text)
+    with err.status(f"quantizing with {wa} …"):
+        quantize_model(m, wa, calib=calib)
+    path = save_quantized(m, out)
+    console.print(f"wrote {path} ({model_nbytes(m) / 2**20:.1f} MiB of weights)")
 
 
 @app.command()

@@ -50,6 +50,7 @@ class ParsedSpec:
     name: str
     options: dict[str, Any]
     text: str
+    given: frozenset[str] = frozenset()  # the options the text set explicitly (the rest are defaults)
 
     def __str__(self) -> str:
         return self.text
@@ -97,7 +98,7 @@ def parse_one(text: str, registry: dict[str, MethodSpec], family: str = "method"
             raise SpecError(f"option '{canonical}' given twice in '{text}'")
         seen.add(canonical)
         options[canonical] = _convert(method, canonical, raw.strip())
-    return ParsedSpec(name, options, text)
+    return ParsedSpec(name, options, text, frozenset(seen))
 
 
 def parse_spec(text: str, registry: dict[str, MethodSpec], family: str = "method") -> list[ParsedSpec]:

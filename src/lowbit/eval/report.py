@@ -70,6 +70,7 @@ def plot_quality_vs_bytes(results: list[EvalResult], path: str | Path, title: st
         ax.grid(alpha=0.3)
     if key == "kl_mean" and any(r.kl_mean > 0 for r in results):
         axes[1].set_yscale("symlog", linthresh=1e-3)
+        axes[1].set_ylim(bottom=0)
     fig.suptitle(title or "quality vs KV bytes")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -53,7 +53,8 @@ def prepared(model, variant: Variant, calib=None) -> Iterator[object]:
     if variant.wa:
         from lowbit.wa import quantize_model
 
-        work = quantize_model(copy.deepcopy(model), variant.wa, calib=calib)
+        # the fake-quant path: the same quantized values as the integer path (tested), at float-matmul speed
+        work = quantize_model(copy.deepcopy(model), variant.wa, calib=calib, mode="fake")
     else:
         work = model
     applied = 0

@@ -1,0 +1,321 @@
+"""KV caches under a memory budget: a shared layer that keeps at most ``budget x tokens seen`` states per head.
+
+One :class:`BudgetLayer` per decoder layer holds the *kept* states of every KV head, in token order:
+
+* the first ``sinks`` tokens (attention sinks), never compressed;
+* a compressed middle (evicted by StreamingLLM/H2O, merged by KVMerger);
+* the ``window`` most recent tokens, never compressed.
+
+**Size.** With N tokens seen, the target is ``T(N) = min(N, max(floor(budget*N), sinks+window))`` states per
+head. After an update of several tokens (a prefill) the layer is compressed to T(N) as soon as it holds more; during
+decoding it is compressed back to T(N) only once it holds more than ``T(N) + slack`` (amortises the compression
+cost). So the cache always holds at most ``max(floor(budget*N), sinks+window) + slack`` states per head, and
+``budget=1.0`` never compresses anything (it is exactly the uncompressed cache).
+
+**Per-head lengths.** Every head keeps the same number of states by construction (H2O takes the same top-k per
+head, KVMerger picks exactly the same number of merging sets per head), so keys/values stay dense
+``[batch, kv_heads, kept, head_dim]`` tensors and attention never sees an invalid slot. Which tokens are kept (or
+which sets are merged) differs per head.
+
+**Positions.** HF Llama caches keys *after* RoPE, so kept (and merged) keys keep their rotary positions. The layer
+reports ``get_seq_length() = N`` (tokens seen), which is what the model uses for the new tokens' position ids, while
+``get_mask_sizes(q)`` returns ``(kept + q, N - kept)``: the mask covers exactly the states ``update`` returns, and the
+offset ``N - kept`` makes every kept state visible to every new query and the new tokens causal among themselves
+(the same construction transformers uses for its sliding-window layers). ``update`` returns the states *before*
+compression (what the current forward attends to), then compresses what is stored for the next forward; all layers
+compress on the same schedule, so the one mask built per forward fits every layer.
+
+**Attention scores** (H2O and KVMerger). Each kept state carries an accumulated attention score (fp32). After a
+multi-token update, the last ``obs`` queries of the chunk score all states (SnapKV-style observation window: no full
+``n x n`` attention matrix is built for long prompts); each decoding step adds the new query's attention
+probabilities. Probabilities are summed over the query heads of a GQA group. Query states come from the calling
+attention module (``query_states``, post-RoPE, read from the caller's frame: a cache ``update`` only receives keys
+and values); if none can be found (or with ``scores=keys``) the keys of the last ``obs`` tokens stand in for the
+queries.
+
+**Composition.** ``<budget method>+kivi:...`` stores the kept states through a :class:`~lowbit.kv.kivi.KiviLayer`
+(sinks in fp16, quantized body, full-precision residual); a compression re-quantizes the new kept set.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from lowbit.kv.kivi import KiviLayer
+
+# A policy turns the middle of the kept states into exactly `m` states per head:
+# policy(keys, values, scores, positions, m) -> (keys, values, scores, positions), tensors [B, H, n(, D)].
+Policy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, int], tuple]
+
+
+def validate_budget_options(budget: float, sinks: int = 0, window: int = 0, slack: int = 0, obs: int = 1) -> None:
+    """Raise a ValueError naming the bad option and what is allowed."""
+    if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0) or math.isnan(budget):
+        raise ValueError(f"budget={budget} is not allowed: give the fraction of tokens kept, in (0, 1]")
+    for name, value, low in (("sinks", sinks, 0), ("window", window, 0), ("slack", slack, 0), ("obs", obs, 1)):
+        if int(value) != value or value < low:
+            raise ValueError(f"{name}={value} must be an integer >= {low}")
+
+
+def target_size(n_seen: int, budget: float, sinks: int, window: int) -> int:
+    """States per head a budget cache compresses to after seeing `n_seen` tokens."""
+    if budget >= 1.0:
+        return n_seen
+    return min(n_seen, max(int(math.floor(budget * n_seen)), sinks + window))
+
+
+class _PlainStore:
+    """Kept states in the model's dtype; bytes counted as fp16 (the convention of ``cache_nbytes``)."""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=-2)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=-2)
+        return self.keys, self.values
+
+    def full(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.keys, self.values
+
+    def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.keys, self.values = k.contiguous(), v.contiguous()
+
+    def map(self, fn) -> None:
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else 2 * (self.keys.numel() + self.values.numel())
+
+
+class _KiviStore:
+    """Kept states stored through KIVI (see :mod:`lowbit.kv.kivi`); a replace re-quantizes them."""
+
+    def __init__(self, bits: int, group: int, residual: int, sinks: int):
+        self.layer = KiviLayer(bits, group, residual, sinks)
+
+    def update(self, k, v):
+        return self.layer.update(k, v)
+
+    def full(self):
+        if not self.layer.is_initialized or self.layer.get_seq_length() == 0:
+            return None, None
+        return self.layer.full_keys(), self.layer.full_values()
+
+    def replace(self, k, v) -> None:
+        self.layer.reset()
+        self.layer.update(k, v)
+
+    def map(self, fn) -> None:
+        if self.layer.is_initialized:
+            self.layer._map_batch(fn)
+
+    def nbytes(self) -> int:
+        return self.layer.nbytes()
+
+
+def _caller_queries(n: int, batch: int, head_dim: int) -> torch.Tensor | None:
+    """The calling attention module's post-RoPE ``query_states`` [B, Hq, n, D], if it can be found."""
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            return None
+        q = frame.f_locals.get("query_states")
+        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[0] == batch and q.shape[-2:] == (n, head_dim):
+            return q
+        frame = frame.f_back
+    return None
+
+
+class BudgetLayer(DynamicLayer):
+    """One decoder layer of a budget cache (see the module docstring). Tensors are [batch, kv_heads, tokens, dim]."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        budget: float,
+        sinks: int = 4,
+        window: int = 32,
+        slack: int = 16,
+        obs: int = 32,
+        needs_scores: bool = True,
+        scores_from: str = "queries",
+        store: str | dict = "plain",
+    ):
+        super().__init__()
+        validate_budget_options(budget, sinks, window, slack, obs)
+        if scores_from not in ("queries", "keys"):
+            raise ValueError(f"scores={scores_from!r}: allowed values are 'queries' and 'keys'")
+        self.policy, self.budget, self.sinks, self.window, self.slack, self.obs = policy, budget, sinks, window, slack, obs
+        self.needs_scores, self.scores_from = needs_scores, scores_from
+        self.store_spec = store
+        self._clear()
+
+    def _new_store(self):
+        if self.store_spec == "plain":
+            return _PlainStore()
+        o = self.store_spec
+        return _KiviStore(o["bits"], o["group"], o["residual"], self.sinks)
+
+    def _clear(self) -> None:
+        self.store = self._new_store()
+        self.scores = None  # [B, H, kept] float32 accumulated attention
+        self.positions = None  # [B, H, kept] int64 token index of each kept state (the pivot for merged ones)
+        self.n_seen = 0
+        self.n_compressions = 0
+        self.query_source = None  # "queries" or "keys": what scored the states last
+        self.keys = self.values = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = key_states.shape[-1]
+        self.is_initialized = True
+
+    def reset(self) -> None:
+        self._clear()
+        self.is_initialized = False
+
+    # ----------------------------------------------------------------- sizes
+    def get_seq_length(self) -> int:
+        """Tokens seen (drives the new tokens' positions), not states kept."""
+        return self.n_seen if self.is_initialized else 0
+
+    def n_kept(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[-1]
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """(kept + q, seen - kept): the mask spans exactly the states returned by ``update``."""
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[-1])
+        kept = self.n_kept()
+        return kept + q, self.get_seq_length() - kept
+
+    def target(self, n_seen: int | None = None) -> int:
+        return target_size(self.n_seen if n_seen is None else n_seen, self.budget, self.sinks, self.window)
+
+    # ----------------------------------------------------------------- scores
+    def _queries(self, key_states: torch.Tensor) -> torch.Tensor:
+        n, take = key_states.shape[-2], min(self.obs, key_states.shape[-2])
+        q = None
+        if self.scores_from == "queries":
+            q = _caller_queries(n, key_states.shape[0], key_states.shape[-1])
+        self.query_source = "queries" if q is not None else "keys"
+        return (q if q is not None else key_states)[..., n - take :, :]
+
+    def _attention_mass(self, q: torch.Tensor, keys: torch.Tensor, n_new: int) -> torch.Tensor:
+        """Attention probabilities of the queries `q` (the last rows of the new chunk) summed per KV head: [B, H, C]."""
+        B, Hq, nq, D = q.shape
+        H, C = keys.shape[1], keys.shape[-2]
+        group = Hq // H
+        qf = q.float().reshape(B, H, group * nq, D)
+        logits = qf @ keys.float().transpose(-1, -2) / math.sqrt(D)  # [B, H, group*nq, C]
+        # query i of the last nq new tokens sits at kept-index C - nq + i and sees indices <= that
+        qpos = torch.arange(C - nq, C, device=keys.device).repeat(group)
+        visible = torch.arange(C, device=keys.device)[None, :] <= qpos[:, None]
+        logits = logits.masked_fill(~visible, float("-inf"))
+        return torch.softmax(logits, dim=-1).sum(dim=-2)
+
+    # ----------------------------------------------------------------- Cache API
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, H, n, _ = key_states.shape
+        q = self._queries(key_states) if self.needs_scores else None
+        keys, values = self.store.update(key_states, value_states)
+        pos = torch.arange(self.n_seen, self.n_seen + n, device=key_states.device).expand(B, H, n)
+        self.positions = pos.clone() if self.positions is None else torch.cat([self.positions, pos], dim=-1)
+        self.n_seen += n
+        if self.needs_scores:
+            zeros = torch.zeros(B, H, n, dtype=torch.float32, device=key_states.device)
+            self.scores = zeros if self.scores is None else torch.cat([self.scores, zeros], dim=-1)
+            self.scores += self._attention_mass(q, keys, n)
+        kept, target = keys.shape[-2], self.target()
+        if kept > target and (n > 1 or kept > target + self.slack):
+            self._compress(keys, values, target)
+            self.keys, self.values = self.store.full()
+        else:
+            self.keys, self.values = keys, values
+        return keys, values
+
+    def _compress(self, keys: torch.Tensor, values: torch.Tensor, target: int) -> None:
+        kept = keys.shape[-2]
+        lo, hi = min(self.sinks, kept), max(min(self.sinks, kept), kept - self.window)
+        m = target - lo - (kept - hi)
+        if m < 0:  # target below sinks + window can only happen when N < sinks + window: nothing to drop
+            return
+        scores = None if self.scores is None else self.scores[..., lo:hi]
+        mk, mv, ms, mp = self.policy(keys[..., lo:hi, :], values[..., lo:hi, :], scores, self.positions[..., lo:hi], m)
+        cat = lambda a, mid: torch.cat([a[..., :lo, :], mid, a[..., hi:, :]], dim=-2)  # noqa: E731
+        self.store.replace(cat(keys, mk.to(keys.dtype)), cat(values, mv.to(values.dtype)))
+        self.positions = torch.cat([self.positions[..., :lo], mp, self.positions[..., hi:]], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores[..., :lo], ms.float(), self.scores[..., hi:]], dim=-1)
+        self.n_compressions += 1
+
+    def _map(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.store.map(fn)
+        if self.scores is not None:
+            self.scores = fn(self.scores)
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+        self.keys, self.values = self.store.full()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a budget KV cache cannot be cropped (compressed states cannot be rolled back)")
+
+    def offload(self):  # states live in the store; nothing to move separately
+        pass
+
+    def prefetch(self):
+        pass
+
+    # ----------------------------------------------------------------- accounting
+    def nbytes(self) -> int:
+        """Bytes held: kept keys/values (fp16, or KIVI's packed codes) plus fp32 accumulated scores."""
+        scores = 0 if self.scores is None else self.scores.numel() * 4
+        return self.store.nbytes() + scores
+
+    def nbytes_fp16(self) -> int:
+        """Bytes an uncompressed fp16 cache of all tokens seen would hold."""
+        if self.positions is None:
+            return 0
+        B, H = self.positions.shape[:2]
+        return 2 * 2 * B * H * self.n_seen * self.head_dim
+
+
+class BudgetCache(Cache):
+    """A cache of :class:`BudgetLayer` (one per decoder layer) sharing one policy."""
+
+    def __init__(self, config=None, num_layers: int | None = None, name: str = "budget", **layer_kwargs):
+        if num_layers is None:
+            if config is None:
+                raise ValueError("a budget cache needs the model config (or num_layers) to know how many layers to hold")
+            num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        self.name, self.options = name, {k: v for k, v in layer_kwargs.items() if k != "policy"}
+        super().__init__(layers=[BudgetLayer(**layer_kwargs) for _ in range(num_layers)])
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def nbytes_fp16(self) -> int:
+        return sum(layer.nbytes_fp16() for layer in self.layers)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"BudgetCache({self.name}: {opts}, layers={len(self.layers)})"

@@ -1,0 +1,434 @@
+"""The serving engine: one model, one background thread, continuous batching at decode-step granularity.
+
+Every loop iteration:
+
+1. requests cancelled by their client leave (waiting or running), their caches are dropped;
+2. admission: the oldest waiting requests join while the running batch has room (``max_batch``)
+   and their reserved KV bytes fit in the budget next to the running ones (strict FIFO, so a large
+   request is not starved by small ones behind it); at most ``prefill_per_step`` of them are
+   prefilled per iteration, each in its own batch-1 forward into its own fresh cache, which also
+   gives its first token;
+3. one batched forward over all running requests, one token each, through
+   :class:`~lowbit.serve.batching.BatchedCache` (ragged lengths: left padding hidden by the mask,
+   true positions);
+4. each request samples its token with its own parameters and generator, its text advances
+   (stop strings, EOS, ``max_tokens``), and finished requests leave, freeing cache and reservation.
+
+A request's events go to its ``sink`` (a callable, called from the engine thread): ``{"type":
+"delta", "text"}``, then one ``{"type": "done", ...}`` or ``{"type": "error", ...}``. An exception
+while prefilling, sampling or updating one request's cache fails that request only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lowbit.kv.registry import cache_nbytes, make_cache, parse_kv_spec
+from lowbit.serve.batching import BatchedCache, decode_inputs
+from lowbit.serve.metrics import Metrics
+from lowbit.serve.sampling import SamplingParams, TextTracker, sample_token
+from lowbit.serve.sizing import KVSizer, _text_config
+
+MB = 1 << 20
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `status` and `code` say how the API should answer."""
+
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class QueueFullError(EngineError):
+    status, code, type = 429, "queue_full", "rate_limit_error"
+
+
+class EngineClosedError(EngineError):
+    status, code, type = 503, "shutting_down", "server_error"
+
+
+class BudgetError(EngineError):
+    code = "kv_budget_exceeded"
+
+
+class ContextLengthError(EngineError):
+    code = "context_length_exceeded"
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """One sequence: its prompt ids, sampling parameters, and where its events go."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[dict], None] | None = None,
+                 request_id: str | None = None):
+        if not prompt_ids:
+            raise ContextLengthError("the prompt is empty: give at least one token")
+        self.id = request_id or f"req-{next(_ids)}-{uuid.uuid4().hex[:8]}"
+        self.prompt_ids = [int(t) for t in prompt_ids]
+        self.params = params
+        self.sink = sink or (lambda event: None)
+        self.arrival = time.perf_counter()
+        self.status = "new"  # waiting -> running -> finished
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self.cache = None
+        self.cache_factory: Callable[[], object] | None = None  # default: the engine's KV method
+        self.reserved = 0
+        self.admitted = False
+        self.generator: torch.Generator | None = None
+        self.tracker: TextTracker | None = None
+        self.next_token: int | None = None
+        self.n_generated = 0
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._wake: Callable[[], None] | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def cache_length(self) -> int:
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (its cache is freed at the next loop iteration)."""
+        if not self.done.is_set():
+            self.cancelled.set()
+            if self._wake:
+                self._wake()
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    deltas: list[str]
+    error: str | None = None
+    token_ids: list[int] | None = None
+
+
+class Engine:
+    """Continuous-batching generation over per-request (compressed) KV caches; see the module docstring."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        kv: str = "fp16",
+        kv_budget_mb: float = 512,
+        max_batch: int = 32,
+        max_queue: int = 64,
+        prefill_per_step: int = 1,
+        metrics: Metrics | None = None,
+        model_name: str | None = None,
+    ):
+        if max_batch < 1 or max_queue < 0 or prefill_per_step < 1:
+            raise ValueError("max_batch and prefill_per_step must be >= 1, max_queue >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.kv_parts = parse_kv_spec(kv)
+        self.kv = kv.strip()
+        self.model_name = model_name or getattr(model, "lowbit_name", None) or "model"
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        text = _text_config(model.config)
+        self.num_layers = text.num_hidden_layers
+        self.max_context = int(getattr(text, "max_position_embeddings", 0) or 1 << 30)
+        self.sizer = KVSizer(self.kv, model.config, self.dtype)
+        self.sizer.check()
+        self.budget = int(kv_budget_mb * MB)
+        self.max_batch, self.max_queue, self.prefill_per_step = max_batch, max_queue, prefill_per_step
+        self.metrics = metrics or Metrics()
+        self.metrics.set("kv_budget_bytes", self.budget)
+        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = set(eos)
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._reserved = 0
+        self._accepting = True
+        self._stop = False
+        self._abort = False
+        self._thread: threading.Thread | None = None
+        self.loop_errors = 0
+
+    # ------------------------------------------------------------------ public API
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lowbit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def reserve_for(self, prompt_tokens: int, max_tokens: int) -> int:
+        """KV bytes admission reserves for a request (its cache's peak up to prompt + max_tokens)."""
+        return self.sizer.peak_bytes(prompt_tokens + max_tokens)
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request; raises an :class:`EngineError` (400/429/503) when it cannot be taken."""
+        total = req.prompt_tokens + req.params.max_tokens
+        if req.prompt_tokens >= self.max_context or total > self.max_context:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_context} tokens, but {total} were requested "
+                f"({req.prompt_tokens} in the prompt, {req.params.max_tokens} for the completion)"
+            )
+        req.reserved = self.reserve_for(req.prompt_tokens, req.params.max_tokens)
+        if req.reserved > self.budget:
+            raise BudgetError(
+                f"this request needs up to {req.reserved / MB:.2f} MB of KV cache ({self.kv}, {total} tokens) but the "
+                f"server's whole KV budget is {self.budget / MB:.2f} MB: shorten the prompt or max_tokens"
+            )
+        with self._cond:
+            if not self._accepting:
+                raise EngineClosedError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
+            req._wake = self._wake
+            req.status = "waiting"
+            self._waiting.append(req)
+            self.metrics.set("queue_depth", len(self._waiting))
+            self._cond.notify_all()
+        return req
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float = 300.0) -> Completion:
+        """Blocking helper: submit one request and wait for it (tests, scripts)."""
+        events: queue.Queue = queue.Queue()
+        req = self.submit(Request(prompt_ids, params, sink=events.put))
+        deltas: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ev = events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                req.cancel()
+                raise TimeoutError(f"request {req.id} did not finish in {timeout} s") from None
+            if ev["type"] == "delta":
+                deltas.append(ev["text"])
+            else:
+                req.done.wait(timeout=5)
+                ids = list(req.tracker.ids) if req.tracker is not None else []
+                return Completion("".join(deltas), ev.get("finish_reason"), req.prompt_tokens, req.n_generated, deltas,
+                                  ev.get("message") if ev["type"] == "error" else None, ids)
+
+    def stats(self) -> dict:
+        with self._cond:
+            running = list(self._running)
+            return {
+                "waiting": len(self._waiting),
+                "running": len(running),
+                "kv_bytes_reserved": self._reserved,
+                "kv_budget_bytes": self.budget,
+            }
+
+    def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop taking requests; with `drain`, let queued and running ones finish (up to `timeout` s)."""
+        with self._cond:
+            self._accepting = False
+            if not drain:
+                for r in list(self._waiting) + list(self._running):
+                    r.cancelled.set()
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        while self.alive and time.monotonic() < deadline:
+            with self._cond:
+                if not self._waiting and not self._running:
+                    break
+            time.sleep(0.02)
+        with self._cond:
+            self._stop = True
+            self._abort = bool(self._waiting or self._running)
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ engine thread
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                try:
+                    if not self._iteration():
+                        return
+                except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                    self.loop_errors += 1
+                    for r in list(self._running):
+                        self._finish(r, "error", error=f"internal error in the decode loop: {exc!r}")
+                    time.sleep(0.01)
+
+    def _iteration(self) -> bool:
+        with self._cond:
+            while not self._stop and not self._waiting and not self._running:
+                self._cond.wait(timeout=1.0)
+            if self._stop and (self._abort or not (self._waiting or self._running)):
+                leftovers = list(self._waiting)
+                self._waiting.clear()
+            else:
+                leftovers = None
+            if leftovers is None:
+                cancelled = [r for r in self._waiting if r.cancelled.is_set()]
+                for r in cancelled:
+                    self._waiting.remove(r)
+                admitted = []
+                while (self._waiting and len(admitted) < self.prefill_per_step
+                       and len(self._running) + len(admitted) < self.max_batch):
+                    head = self._waiting[0]
+                    if self._reserved + head.reserved > self.budget:
+                        break
+                    self._waiting.popleft()
+                    self._reserved += head.reserved
+                    head.admitted = True
+                    admitted.append(head)
+                self.metrics.set("queue_depth", len(self._waiting))
+        if leftovers is not None:  # stopping: whatever is left fails
+            for r in leftovers + list(self._running):
+                self._finish(r, "error", error="the server shut down before this request finished", code="shutting_down")
+            self._update_gauges()
+            return False
+        for r in cancelled:
+            self._finish(r, "cancelled")
+        for r in list(self._running):
+            if r.cancelled.is_set():
+                self._finish(r, "cancelled")
+        for r in admitted:
+            self._prefill(r)
+        batch = [r for r in self._running if r.status == "running"]
+        if batch:
+            self._decode(batch)
+        self._update_gauges()
+        return True
+
+    def _prefill(self, r: Request) -> None:
+        try:
+            r.status = "running"
+            with self._cond:
+                self._running.append(r)
+            if r.cancelled.is_set():
+                self._finish(r, "cancelled")
+                return
+            r.cache = r.cache_factory() if r.cache_factory else make_cache(self.kv, self.model.config)
+            r.generator = r.params.make_generator()
+            r.tracker = TextTracker(self.tokenizer, r.params.stop)
+            ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=r.cache,
+                             use_cache=True, logits_to_keep=1)
+            self.metrics.inc("prompt_tokens_total", r.prompt_tokens)
+            self._accept(r, out.logits[0, -1])
+        except Exception as exc:  # noqa: BLE001 - this request only
+            self._finish(r, "error", error=f"prefill failed: {exc!r}")
+
+    def _decode(self, batch: list[Request]) -> None:
+        bc = BatchedCache([r.cache for r in batch], self.num_layers)
+        inputs = decode_inputs([r.next_token for r in batch], bc.positions, bc.kv_lengths, self.device)
+        try:
+            out = self.model(**inputs, past_key_values=bc, use_cache=True)
+        except Exception as exc:  # noqa: BLE001 - the forward itself failed: these requests fail, the loop goes on
+            for r in batch:
+                self._finish(r, "error", error=f"decode step failed: {exc!r}")
+            return
+        self.metrics.inc("decode_steps_total")
+        self.metrics.inc("decode_step_sequences_total", len(batch))
+        self.metrics.set_max("running_sequences_peak", len(batch))
+        logits = out.logits[:, -1, :]
+        for b, r in enumerate(batch):
+            if b in bc.failed:
+                self._finish(r, "error", error=f"KV cache update failed: {bc.failed[b]!r}")
+                continue
+            try:
+                self._accept(r, logits[b])
+            except Exception as exc:  # noqa: BLE001
+                self._finish(r, "error", error=f"sampling failed: {exc!r}")
+
+    def _accept(self, r: Request, logits: torch.Tensor) -> None:
+        """Sample the next token of `r`, advance its text, emit, and finish it when it is done."""
+        token = sample_token(logits, r.params, r.generator)
+        now = time.perf_counter()
+        if r.first_token_at is None:
+            r.first_token_at = now
+            self.metrics.observe("time_to_first_token_seconds", now - r.arrival)
+        else:
+            self.metrics.observe("inter_token_latency_seconds", now - r.last_token_at)
+        r.last_token_at = now
+        r.n_generated += 1
+        self.metrics.inc("completion_tokens_total")
+        if token in self.eos_ids and not r.params.ignore_eos:
+            self._finish(r, "stop")
+            return
+        delta = r.tracker.add(token)
+        if delta:
+            self._emit(r, {"type": "delta", "text": delta})
+        if r.tracker.stopped_at is not None:
+            self._finish(r, "stop")
+        elif r.n_generated >= r.params.max_tokens or r.prompt_tokens + r.n_generated >= self.max_context:
+            self._finish(r, "length")
+        else:
+            r.next_token = token
+
+    def _emit(self, r: Request, event: dict) -> None:
+        try:
+            r.sink(event)
+        except Exception:  # noqa: BLE001 - a broken consumer cancels its own request only
+            r.cancelled.set()
+
+    def _finish(self, r: Request, reason: str, error: str | None = None, code: str | None = None) -> None:
+        if r.status == "finished":
+            return
+        if reason in ("stop", "length") and r.tracker is not None:
+            tail = r.tracker.flush()
+            if tail:
+                self._emit(r, {"type": "delta", "text": tail})
+        r.status, r.finish_reason, r.error = "finished", reason, error
+        r.cache = None  # the request's KV cache is freed here
+        with self._cond:
+            if r in self._running:
+                self._running.remove(r)
+            if r in self._waiting:
+                self._waiting.remove(r)
+            if r.admitted:
+                self._reserved -= r.reserved
+                r.admitted = False
+        self.metrics.inc("sequences_finished_total", reason=reason)
+        base = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.n_generated, "finish_reason": reason}
+        if reason == "error":
+            self._emit(r, {"type": "error", "message": error or "request failed", "code": code or "internal_error", **base})
+        else:
+            self._emit(r, {"type": "done", "text": r.tracker.final_text if r.tracker else "", **base})
+        r.done.set()
+
+    def _update_gauges(self) -> None:
+        with self._cond:
+            running = list(self._running)
+            reserved, waiting = self._reserved, len(self._waiting)
+        in_use = 0
+        for r in running:
+            if r.cache is not None:
+                in_use += cache_nbytes(r.cache)[0]
+        self.metrics.set("running_sequences", len(running))
+        self.metrics.set_max("running_sequences_peak", len(running))
+        self.metrics.set("kv_bytes_in_use", in_use)
+        self.metrics.set("kv_bytes_reserved", reserved)
+        self.metrics.set("queue_depth", waiting)

@@ -1,0 +1,61 @@
+"""The typer entry points the main CLI mounts as `lowbit serve` and `lowbit bench serve`, and a tiny bench run."""
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from lowbit.serve import cli as serve_cli
+
+
+@pytest.fixture
+def app():
+    app = typer.Typer()
+    app.command("serve")(serve_cli.serve_command)
+    bench = typer.Typer()
+    bench.command("serve")(serve_cli.bench_serve_command)
+    app.add_typer(bench, name="bench")
+    return app
+
+
+def test_serve_command_passes_options(app, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(serve_cli, "serve", lambda *a: seen.setdefault("args", a))
+    r = CliRunner().invoke(app, ["serve", "--kv", "kivi:bits=2", "--kv-budget-mb", "8", "--port", "9001", "--max-queue", "3",
+                                 "--max-batch", "5"], env={"LOWBIT_API_KEY": "from-env"})
+    assert r.exit_code == 0, r.output
+    assert seen["args"] == ("smollm2", "kivi:bits=2", None, 8.0, 9001, "127.0.0.1", "from-env", 3, 5)
+
+
+@pytest.mark.parametrize("argv", [["serve", "--kv", "kivi:bits=3"], ["serve", "--kv-budget-mb", "0"],
+                                  ["bench", "serve", "--kv", "fp16", "--kv", "nope"]])
+def test_bad_options_fail_before_loading(app, argv, monkeypatch):
+    monkeypatch.setattr(serve_cli, "load_for_serving", lambda *a, **k: pytest.fail("should not load"))
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 2 and "error" in r.output
+
+
+def test_wa_is_applied_or_explained(tiny_llama):
+    try:
+        import lowbit.wa  # noqa: F401
+    except ImportError:
+        with pytest.raises(serve_cli.SpecError, match="lowbit.wa"):
+            serve_cli.apply_wa(tiny_llama, None, "fmpq:w=4,a=8")
+        return
+    with pytest.raises(serve_cli.SpecError):
+        serve_cli.load_for_serving("smollm2", wa="no-such-method")
+
+
+@pytest.mark.model
+def test_tiny_bench_run(smollm2, tmp_path):
+    from lowbit.serve.bench import bench_serve, to_json
+
+    results = bench_serve(kv=["fp16", "kivi:bits=2,residual=32"], kv_budget_mb=4, clients=3, requests=4, prompt_tokens=24,
+                          max_tokens=4, time_limit_s=120, loaded=smollm2, log=lambda s: None)
+    assert [r.kv for r in results] == ["fp16", "kivi:bits=2,residual=32"]
+    for r in results:
+        assert r.requests_ok == 4 and r.errors == 0 and r.output_tokens_per_s > 0 and r.peak_running >= 1
+        assert r.ttft_p50_s > 0 and r.itl_p50_s > 0
+    data = json.loads(to_json(results, {"test": True}))
+    assert len(data["results"]) == 2
