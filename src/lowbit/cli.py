@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lowbit.kernels.bench import app as bench_app
 from lowbit.lut.cli import app as lut_app
 from lowbit.serve.cli import bench_serve_command, serve_command
 from lowbit.spec import SpecError
@@ -17,9 +18,8 @@ from lowbit.spec import SpecError
 app = typer.Typer(help="lowbit: low-bit KV caches and weights for LLM inference, with honest measurements.", no_args_is_help=True)
 app.add_typer(lut_app, name="lut", help="GQA-LUT: fit integer piecewise-linear approximations of non-linear functions")
 app.command("serve", help="OpenAI-compatible server with continuous batching over compressed KV caches.")(serve_command)
-bench_app = typer.Typer(help="Benchmarks: each result beside its baseline measured in the same run.", no_args_is_help=True)
 bench_app.command("serve", help="Bounded loopback load test of `lowbit serve`, one row per KV method.")(bench_serve_command)
-app.add_typer(bench_app, name="bench")
+app.add_typer(bench_app, name="bench", help="Benchmarks: GPU kernels (attention, gemm, e2e) and the server, beside baselines.")
 console = Console(width=None if sys.stdout.isatty() else 150)  # full tables in logs and CI too
 err = Console(stderr=True)
 

@@ -32,7 +32,7 @@ def generate_text(
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        past_key_values=make_cache(kv, model.config),
+        past_key_values=make_cache(kv, model.config, model),
         pad_token_id=tokenizer.pad_token_id,
     )
     if not stream:

@@ -114,7 +114,7 @@ def evaluate_kv(
     _validate(ids, prefill, tokens)
     if reference is None:
         reference = reference_run(model, ids, prefill, tokens, progress)
-    cache = cache_factory() if cache_factory is not None else make_cache(kv, model.config)
+    cache = cache_factory() if cache_factory is not None else make_cache(kv, model.config, model)
     t0 = time.perf_counter()
     logprobs = _stream(model, ids, cache, prefill, tokens, progress)
     seconds = time.perf_counter() - t0

@@ -98,8 +98,12 @@ def _budget_cache(part: ParsedSpec, config, store) -> BudgetCache:
     )
 
 
-def make_cache(spec: str | ParsedSpec, config) -> Cache:
-    """Build a fresh cache for one sequence batch from a spec string (or a parsed spec)."""
+def make_cache(spec: str | ParsedSpec, config, model=None) -> Cache:
+    """Build a fresh cache for one sequence batch from a spec string (or a parsed spec).
+
+    Given the `model` and a CUDA device, a plain KIVI cache comes with the Triton kernels: decode steps
+    read the packed cache directly (``lowbit.kernels``); elsewhere the PyTorch reference path runs.
+    """
     parts = parse_kv_spec(spec) if isinstance(spec, str) else [spec] if isinstance(spec, ParsedSpec) else list(spec)
     part = parts[0]
     if part.name == "fp16":
@@ -112,7 +116,13 @@ def make_cache(spec: str | ParsedSpec, config) -> Cache:
                 store["residual"] = store["group"]  # a small fp16 residual by default: kept sets are short
         return _budget_cache(part, config, store)
     o = part.options
-    return KiviCache(config, bits=o["bits"], group_size=o["group"], residual_length=o["residual"], sinks=o["sinks"])
+    kwargs = dict(bits=o["bits"], group_size=o["group"], residual_length=o["residual"], sinks=o["sinks"])
+    if model is not None and next(model.parameters()).is_cuda:
+        from lowbit.kernels import FusedKiviCache, use_kivi_kernels
+
+        use_kivi_kernels(model)
+        return FusedKiviCache(config, **kwargs)
+    return KiviCache(config, **kwargs)
 
 
 def cache_nbytes(cache: Cache) -> tuple[int, int]:

@@ -171,6 +171,11 @@ class QuantLinear(nn.Module):
         return core.quantize_activation(self.prepare_input(x), self.block, self.int8_mask, self.cfg.a_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.mode == "int" and self.quantizes_activations:
+            from lowbit.kernels.integration import quant_linear_forward, supports_quant_linear
+
+            if supports_quant_linear(self):  # the Triton W4A8/W4A4 GEMM (same integer semantics)
+                return quant_linear_forward(self, x)
         lead = x.shape[:-1]
         xp = self.prepare_input(x)
         if not self.quantizes_activations:

@@ -168,7 +168,7 @@ def run_task(
     for i in range(samples):
         s = make_sample(tok, task, length, depth, seed + i, pairs, path)
         ids = build_inputs(tok, s.prompt).to(device)
-        cache = make_cache(kv_spec, model.config)
+        cache = make_cache(kv_spec, model.config, model)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

@@ -1,0 +1,245 @@
+"""W4A8 / FMPQ-W4A4 GEMM on INT8 tensor cores, and the per-token activation quantization that feeds it.
+
+Hopper has no INT4 tensor-core instruction, so both formats run the INT8 MMA (``tl.dot`` on int8
+operands, int32 accumulation): 4-bit weights are unpacked to int8 in registers, 4-bit activation
+codes simply live in int8 containers (values in [-8, 7]). FMPQ's INT4/INT8 block mix therefore only
+changes the activation quantizer (a per-block bit-width from the INT8-block mask); the GEMM is the
+same for W4A8 and W4A4, and matches :func:`lowbit.wa.core.int_matmul`: per reduction tile of
+``min(block, group)`` channels an exact int32 partial product, scaled by ``a_scale * w_scale`` and
+summed in float32 (dequantizing epilogue inside the K loop), + bias, cast to bf16.
+
+Weight layout. :class:`~lowbit.wa.linear.QuantLinear` stores ``qweight`` uint8 ``[N, K/2]`` with
+channel ``2i`` in the low nibble of byte ``i``. :func:`repack_weight` rearranges it once (cache it)
+into the *half-split* layout: inside each tile of ``TILE`` channels, byte ``j`` holds channel ``j``
+(low nibble) and channel ``j + TILE/2`` (high nibble). Each K step then loads the weight bytes once,
+masks/shifts them into two int8 halves without moving data between lanes, and issues two MMAs
+against the two contiguous halves of the activation tile. Codes keep their storage convention
+(symmetric: ``q + 8``; asymmetric: ``q`` with an integer zero point per group).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels.kivi_quant import _rint
+from lowbit.kernels.layout import GemmConfig, default_config, repack_weight, unrepack_weight  # noqa: F401
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ------------------------------------------------------------------------------ activation quantization
+
+
+@triton.jit
+def _act_quant_kernel(X, s_xm, PERM, MASK, C, s_cm, SC, s_sm, K_IN, NB,
+                      BLOCK: tl.constexpr, BPP: tl.constexpr, LOW_HI: tl.constexpr,
+                      HAS_PERM: tl.constexpr, HAS_MASK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    m = tl.program_id(0)
+    bb = tl.program_id(1) * BPP + tl.arange(0, BPP)
+    bm = bb < NB
+    k = bb[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    valid = (k < K_IN) & bm[:, None]
+    if HAS_PERM:
+        src = tl.load(PERM + k, mask=valid, other=0)
+    else:
+        src = k
+    x = tl.load(X + m * s_xm + src, mask=valid, other=0).to(tl.float32)
+    amax = tl.max(tl.abs(x), 1)
+    if HAS_MASK:
+        is8 = tl.load(MASK + bb, mask=bm, other=0) != 0
+        hi = tl.where(is8, 127.0, LOW_HI)
+    else:
+        hi = tl.full((BPP,), LOW_HI, tl.float32)
+    scale = tl.div_rn(amax, hi)
+    scale = tl.where(scale > 0, scale, 1.0)
+    c = _rint(tl.div_rn(x, scale[:, None]), USE_LIBDEVICE)
+    c = tl.minimum(tl.maximum(c, -hi[:, None] - 1.0), hi[:, None])
+    tl.store(C + m * s_cm + k, c.to(tl.int8), mask=bm[:, None])
+    tl.store(SC + m * s_sm + bb, scale, mask=bm)
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    block: int,
+    int8_mask: torch.Tensor | None = None,
+    low_bits: int = 4,
+    perm: torch.Tensor | None = None,
+    padded_in: int | None = None,
+    blocks_per_program: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-block symmetric quantization of ``x [..., K_in]`` (FMPQ / W4A8 activations).
+
+    Optional ``perm`` (int32 ``[K_in]``, permuted channel j = original ``perm[j]``) is gathered and the
+    result zero-padded to ``padded_in``, all in the same pass. Blocks where ``int8_mask`` is set get
+    8 bits, the others `low_bits`. Returns int8 codes ``[M, padded_in]`` and float32 scales
+    ``[M, padded_in / block]``, equal to :func:`lowbit.wa.core.quantize_activation` bit for bit.
+    """
+    k_in = x.shape[-1]
+    x2 = x.reshape(-1, k_in)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    kp = padded_in or k_in
+    if kp % block:
+        raise ValueError(f"padded width {kp} is not a multiple of the block size {block}")
+    if block & (block - 1):
+        raise ValueError(f"block {block} must be a power of two")
+    nb = kp // block
+    codes = torch.empty(m, kp, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, nb, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return codes, scale
+    bpp = min(blocks_per_program, triton.next_power_of_2(nb))
+    has_perm, has_mask = perm is not None, int8_mask is not None
+    perm_t = perm.to(device=x.device, dtype=torch.int32).contiguous() if has_perm else codes
+    mask_t = int8_mask.to(device=x.device, dtype=torch.int8).contiguous() if has_mask else codes
+    _act_quant_kernel[(m, triton.cdiv(nb, bpp))](
+        x2, x2.stride(0), perm_t, mask_t, codes, codes.stride(0), scale, scale.stride(0), k_in, nb,
+        BLOCK=block, BPP=bpp, LOW_HI=float((1 << (low_bits - 1)) - 1), HAS_PERM=has_perm, HAS_MASK=has_mask,
+        USE_LIBDEVICE=not _interpreting(), num_warps=4,
+    )
+    return codes, scale
+
+
+# ------------------------------------------------------------------------------------------- GEMM
+
+
+@triton.jit
+def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, s_cm, PART,
+                      M, N, K, TPS,
+                      BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mm = rm < M
+    nm = rn < N
+    HALF: tl.constexpr = TILE // 2
+    rk = tl.arange(0, HALF)
+    a_ptr = A + rm[:, None] * s_am + rk[None, :]
+    w_ptr = W + rn[:, None] * s_wn + rk[None, :]
+    nt = K // TILE
+    t0 = pid_k * TPS
+    t1 = tl.minimum(t0 + TPS, nt)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for t in range(t0, t1):
+        a_lo = tl.load(a_ptr + t * TILE, mask=mm[:, None], other=0)
+        a_hi = tl.load(a_ptr + t * TILE + HALF, mask=mm[:, None], other=0)
+        wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
+        w_lo = (wp & 15).to(tl.int8)
+        w_hi = (wp >> 4).to(tl.int8)
+        if HAS_ZERO:
+            z = tl.load(WZ + rn * s_wzn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.int8)
+            w_lo = w_lo - z[:, None]
+            w_hi = w_hi - z[:, None]
+        else:
+            w_lo = w_lo - 8
+            w_hi = w_hi - 8
+        acc_i = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
+        acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
+        asc = tl.load(AS + rm * s_asm + (t * TILE) // BLOCK_A, mask=mm, other=0)
+        wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
+        acc += acc_i.to(tl.float32) * (asc[:, None] * wsc[None, :])
+    omask = mm[:, None] & nm[None, :]
+    if SPLIT:
+        tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
+        tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(PART, BIAS, C, s_cm, M, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    nm = rn < N
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(PART + (s * M + m) * N + rn, mask=nm, other=0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)
+    tl.store(C + m * s_cm + rn, acc.to(C.dtype.element_ty), mask=nm)
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def w4a8_gemm(
+    a_codes: torch.Tensor,
+    a_scale: torch.Tensor,
+    block: int,
+    w_kernel: torch.Tensor,
+    w_scale: torch.Tensor,
+    group: int,
+    w_zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """``y [M, N] = sum_tiles (A_t @ W_t.T) * a_scale * w_scale (+ bias)`` on INT8 tensor cores.
+
+    ``a_codes`` int8 ``[M, K]`` (INT4 blocks hold values in [-8, 7]), ``a_scale`` fp32 ``[M, K/block]``,
+    ``w_kernel`` uint8 ``[N, K/2]`` from :func:`repack_weight` with ``tile = min(block, group)``,
+    ``w_scale`` fp16 ``[N, K/group]``, ``w_zero`` uint8 (asymmetric weights) or None (symmetric).
+    """
+    m, k = a_codes.shape
+    n = w_kernel.shape[0]
+    tile = min(block, group)
+    if w_kernel.shape[1] * 2 != k:
+        raise ValueError(f"weight holds {w_kernel.shape[1] * 2} input channels, activations {k}")
+    if k % tile or max(block, group) % tile or tile % 32:
+        raise ValueError(f"K={k}, block={block}, group={group}: need a tile (min of the two) multiple of 32 dividing K")
+    if a_codes.dtype != torch.int8:
+        raise ValueError(f"activation codes must be int8, got {a_codes.dtype}")
+    cfg = config or default_config(m, n, k)
+    out = torch.empty(m, n, dtype=out_dtype, device=a_codes.device)
+    if m == 0:
+        return out
+    a_codes = a_codes if a_codes.stride(-1) == 1 else a_codes.contiguous()
+    nt = k // tile
+    n_mn = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
+    split = cfg.split_k
+    if split == 0:
+        split = 1
+        target = 2 * _sm_count(a_codes.device)
+        if n_mn < target:
+            split = min(triton.cdiv(target, n_mn), max(1, nt // 2))
+    tps = triton.cdiv(nt, split)
+    split = triton.cdiv(nt, tps)
+    part = torch.empty(split, m, n, dtype=torch.float32, device=a_codes.device) if split > 1 else out
+    has_zero, has_bias = w_zero is not None, bias is not None
+    _w4a8_gemm_kernel[(n_mn, split)](
+        a_codes, a_codes.stride(0), a_scale, a_scale.stride(0), w_kernel, w_kernel.stride(0),
+        w_scale, w_scale.stride(0), w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,
+        bias if has_bias else w_scale, out, out.stride(0), part,
+        m, n, k, tps,
+        BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
+        HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        rb = 1024
+        _splitk_reduce_kernel[(m, triton.cdiv(n, rb))](
+            part, bias if has_bias else w_scale, out, out.stride(0), m, n, split, HAS_BIAS=has_bias, BLOCK=rb, num_warps=4,
+        )
+    return out

@@ -1,0 +1,51 @@
+"""Pure-PyTorch layout helpers of the GEMM kernel (importable without Triton): weight repacking and configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def repack_weight(qweight: torch.Tensor, tile: int) -> torch.Tensor:
+    """QuantLinear ``qweight`` ``[N, K/2]`` (channel 2i low nibble) -> the kernel's half-split layout."""
+    n, kh = qweight.shape
+    k = kh * 2
+    if k % tile or tile % 32:
+        raise ValueError(f"tile {tile} must be a multiple of 32 dividing K={k}")
+    lo = qweight & 0xF
+    hi = qweight >> 4
+    codes = torch.stack([lo, hi], dim=-1).reshape(n, k // tile, 2, tile // 2)  # [N, tiles, half, j]
+    return (codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)).reshape(n, kh).contiguous()
+
+
+def unrepack_weight(w_kernel: torch.Tensor, tile: int) -> torch.Tensor:
+    """Inverse of :func:`repack_weight`."""
+    n, kh = w_kernel.shape
+    k = kh * 2
+    b = w_kernel.reshape(n, k // tile, tile // 2)
+    codes = torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, k // tile, 2, tile // 2)  # [N, t, half, j]
+    codes = codes.reshape(n, k)  # channel order within a tile: half * TILE/2 + j
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    bm: int
+    bn: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 0  # 0: choose to fill the GPU
+    group_m: int = 8
+
+    def label(self) -> str:
+        return f"BM{self.bm}-BN{self.bn}-w{self.num_warps}-s{self.num_stages}-k{self.split_k or 'auto'}"
+
+
+def default_config(m: int, n: int, k: int) -> GemmConfig:
+    """Block shapes per token count: the fastest candidates measured on an H100 (BENCHMARKS.md)."""
+    if m <= 16:  # weight streaming; split-K fills the GPU
+        return GemmConfig(16, 32 if n >= 16384 else 128, 4, 4)
+    if m <= 512:
+        return GemmConfig(128, 64, 4, 4) if n > 4096 else GemmConfig(64, 128, 4, 4)
+    return GemmConfig(128, 128, 8, 4, split_k=1)
