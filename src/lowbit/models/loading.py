@@ -126,10 +126,18 @@ def _save_converted(model, tok, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
-    """Load ``(model, tokenizer)`` in eval mode. `dtype` defaults to float32 (fast and exact on CPU)."""
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = "auto", device: str = "auto"):
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``device="auto"`` picks CUDA when available, else the CPU; ``dtype="auto"`` is bfloat16 on CUDA and
+    float32 on the CPU (fast and exact there).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     source = resolve_model(name_or_path)
