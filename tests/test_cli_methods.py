@@ -72,3 +72,17 @@ def test_bad_method_specs(args, match, smollm2):
     res = runner.invoke(app, args + ["--prefill", "16", "--tokens", "4"])
     assert res.exit_code == 2, res.output
     assert match in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
+def test_compare_budget_section(tmp_path, tiny_dir):
+    res = runner.invoke(app, ["compare", "--model", str(tiny_dir), "--kv", "fp16", "--lut", "", "--wa", "", "--wa-kv", "",
+                              "--budgets", "0.5", "--budget-methods", "streaming,kvmerger+kivi:bits=4",
+                              "--task", "passkey", "--task-length", "200", "--task-samples", "1",
+                              "--prefill", "64", "--tokens", "8", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "compare.json").read_text())["meta"]["budget_section"]
+    assert [(r["method"], r["budget"]) for r in rows] == [("fp16", 1.0), ("streaming", 0.5), ("kvmerger+kivi:bits=4", 0.5)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["ppl"] > 0 for r in rows)
+    assert (tmp_path / "compare-budget.png").exists()
+    bad = runner.invoke(app, ["compare", "--budgets", "half"])
+    assert bad.exit_code == 2 and "comma-separated fractions" in bad.output

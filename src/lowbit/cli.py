@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,7 @@ DEFAULT_COMPARE = ["fp16", "kivi:bits=4", "kivi:bits=2", "kivi:bits=2,sinks=4"]
 DEFAULT_LUT = ["silu:segments=16"]
 DEFAULT_WA = ["w8a8", "w4a16", "w4a4", "fmpq:w=4,a=4", "fmpq:w=4,a=8"]
 DEFAULT_WA_KV = ["fmpq:w=4,a=4|kivi:bits=4"]
+DEFAULT_BUDGET_METHODS = "streaming,h2o,kvmerger,kvmerger+kivi:bits=4"
 
 
 def _fail(message: str) -> None:
@@ -170,12 +172,22 @@ def compare(
     wa: list[str] = typer.Option(DEFAULT_WA, help="W/A rows, full-sequence perplexity; repeatable ('' for none)"),
     wa_kv: list[str] = typer.Option(DEFAULT_WA_KV, help="'WA_SPEC|KV_SPEC' rows through the streaming protocol"),
     wa_tokens: int = typer.Option(2048, help="tokens scored (windows of 1024) in the W/A section"),
+    budgets: Optional[str] = typer.Option(None, help="budget section: comma-separated budgets, e.g. 0.5,0.35"),
+    budget_methods: str = typer.Option(DEFAULT_BUDGET_METHODS, help="budget section: comma-separated KV methods"),
+    task: Optional[str] = typer.Option(None, help="budget section: also a retrieval task (passkey or kv-retrieval)"),
+    task_length: int = typer.Option(512, help="budget section: task prompt length"),
+    task_samples: int = typer.Option(8, help="budget section: task samples"),
     text: Optional[Path] = typer.Option(None, help="UTF-8 text file (default: bundled WikiText-2 test)"),
     prefill: int = typer.Option(512),
     tokens: int = typer.Option(256),
     out: Path = typer.Option(Path("lowbit-report"), help="folder for compare.json and compare.png"),
 ):
-    """The main job: evaluate several methods on one model and text; table, JSON and plot."""
+    """The main job: evaluate several methods on one model and text; table, JSON and plot.
+
+    With --budgets, a budget section adds each budget method at each budget (streaming protocol, prompt
+    compressed after prefill), optionally a retrieval task for fp16 and each of them, and
+    compare-budget.png (quality vs budget).
+    """
     from lowbit.eval import DEFAULT_TEXT
     from lowbit.eval.report import plot_quality_vs_bytes, results_table, write_json
     from lowbit.eval.variants import Variant
@@ -187,6 +199,8 @@ def compare(
         if not sep:
             _fail(f"--wa-kv '{item}' must be 'WA_SPEC|KV_SPEC', e.g. 'fmpq:w=4,a=4|kivi:bits=4'")
         pairs.append(Variant(kv=k.strip(), wa=w.strip()))
+    budget_rows = _budget_specs(budgets, budget_methods) if budgets else []
+    kv = list(kv) + [spec for _, _, spec in budget_rows if spec not in kv]
     variants = _validated([Variant(kv=k) for k in kv] + [Variant(lut=spec) for spec in lut if spec] + pairs)
     _validated([Variant(wa=w) for w in wa])
     m, tok = _load(model)
@@ -200,6 +214,60 @@ def compare(
     json_path = write_json(results, out / "compare.json", {**meta, "wa_tokens": wa_tokens, "wa": wa_results})
     kv_rows = [r for r, v in zip(results, variants) if v.kv != "fp16" or not (v.lut or v.wa)]
     console.print(f"wrote {json_path} and {plot_quality_vs_bytes(kv_rows, out / 'compare.png', title)}")
+    if budget_rows:
+        by_kv = {r.method: r for r in results}
+        rows = _budget_section(m, tok, budget_rows, by_kv, task, task_length, task_samples)
+        data = json.loads(json_path.read_text())
+        data["meta"]["budget_section"] = rows
+        json_path.write_text(json.dumps(data, indent=2))
+        from lowbit.eval.tasks import plot_quality_vs_budget
+
+        console.print(f"wrote {plot_quality_vs_budget(rows, out / 'compare-budget.png')}")
+
+
+def _budget_specs(budgets: str, methods: str) -> list[tuple[str, float, str]]:
+    """(method label, budget, kv spec) rows; a method may carry a composition, e.g. kvmerger+kivi:bits=4."""
+    try:
+        values = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        _fail(f"--budgets '{budgets}' must be comma-separated fractions, e.g. 0.5,0.35")
+    rows = []
+    for method in (x.strip() for x in methods.split(",") if x.strip()):
+        head, plus, rest = method.partition("+")
+        for b in values:
+            rows.append((method, b, f"{head}:budget={b}" + (f"+{rest}" if plus else "")))
+    return rows
+
+
+def _budget_section(model, tok, budget_rows, by_kv, task, length, samples) -> list[dict]:
+    """Rows for compare-budget.png / JSON: ppl and KL from the streaming results, plus task accuracy."""
+    from rich.table import Table
+
+    from lowbit.eval.tasks import TASKS, run_task
+
+    if task is not None and task not in TASKS:
+        _fail(f"unknown task '{task}': allowed tasks are {', '.join(TASKS)}")
+    rows = [{"method": "fp16", "budget": 1.0, "kv": "fp16", "ppl": by_kv["fp16"].ppl, "kl_mean": 0.0}] if "fp16" in by_kv else []
+    rows += [{"method": m, "budget": b, "kv": spec, "ppl": by_kv[spec].ppl, "kl_mean": by_kv[spec].kl_mean} for m, b, spec in budget_rows]
+    if task is not None:
+        if not rows or rows[0]["kv"] != "fp16":
+            rows.insert(0, {"method": "fp16", "budget": 1.0, "kv": "fp16"})
+        with _progress() as progress:
+            for row in rows:
+                bar = progress.add_task(f"{task} · {row['kv']}", total=samples)
+                try:
+                    result = run_task(model, tok, task, length, samples, row["kv"], progress=lambda b=bar: progress.advance(b))
+                except ValueError as exc:
+                    _fail(str(exc))
+                row["accuracy"] = result.accuracy
+    table = Table(title="KV budget section" + (f" · {task} at {length} tokens, {samples} samples" if task else ""))
+    for col in ("method", "budget", "ppl", "KL(ref‖m)") + (("accuracy",) if task else ()):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        cells = [r["method"], f"{r['budget']:.2f}", f"{r.get('ppl', float('nan')):.3f}", f"{r.get('kl_mean', float('nan')):.4f}"]
+        table.add_row(*cells, *([f"{r['accuracy']:.3f}"] if task else []))
+    console.print(table)
+    return rows
 
 
 def _wa_section(model, tok, text, specs, n_tokens, calib) -> list[dict]:
