@@ -8,13 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-WIKITEXT_TEST = Path(__file__).resolve().parents[3] / "data" / "wikitext-2-raw" / "wiki.test.raw"
+from lowbit.eval.data import DEFAULT_TEXT, read_text
 
 
-def wikitext_ids(tokenizer, path: str | Path = WIKITEXT_TEST) -> torch.Tensor:
-    """The whole WikiText-2 test file (read as bytes, decoded as UTF-8) as a 1-D LongTensor of ids."""
-    text = Path(path).read_bytes().decode("utf-8")
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+def wikitext_ids(tokenizer, path: str | Path = DEFAULT_TEXT) -> torch.Tensor:
+    """The whole evaluation text (bundled WikiText-2 test by default) as a 1-D LongTensor of ids."""
+    return torch.tensor(tokenizer(read_text(path), add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 @torch.no_grad()
