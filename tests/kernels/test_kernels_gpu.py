@@ -206,7 +206,9 @@ def test_w4a8_gemm_vs_reference(m, k, n, block, group):
     codes, scale = quantize_activation(x, block, mask, 4)
     wk = repack_weight(qw, min(block, group))
     ref = w4a8_gemm_ref(codes, scale, block, qw, ws, group, bias=bias)
-    for cfg in (None, GemmConfig(16, 32, 4, 2, 1), GemmConfig(32, 64, 4, 3, 3), GemmConfig(64, 128, 4, 3, 1)):
+    for cfg in (None, GemmConfig(16, 32, 4, 2, 1), GemmConfig(32, 64, 4, 3, 3), GemmConfig(64, 128, 4, 3, 1),
+                GemmConfig(16, 64, 4, 2, 2, asm=False, fast_cvt=False), GemmConfig(64, 128, 4, 3, 1, unpacked=True),
+                GemmConfig(128, 128, 8, 3, 1, unpacked=True, fast_cvt=False)):
         y = w4a8_gemm(codes, scale, block, wk, ws, group, bias=bias, out_dtype=torch.float32, config=cfg)
         assert rel(y, ref) < 1e-5, cfg
     yb = w4a8_gemm(codes, scale, block, wk, ws, group, bias=bias)
@@ -214,15 +216,33 @@ def test_w4a8_gemm_vs_reference(m, k, n, block, group):
 
 
 def test_w4a8_gemm_asymmetric_weights():
-    from lowbit.kernels.gemm import quantize_activation, repack_weight, w4a8_gemm
+    from lowbit.kernels.gemm import GemmConfig, quantize_activation, repack_weight, w4a8_gemm
     from lowbit.kernels.reference import w4a8_gemm_ref
 
     qw = torch.randint(0, 256, (192, 256), dtype=torch.uint8, device=DEV)
     wz = torch.randint(0, 16, (192, 4), dtype=torch.uint8, device=DEV)
     ws = (torch.rand(192, 4, device=DEV) * 0.05 + 0.001).half()
     codes, scale = quantize_activation(torch.randn(20, 512, device=DEV), 128, None, 8)
-    y = w4a8_gemm(codes, scale, 128, repack_weight(qw, 128), ws, 128, w_zero=wz, out_dtype=torch.float32)
-    assert rel(y, w4a8_gemm_ref(codes, scale, 128, qw, ws, 128, w_zero=wz)) < 1e-5
+    ref = w4a8_gemm_ref(codes, scale, 128, qw, ws, 128, w_zero=wz)
+    for cfg in (None, GemmConfig(64, 64, 4, 3, 1, unpacked=True)):
+        y = w4a8_gemm(codes, scale, 128, repack_weight(qw, 128), ws, 128, w_zero=wz, out_dtype=torch.float32, config=cfg)
+        assert rel(y, ref) < 1e-5, cfg
+
+
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("tile", [64, 128])
+def test_unpack_weight_int8_exact(zero, tile):
+    from lowbit.kernels.gemm import unpack_weight_int8
+    from lowbit.kernels.layout import repack_weight
+
+    n, k = 200, 512
+    qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEV)
+    wz = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device=DEV) if zero else None
+    codes = torch.stack([qw & 15, qw >> 4], dim=-1).reshape(n, k).to(torch.int16)  # channel order
+    want = codes - (wz.to(torch.int16).repeat_interleave(128, dim=1) if zero else 8)
+    for asm in (True, False):
+        got = unpack_weight_int8(repack_weight(qw, tile), tile, 128, wz, use_asm=asm)
+        assert got.dtype == torch.int8 and torch.equal(got.to(torch.int16), want)
 
 
 @pytest.mark.parametrize("m", [1, 7, 300])

@@ -206,9 +206,15 @@ def _sdpa_baseline(b: int, t: int, check_against=None):
     return best[0], best[1], kv_bytes, {label: ms for ms, label in results}
 
 
-ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, programs per SM)
-    (64, 4, 3, 4), (64, 4, 3, 2), (128, 8, 3, 2), (64, 4, 2, 8), (32, 4, 3, 4),
+ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, programs per SM, subtile); the last is the first version's best
+    (64, 4, 2, 8, True), (128, 4, 2, 4, True), (128, 8, 2, 4, True), (64, 4, 3, 4, True), (128, 4, 3, 8, True),
+    (256, 8, 2, 2, True), (64, 4, 2, 8, False),
 ]
+
+
+def _attn_opts(cfg, sm: int) -> dict:
+    bn, nw, ns, pps, sub = cfg
+    return dict(block_n=bn, num_warps=nw, num_stages=ns, target_programs=pps * sm, subtile=sub)
 
 
 @app.command()
@@ -257,8 +263,7 @@ def attention(
         q = torch.randn(b, HQ, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         best = None
         for cfg in ATTN_CONFIGS:
-            bn, nw, ns, pps = cfg
-            opts = dict(block_n=bn, num_warps=nw, num_stages=ns, target_programs=pps * sm)
+            opts = _attn_opts(cfg, sm)
             try:
                 err = check(random_kivi_parts(2, 4096 + 77, nb, group_size, residual), torch.randn(2, HQ, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16), **opts)
                 ms = _bench(lambda: kivi_decode_attention_parts(q, parts, **opts))
@@ -282,8 +287,7 @@ def attention(
                 continue
             base_ms, base_label, _, all_base = _sdpa_baseline(b, t)
             for nb in bit_list:
-                bn, nw, ns, pps = best_cfg[nb]
-                opts = dict(block_n=bn, num_warps=nw, num_stages=ns, target_programs=pps * sm)
+                opts = _attn_opts(best_cfg[nb], sm)
                 probe = random_kivi_parts(b, t, nb, group_size, residual)
                 nbytes = parts_nbytes(probe) + b * HQ * HEAD_DIM * 2 * 2
                 q0 = torch.randn(b, HQ, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -321,11 +325,20 @@ def attention(
 # ------------------------------------------------------------------------------------------ GEMM
 
 
-GEMM_CANDIDATES = {
-    "small": [(16, 64, 4, 4, 0), (16, 128, 4, 4, 0), (16, 64, 4, 6, 0), (16, 32, 4, 4, 0), (16, 128, 8, 4, 0)],
-    "mid": [(64, 128, 4, 4, 0), (128, 128, 8, 3, 0), (64, 64, 4, 4, 0), (128, 64, 4, 4, 0)],
-    "large": [(128, 256, 8, 3, 1), (128, 128, 8, 4, 1), (128, 128, 4, 4, 1), (256, 128, 8, 3, 1), (128, 256, 8, 4, 1)],
-}
+def _gemm_candidates(bucket: str):
+    """Block configs tried per M bucket; each bucket includes the previous kernel (``-noasm-i2f``) for comparison."""
+    from lowbit.kernels.layout import GemmConfig as C
+
+    return {
+        "small": [C(16, 64, 4, 4), C(16, 128, 4, 4), C(16, 32, 4, 4), C(16, 128, 8, 4), C(16, 64, 4, 6),
+                  C(16, 32, 4, 4, asm=False, fast_cvt=False), C(16, 128, 4, 4, asm=False, fast_cvt=False)],
+        "mid": [C(64, 128, 4, 4), C(128, 64, 4, 4), C(128, 128, 8, 3), C(128, 128, 8, 3, 1, unpacked=True),
+                C(128, 256, 8, 3, 1, unpacked=True), C(64, 128, 4, 4, asm=False, fast_cvt=False)],
+        "large": [C(128, 128, 8, 4, 1), C(128, 256, 8, 3, 1), C(128, 128, 8, 4, 1, unpacked=True),
+                  C(128, 256, 8, 3, 1, unpacked=True), C(128, 256, 8, 4, 1, unpacked=True),
+                  C(256, 128, 8, 3, 1, unpacked=True), C(128, 128, 4, 4, 1, unpacked=True),
+                  C(128, 128, 8, 4, 1, asm=False, fast_cvt=False)],
+    }[bucket]
 
 
 def _bucket(m: int) -> str:
@@ -393,7 +406,7 @@ def gemm(
                 # configs
                 cands = [default_config(m, n, k)]
                 if tune:
-                    cands += [GemmConfig(bm, bn, nw, ns, sk) for bm, bn, nw, ns, sk in GEMM_CANDIDATES[_bucket(m)]]
+                    cands += _gemm_candidates(_bucket(m))
                 timings = {}
                 y0 = w4a8_gemm(c8, s8, block, wk, ws, group, out_dtype=torch.float32)
                 for cfg in dict.fromkeys(cands):

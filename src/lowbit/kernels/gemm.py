@@ -111,11 +111,50 @@ def quantize_activation(
 
 
 @triton.jit
+def _i32_to_f32(x, FAST: tl.constexpr):
+    """int32 -> float32. FAST (|x| < 2**22): bit pattern of 1.5 * 2**23 + x, minus 1.5 * 2**23 (an integer
+    add and a float subtract at full rate, instead of the quarter-rate I2F conversion)."""
+    if FAST:
+        return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _unpack_sym(wp, USE_ASM: tl.constexpr):
+    """Half-split weight bytes (codes q + 8 in both nibbles) -> the two int8 halves ``q`` (in [-8, 7]).
+
+    USE_ASM: four bytes per 32-bit register, ``((nibbles + 0x78) ^ 0x80)`` byte-wise (no carries cross
+    bytes), seven instructions for eight weights."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t;
+            and.b32 t, $2, 0x0F0F0F0F;
+            add.u32 t, t, 0x78787878;
+            xor.b32 $0, t, 0x80808080;
+            shr.u32 t, $2, 4;
+            and.b32 t, t, 0x0F0F0F0F;
+            add.u32 t, t, 0x78787878;
+            xor.b32 $1, t, 0x80808080;
+            }""",
+            constraints="=r,=r,r",
+            args=[wp],
+            dtype=(tl.int8, tl.int8),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        return (wp & 15).to(tl.int8) - 8, (wp >> 4).to(tl.int8) - 8
+
+
+@triton.jit
 def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, s_cm, PART,
                       M, N, K, TPS,
                       BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                      USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BM)
@@ -143,20 +182,17 @@ def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C
         a_lo = tl.load(a_ptr + t * TILE, mask=mm[:, None], other=0)
         a_hi = tl.load(a_ptr + t * TILE + HALF, mask=mm[:, None], other=0)
         wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
-        w_lo = (wp & 15).to(tl.int8)
-        w_hi = (wp >> 4).to(tl.int8)
         if HAS_ZERO:
             z = tl.load(WZ + rn * s_wzn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.int8)
-            w_lo = w_lo - z[:, None]
-            w_hi = w_hi - z[:, None]
+            w_lo = (wp & 15).to(tl.int8) - z[:, None]
+            w_hi = (wp >> 4).to(tl.int8) - z[:, None]
         else:
-            w_lo = w_lo - 8
-            w_hi = w_hi - 8
+            w_lo, w_hi = _unpack_sym(wp, USE_ASM)
         acc_i = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
         acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
         asc = tl.load(AS + rm * s_asm + (t * TILE) // BLOCK_A, mask=mm, other=0)
         wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
-        acc += acc_i.to(tl.float32) * (asc[:, None] * wsc[None, :])
+        acc += _i32_to_f32(acc_i, FAST_CVT) * (asc[:, None] * wsc[None, :])
     omask = mm[:, None] & nm[None, :]
     if SPLIT:
         tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
@@ -177,6 +213,82 @@ def _splitk_reduce_kernel(PART, BIAS, C, s_cm, M, N, SPLITS, HAS_BIAS: tl.conste
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)
     tl.store(C + m * s_cm + rn, acc.to(C.dtype.element_ty), mask=nm)
+
+
+@triton.jit
+def _unpack_weight_kernel(W, s_wn, WZ, s_wzn, OUT, s_on, N, K,
+                          GROUP: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr,
+                          USE_ASM: tl.constexpr):
+    """Half-split packed weights -> int8 ``[N, K]`` in channel order (weight minus its zero point)."""
+    HALF: tl.constexpr = TILE // 2
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    t = tl.program_id(1)
+    nm = rn < N
+    j = tl.arange(0, HALF)
+    wp = tl.load(W + rn[:, None] * s_wn + t * HALF + j[None, :], mask=nm[:, None], other=0)
+    if HAS_ZERO:
+        z = tl.load(WZ + rn * s_wzn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.int8)
+        w_lo = (wp & 15).to(tl.int8) - z[:, None]
+        w_hi = (wp >> 4).to(tl.int8) - z[:, None]
+    else:
+        w_lo, w_hi = _unpack_sym(wp, USE_ASM)
+    o = OUT + rn[:, None] * s_on + t * TILE + j[None, :]
+    tl.store(o, w_lo, mask=nm[:, None])
+    tl.store(o + HALF, w_hi, mask=nm[:, None])
+
+
+@triton.jit
+def _i8_gemm_kernel(A, s_am, AS, s_asm, B, s_bn, WS, s_wsn, BIAS, C, s_cm, M, N, K,
+                    BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr):
+    """INT8 x INT8 GEMM with a per-``TILE`` dequantizing step (both operands straight from memory)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mm = rm < M
+    nm = rn < N
+    rk = tl.arange(0, TILE)
+    a_ptr = A + (rm % M)[:, None] * s_am + rk[None, :]
+    b_ptr = B + (rn % N)[:, None] * s_bn + rk[None, :]
+    acc = tl.zeros((BM, BN), tl.float32)
+    for t in range(0, K // TILE):
+        a = tl.load(a_ptr + t * TILE)
+        b = tl.load(b_ptr + t * TILE)
+        acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        asc = tl.load(AS + (rm % M) * s_asm + (t * TILE) // BLOCK_A)
+        wsc = tl.load(WS + (rn % N) * s_wsn + (t * TILE) // GROUP).to(tl.float32)
+        acc += _i32_to_f32(acc_i, FAST_CVT) * (asc[:, None] * wsc[None, :])
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
+    tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+def unpack_weight_int8(w_kernel: torch.Tensor, tile: int, group: int, w_zero: torch.Tensor | None = None,
+                       use_asm: bool = True) -> torch.Tensor:
+    """Half-split packed INT4 weights ``[N, K/2]`` -> int8 ``[N, K]`` (code minus zero point), one launch."""
+    n, kh = w_kernel.shape
+    k = kh * 2
+    out = torch.empty(n, k, dtype=torch.int8, device=w_kernel.device)
+    bn = 64
+    has_zero = w_zero is not None
+    _unpack_weight_kernel[(triton.cdiv(n, bn), k // tile)](
+        w_kernel, w_kernel.stride(0), w_zero if has_zero else w_kernel, w_zero.stride(0) if has_zero else 0,
+        out, out.stride(0), n, k, GROUP=group, TILE=tile, BN=bn, HAS_ZERO=has_zero,
+        USE_ASM=use_asm and not _interpreting(), num_warps=4,
+    )
+    return out
+
+
+MAX_FAST_TILE = 2048  # |int32 partial| <= TILE * 128 * 15 < 2**22 keeps the fast int32 -> float32 exact
 
 
 def _sm_count(device) -> int:
@@ -217,6 +329,17 @@ def w4a8_gemm(
     if m == 0:
         return out
     a_codes = a_codes if a_codes.stride(-1) == 1 else a_codes.contiguous()
+    has_zero, has_bias = w_zero is not None, bias is not None
+    fast = cfg.fast_cvt and tile <= MAX_FAST_TILE
+    if cfg.unpacked:  # compute-bound: a transient int8 copy of W lets both operands stream straight into the MMA
+        w8 = unpack_weight_int8(w_kernel, tile, group, w_zero, cfg.asm)
+        _i8_gemm_kernel[(triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)](
+            a_codes, a_codes.stride(0), a_scale, a_scale.stride(0), w8, w8.stride(0), w_scale, w_scale.stride(0),
+            bias if has_bias else w_scale, out, out.stride(0), m, n, k,
+            BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
+            HAS_BIAS=has_bias, FAST_CVT=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
     nt = k // tile
     n_mn = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
     split = cfg.split_k
@@ -228,14 +351,14 @@ def w4a8_gemm(
     tps = triton.cdiv(nt, split)
     split = triton.cdiv(nt, tps)
     part = torch.empty(split, m, n, dtype=torch.float32, device=a_codes.device) if split > 1 else out
-    has_zero, has_bias = w_zero is not None, bias is not None
     _w4a8_gemm_kernel[(n_mn, split)](
         a_codes, a_codes.stride(0), a_scale, a_scale.stride(0), w_kernel, w_kernel.stride(0),
         w_scale, w_scale.stride(0), w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,
         bias if has_bias else w_scale, out, out.stride(0), part,
         m, n, k, tps,
         BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
-        HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, USE_ASM=cfg.asm and not _interpreting(),
+        FAST_CVT=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
         rb = 1024

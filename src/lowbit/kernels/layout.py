@@ -37,9 +37,13 @@ class GemmConfig:
     num_stages: int
     split_k: int = 0  # 0: choose to fill the GPU
     group_m: int = 8
+    asm: bool = True  # symmetric weights: unpack nibbles four bytes at a time with inline PTX
+    fast_cvt: bool = True  # int32 -> float32 by bit pattern instead of I2F
+    unpacked: bool = False  # unpack W to a transient int8 [N, K] first, then a pure INT8 GEMM (large M)
 
     def label(self) -> str:
-        return f"BM{self.bm}-BN{self.bn}-w{self.num_warps}-s{self.num_stages}-k{self.split_k or 'auto'}"
+        extra = "".join(f"-{k}" for k, on in (("noasm", not self.asm), ("i2f", not self.fast_cvt), ("unpacked", self.unpacked)) if on)
+        return f"BM{self.bm}-BN{self.bn}-w{self.num_warps}-s{self.num_stages}-k{self.split_k or 'auto'}{extra}"
 
 
 def default_config(m: int, n: int, k: int) -> GemmConfig:
