@@ -53,6 +53,40 @@ def _bench(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def _bench_sets(call, sets, graph: bool = True) -> float:
+    """Median milliseconds of one ``call(set)``, cycling through `sets` (so the L2 cache cannot serve repeats).
+
+    With `graph`, one CUDA graph launches ``call`` on every set in turn and its replay time is divided by
+    the number of sets: kernel time without Python/launch overhead, for the kernel and its baseline alike
+    (as when decoding under CUDA graphs). Falls back to timing eager calls if capture fails.
+    """
+    import torch
+
+    for st in sets:
+        call(st)
+    torch.cuda.synchronize()
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for st in sets:
+                    call(st)
+            g.replay()
+            torch.cuda.synchronize()
+            ms = _bench(g.replay) / len(sets)
+            del g
+            return ms
+        except Exception:  # not capturable: time eager launches instead
+            torch.cuda.synchronize()
+    it = {"i": 0}
+
+    def timed():
+        it["i"] = (it["i"] + 1) % len(sets)
+        return call(sets[it["i"]])
+
+    return _bench(timed)
+
+
 def _rotating(make, bytes_per_set: int, min_sets: int = 2, max_sets: int = 32):
     """`n` input sets (``make()`` each) so that together they exceed the L2 cache; returns (sets, next)."""
     n = max(min_sets, min(max_sets, math.ceil(ROTATE_BYTES / max(bytes_per_set, 1))))
@@ -188,13 +222,7 @@ def _sdpa_baseline(b: int, t: int, check_against=None):
                 torch.cuda.synchronize()
                 if name == "math" and kv_bytes > 2e9:
                     continue
-                it = {"i": 0}
-
-                def timed(fn_sets=fn_sets, call=call):
-                    it["i"] = (it["i"] + 1) % len(fn_sets)
-                    return call(fn_sets[it["i"]])
-
-                ms = _bench(timed)
+                ms = _bench_sets(call, fn_sets, graph=name != "math")
                 results.append((ms, f"{name}/{mode}"))
                 if mode == "expanded":
                     del fn_sets
@@ -206,15 +234,14 @@ def _sdpa_baseline(b: int, t: int, check_against=None):
     return best[0], best[1], kv_bytes, {label: ms for ms, label in results}
 
 
-ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, programs per SM, subtile); the last is the first version's best
-    (64, 4, 2, 8, True), (128, 4, 2, 4, True), (128, 8, 2, 4, True), (64, 4, 3, 4, True), (128, 4, 3, 8, True),
-    (256, 8, 2, 2, True), (64, 4, 2, 8, False),
+ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, programs per SM)
+    (64, 4, 2, 8), (64, 4, 3, 4), (128, 8, 3, 2), (64, 2, 2, 16), (32, 2, 2, 16), (128, 4, 2, 4), (64, 8, 2, 4),
 ]
 
 
 def _attn_opts(cfg, sm: int) -> dict:
-    bn, nw, ns, pps, sub = cfg
-    return dict(block_n=bn, num_warps=nw, num_stages=ns, target_programs=pps * sm, subtile=sub)
+    bn, nw, ns, pps = cfg
+    return dict(block_n=bn, num_warps=nw, num_stages=ns, target_programs=pps * sm)
 
 
 @app.command()
@@ -266,7 +293,7 @@ def attention(
             opts = _attn_opts(cfg, sm)
             try:
                 err = check(random_kivi_parts(2, 4096 + 77, nb, group_size, residual), torch.randn(2, HQ, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16), **opts)
-                ms = _bench(lambda: kivi_decode_attention_parts(q, parts, **opts))
+                ms = _bench_sets(lambda st: kivi_decode_attention_parts(st[0], st[1], **opts), [(q, parts)])
             except Exception as exc:  # a config that fails to compile or verify is skipped, and said so
                 sweep.append({"bits": nb, "config": list(cfg), "error": repr(exc)[:200]})
                 continue
@@ -296,12 +323,7 @@ def attention(
                 sets, nxt = _rotating(
                     lambda: (torch.randn(b, HQ, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16),
                              random_kivi_parts(b, t, nb, group_size, residual)), nbytes, max_sets=8)
-
-                def run():
-                    q, p = nxt()
-                    return kivi_decode_attention_parts(q, p, **opts)
-
-                ms = _bench(run)
+                ms = _bench_sets(lambda st: kivi_decode_attention_parts(st[0], st[1], **opts), sets)
                 del sets
                 torch.cuda.empty_cache()
                 row = {
@@ -334,9 +356,9 @@ def _gemm_candidates(bucket: str):
                   C(16, 32, 4, 4, asm=False, fast_cvt=False), C(16, 128, 4, 4, asm=False, fast_cvt=False)],
         "mid": [C(64, 128, 4, 4), C(128, 64, 4, 4), C(128, 128, 8, 3), C(128, 128, 8, 3, 1, unpacked=True),
                 C(128, 256, 8, 3, 1, unpacked=True), C(64, 128, 4, 4, asm=False, fast_cvt=False)],
-        "large": [C(128, 128, 8, 4, 1), C(128, 256, 8, 3, 1), C(128, 128, 8, 4, 1, unpacked=True),
-                  C(128, 256, 8, 3, 1, unpacked=True), C(128, 256, 8, 4, 1, unpacked=True),
-                  C(256, 128, 8, 3, 1, unpacked=True), C(128, 128, 4, 4, 1, unpacked=True),
+        "large": [C(128, 128, 8, 4, 1), C(128, 128, 8, 4, 1, unpacked=True), C(128, 128, 8, 3, 1, unpacked=True),
+                  C(128, 128, 8, 5, 1, unpacked=True), C(64, 256, 4, 4, 1, unpacked=True),
+                  C(128, 128, 8, 4, 1, group_m=16, unpacked=True), C(128, 128, 8, 4, 1, unpacked=True, fast_cvt=False),
                   C(128, 128, 8, 4, 1, asm=False, fast_cvt=False)],
     }[bucket]
 
@@ -415,11 +437,8 @@ def gemm(
                         if not e < 1e-5:
                             raise RuntimeError(f"config disagrees with the default: rel err {e:.3g}")
 
-                        def run(cfg=cfg):
-                            _, wk_, ws_ = next_w()
-                            return w4a8_gemm(c8, s8, block, wk_, ws_, group, config=cfg)
-
-                        timings[cfg.label()] = (_bench(run), cfg)
+                        timings[cfg.label()] = (
+                            _bench_sets(lambda st, cfg=cfg: w4a8_gemm(c8, s8, block, st[1], st[2], group, config=cfg), wsets), cfg)
                     except Exception as exc:
                         timings[cfg.label()] = (float("inf"), cfg)
                         typer.echo(f"  config {cfg.label()} failed: {repr(exc)[:160]}")
@@ -427,19 +446,15 @@ def gemm(
                 best_ms, best = timings[best_label]
                 default_ms = timings[cands[0].label()][0]
 
-                def run_fmpq():
-                    _, wk_, ws_ = next_w()
-                    return w4a8_gemm(c4, s4, block, wk_, ws_, group, config=best)
-
-                fmpq_ms = _bench(run_fmpq)
-                aq8_ms = _bench(lambda: quantize_activation(x, block, mask8, 8))
-                aq4_ms = _bench(lambda: quantize_activation(x, block, maskf, 4, perm=perm))
-                bf16_ms = _bench(lambda: F.linear(x, next_b()))
+                fmpq_ms = _bench_sets(lambda st: w4a8_gemm(c4, s4, block, st[1], st[2], group, config=best), wsets)
+                aq8_ms = _bench_sets(lambda st: quantize_activation(x, block, mask8, 8), [None])
+                aq4_ms = _bench_sets(lambda st: quantize_activation(x, block, maskf, 4, perm=perm), [None])
+                bf16_ms = _bench_sets(lambda w: F.linear(x, w), bsets)
                 # torch._int_mm needs M > 16: time it at max(M, 32) rows
                 mi = max(m, 32)
                 xa = torch.randint(-128, 128, (mi, k), device="cuda", dtype=torch.int8)
                 try:
-                    int_ms = _bench(lambda: torch._int_mm(xa, next_i().t()))
+                    int_ms = _bench_sets(lambda w: torch._int_mm(xa, w.t()), isets)
                 except Exception:
                     int_ms = float("nan")
                 row = {

@@ -96,58 +96,6 @@ def _attend(q, k, v, valid, m_i, l_i, acc, qk_scale):
     return m_new, l_i, acc
 
 
-@triton.jit
-def _attend_quant_block(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, kp_base, ks_base, vp_base, vs_base,
-                        s_kr, s_kg, s_vr, s_vs, j0, NC, NS, st, qpos, KROWS, KGROUPS, VROWS, qk_scale,
-                        D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr,
-                        CAUSAL: tl.constexpr):
-    """Quantized tokens j0 .. j0+BN, one sub-tile per bit position of the packed key bytes.
-
-    Key byte row ``r`` holds tokens ``PER*r + s`` (s = 0..PER-1), so sub-tile ``s`` is dequantized in the
-    layout it was loaded in (no interleaving reshape); its values are loaded with a token stride of PER
-    and unpacked along channels with ``tl.join`` (register-local). Scales and zeros are applied before
-    the join, where one scale covers a whole row of packed bytes' positions.
-    """
-    PER: tl.constexpr = 8 // BITS
-    SUB: tl.constexpr = BN // PER
-    MASK: tl.constexpr = (1 << BITS) - 1
-    rr = tl.arange(0, SUB)
-    d = tl.arange(0, D)
-    krow = j0 // PER + rr
-    kp = tl.load(KP + kp_base + krow[:, None] * s_kr + d[None, :], mask=krow[:, None] < KROWS, other=0).to(tl.int32)
-    kg = (j0 + PER * rr) // G
-    gm = kg[:, None] < KGROUPS
-    ks = tl.load(KS + ks_base + kg[:, None] * s_kg + d[None, :], mask=gm, other=0).to(tl.float32)
-    kz = tl.load(KZ + ks_base + kg[:, None] * s_kg + d[None, :], mask=gm, other=0).to(tl.float32)
-    cw = tl.arange(0, D // PER)
-    vcol = cw // (G // PER)
-    for s in tl.static_range(PER):
-        k = (_u2f((kp >> (BITS * s)) & MASK) * ks + kz).to(q.dtype)
-        tok = j0 + PER * rr + s
-        vm = (tok < VROWS)[:, None]
-        vp = tl.load(VP + vp_base + tok[:, None] * s_vr + cw[None, :], mask=vm, other=0).to(tl.int32)
-        vs = tl.load(VS + vs_base + tok[:, None] * s_vs + vcol[None, :], mask=vm, other=0).to(tl.float32)
-        vz = tl.load(VZ + vs_base + tok[:, None] * s_vs + vcol[None, :], mask=vm, other=0).to(tl.float32)
-        if PER == 1:
-            v = (_u2f(vp) * vs + vz).to(q.dtype)
-        elif PER == 2:
-            v0 = (_u2f(vp & MASK) * vs + vz).to(q.dtype)
-            v1 = (_u2f(vp >> 4) * vs + vz).to(q.dtype)
-            v = tl.reshape(tl.join(v0, v1), (SUB, D))
-        else:
-            v0 = (_u2f(vp & MASK) * vs + vz).to(q.dtype)
-            v1 = (_u2f((vp >> 2) & MASK) * vs + vz).to(q.dtype)
-            v2 = (_u2f((vp >> 4) & MASK) * vs + vz).to(q.dtype)
-            v3 = (_u2f(vp >> 6) * vs + vz).to(q.dtype)
-            v = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (SUB, D))
-        pos = NS + tok
-        valid = ((tok < NC) & (pos >= st))[None, :]
-        if CAUSAL:
-            valid = valid & (pos[None, :] <= qpos[:, None])
-        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, qk_scale)
-    return m_i, l_i, acc
-
-
 
 @triton.jit
 def _kivi_decode_split_kernel(
@@ -160,7 +108,6 @@ def _kivi_decode_split_kernel(
     NS, NQK, NQV, NRK, NC, T, KROWS, KGROUPS, VROWS, S, TPS, qk_scale,
     HKV: tl.constexpr, GQA: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
     BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, HAS_START: tl.constexpr, CAUSAL: tl.constexpr,
-    SUBTILE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     sid = tl.program_id(1)
@@ -193,20 +140,14 @@ def _kivi_decode_split_kernel(
         j_begin = sid * TPS * BN
         j_end = tl.minimum(j_begin + TPS * BN, NC)
         for j0 in range(j_begin, j_end, BN):
-            if SUBTILE:
-                m_i, l_i, acc = _attend_quant_block(
-                    q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, kp_base, ks_base, vp_base, vs_base,
-                    s_kpr, s_ksg, s_vpr, s_vsr, j0, NC, NS, st, qpos, KROWS, KGROUPS, VROWS, qk_scale,
-                    D, BITS, G, BN, CAUSAL)
-            else:
-                k = _quant_keys(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j0, KROWS, KGROUPS, D, BITS, G, BN)
-                v = _quant_values(VP, VS, VZ, vp_base, vs_base, s_vpr, s_vsr, j0, VROWS, D, BITS, G, BN)
-                j = j0 + offs
-                pos = NS + j
-                valid = (j < NC)[None, :] & (pos >= st)[None, :]
-                if CAUSAL:
-                    valid = valid & (pos[None, :] <= qpos[:, None])
-                m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, qk_scale)
+            k = _quant_keys(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j0, KROWS, KGROUPS, D, BITS, G, BN)
+            v = _quant_values(VP, VS, VZ, vp_base, vs_base, s_vpr, s_vsr, j0, VROWS, D, BITS, G, BN)
+            j = j0 + offs
+            pos = NS + j
+            valid = (j < NC)[None, :] & (pos >= st)[None, :]
+            if CAUSAL:
+                valid = valid & (pos[None, :] <= qpos[:, None])
+            m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, qk_scale)
     else:
         # ---- full-precision sinks
         for p0 in range(0, NS, BN):
@@ -300,15 +241,12 @@ def kivi_decode_attention_parts(
     num_stages: int = 2,
     num_splits: int | None = None,
     target_programs: int | None = None,
-    subtile: bool = True,
 ) -> torch.Tensor:
     """Triton decode attention of ``query [B, H_q, n_q, D]`` over the KIVI `parts`.
 
     Returns ``out`` of shape ``[B, n_q, H_q, D]`` (the layout a transformers attention function returns;
     ``.transpose(1, 2)`` gives ``[B, H_q, n_q, D]``), in the query's dtype. ``start [B]`` int: first
     valid token of each sequence (left padding). Queries sit at positions ``T - n_q .. T - 1``.
-    ``subtile``: dequantize the quantized blocks per packed bit position (default; no interleaving
-    reshapes) instead of unpacking whole ``[block_n, D]`` tiles (the first version, kept for comparison).
     """
     parts.check()
     bsz, hq, nq, d = query.shape
@@ -381,7 +319,7 @@ def kivi_decode_attention_parts(
         st, mbuf, lbuf, abuf,
         ns, nqk, nqv, nrk, nc, total, krows, kgroups, vrows, splits, tps, scale * LOG2E,
         HKV=hkv, GQA=gqa, NQ=nq, ROWS=rows, D=d, BITS=bits, G=g, BN=block_n,
-        HAS_START=has_start, CAUSAL=nq > 1, SUBTILE=subtile and block_n // (8 // bits) >= 16, num_warps=num_warps, num_stages=num_stages,
+        HAS_START=has_start, CAUSAL=nq > 1, num_warps=num_warps, num_stages=num_stages,
     )
     _kivi_decode_reduce_kernel[(bsz * hkv,)](
         mbuf, lbuf, abuf, out, splits + 1, HKV=hkv, GQA=gqa, NQ=nq, ROWS=rows, D=d, num_warps=4,

@@ -52,4 +52,4 @@ def default_config(m: int, n: int, k: int) -> GemmConfig:
         return GemmConfig(16, 32 if n >= 16384 else 128, 4, 4)
     if m <= 512:
         return GemmConfig(128, 64, 4, 4) if n > 4096 else GemmConfig(64, 128, 4, 4)
-    return GemmConfig(128, 128, 8, 4, split_k=1)
+    return GemmConfig(128, 128, 8, 4, split_k=1, unpacked=True)  # compute-bound: transient int8 W, pure INT8 GEMM
