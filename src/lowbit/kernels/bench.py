@@ -363,6 +363,41 @@ def _gemm_candidates(bucket: str):
     }[bucket]
 
 
+_PROBE: dict = {}
+
+
+def _int8_probe(a, w, bm=128, bn=128, bk=128, warps=8, stages=4):
+    """Roofline probe (bench only): Triton INT8 GEMM ``a @ w.T`` with one int32 accumulator over all of K and
+    no per-group scales, i.e. what the same compiler reaches without the FMPQ/W4A8 per-tile epilogue."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    if "kernel" in _PROBE:
+        kernel = _PROBE["kernel"]
+    else:
+        kernel = None
+
+    @triton.jit
+    def _kernel(A, B, C, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), tl.int32)
+        for k0 in range(0, K, BK):
+            x = tl.load(A + (rm % M)[:, None] * K + k0 + rk[None, :])
+            y = tl.load(B + (rn % N)[:, None] * K + k0 + rk[None, :])
+            acc = tl.dot(x, tl.trans(y), acc=acc, out_dtype=tl.int32)
+        tl.store(C + rm[:, None] * N + rn[None, :], acc.to(tl.float32).to(tl.bfloat16), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+    kernel = _PROBE.setdefault("kernel", kernel or _kernel)
+    m, k = a.shape
+    n = w.shape[0]
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](a, w, out, m, n, k, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    return out
+
+
 def _bucket(m: int) -> str:
     return "small" if m <= 16 else ("mid" if m <= 512 else "large")
 
@@ -457,8 +492,18 @@ def gemm(
                     int_ms = _bench_sets(lambda w: torch._int_mm(xa, w.t()), isets)
                 except Exception:
                     int_ms = float("nan")
+                probe_us = float("nan")
+                if m >= 1024:
+                    try:
+                        ai = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
+                        ref_p = (ai[:8].float() @ isets[0][:64].float().T)
+                        got_p = _int8_probe(ai, isets[0])[:8, :64].float()
+                        if ((got_p - ref_p).norm() / ref_p.norm()).item() < 1e-2:
+                            probe_us = _bench_sets(lambda w: _int8_probe(ai, w), isets) * 1e3
+                    except Exception as exc:
+                        typer.echo(f"  int8 probe failed: {repr(exc)[:160]}")
                 row = {
-                    "K": k, "N": n, "M": m,
+                    "K": k, "N": n, "M": m, "triton_int8_no_groups_us": probe_us,
                     "w4a8_us": best_ms * 1e3, "w4a8_default_cfg_us": default_ms * 1e3, "fmpq_w4a4_us": fmpq_ms * 1e3,
                     "actq_w4a8_us": aq8_ms * 1e3, "actq_fmpq_us": aq4_ms * 1e3,
                     "cublas_bf16_us": bf16_ms * 1e3, "int_mm_us": int_ms * 1e3, "int_mm_rows": mi,
@@ -546,9 +591,10 @@ def e2e(
     context: int = typer.Option(16384),
     steps: int = typer.Option(16, help="timed decode steps"),
     max_batch: bool = typer.Option(True, help="also run at the largest batch estimated to fit"),
-    methods: str = typer.Option("bf16,kivi2,kivi4", help="bf16, kivi2, kivi4 (comma-separated)"),
+    methods: str = typer.Option("bf16,kivi2,kivi4,w4a8kv4,fmpq4kv4",
+                                help="bf16, kivi2, kivi4, w4a8kv4 (FMPQ W4A8 + KIVI-4), fmpq4kv4 (FMPQ W4A4 + KIVI-4)"),
 ):
-    """Decode tokens/s of a random-weight Llama-3-8B-shaped model: HF bf16 DynamicCache vs KIVI kernels."""
+    """Decode tokens/s of a random-weight Llama-3-8B-shaped model: HF bf16 DynamicCache vs KIVI kernels and W4Ax."""
     import gc
 
     import torch
@@ -575,9 +621,33 @@ def e2e(
         per_tok = layers * HKV * (2 * HEAD_DIM * nb / 8 + 2 * 2 * HEAD_DIM / 32 + 2 * 2 * HEAD_DIM / 32)
         return per_tok * context + layers * 2 * HKV * HEAD_DIM * 2 * 2 * 128
 
+    wa_specs = {"w4a8kv4": "fmpq:w=4,a=8", "fmpq4kv4": "fmpq:w=4,a=4,int8_frac=0.1"}
+    wa_models: dict = {}
+
+    def model_for(kind: str):
+        """The bf16 model, or (built once, the previous one freed) a copy with QuantLinear layers (int mode:
+        the Triton activation quantizer + W4A8 GEMM on CUDA). Channel statistics are random, as the weights are."""
+        if kind not in wa_specs:
+            return model
+        if kind not in wa_models:
+            import copy
+
+            from lowbit.wa.model import quantize_model, select_linears
+
+            wa_models.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+            qm = copy.deepcopy(model)
+            names = select_linears(qm)
+            stats = {n: torch.rand(qm.get_submodule(n).in_features, device="cuda") + 0.1 for n in names}
+            quantize_model(qm, wa_specs[kind], mode="int", stats=stats)
+            wa_models[kind] = qm
+        return wa_models[kind]
+
     def run(kind: str, b: int):
         gc.collect()
         torch.cuda.empty_cache()
+        m = model_for(kind)
         if kind == "bf16":
             model.config._attn_implementation = "sdpa"
             try:
@@ -586,10 +656,10 @@ def e2e(
                 cache = DynamicCache()
             _fill_dynamic(cache, cfg, b, context)
         else:
-            use_kivi_kernels(model)
-            cache = FusedKiviCache(model.config, bits=int(kind[-1]))
+            use_kivi_kernels(m)
+            cache = FusedKiviCache(m.config, bits=int(kind[-1]))
             _fill_kivi(cache, b, context, steps + 4)
-        tps = _decode_tps(model, cache, b, context, steps)
+        tps = _decode_tps(m, cache, b, context, steps)
         peak = torch.cuda.max_memory_allocated() / 1e9
         del cache
         return tps, peak
