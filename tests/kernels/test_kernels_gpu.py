@@ -86,7 +86,8 @@ def test_decode_attention_vs_reference(case, dtype):
     parts = kivi_parts(layer)
     q = torch.randn(b, hq, nq, d, device=DEV).to(dtype)
     ref = decode_attention_ref(q, parts)
-    for opts in ({}, {"block_n": 32, "num_splits": 3}, {"block_n": 128, "num_warps": 8}):
+    for opts in ({}, {"block_n": 32, "num_splits": 3}, {"block_n": 128, "num_warps": 8}, {"block_n": 64, "prefetch": True},
+                 {"block_n": 32, "num_warps": 2, "prefetch": True, "num_splits": 5}, {"block_n": 16, "num_warps": 1}):
         out = kivi_decode_attention_parts(q, parts, **opts).transpose(1, 2)
         assert out.dtype == dtype and torch.isfinite(out).all()
         assert rel(out, ref) < 1e-2, opts
@@ -208,7 +209,7 @@ def test_w4a8_gemm_vs_reference(m, k, n, block, group):
     ref = w4a8_gemm_ref(codes, scale, block, qw, ws, group, bias=bias)
     for cfg in (None, GemmConfig(16, 32, 4, 2, 1), GemmConfig(32, 64, 4, 3, 3), GemmConfig(64, 128, 4, 3, 1),
                 GemmConfig(16, 64, 4, 2, 2, asm=False, fast_cvt=False), GemmConfig(64, 128, 4, 3, 1, unpacked=True),
-                GemmConfig(128, 128, 8, 3, 1, unpacked=True, fast_cvt=False)):
+                GemmConfig(128, 128, 8, 3, 1, unpacked=True, fast_cvt=False), GemmConfig(64, 64, 4, 3, 1, unpacked=True, lag=True)):
         y = w4a8_gemm(codes, scale, block, wk, ws, group, bias=bias, out_dtype=torch.float32, config=cfg)
         assert rel(y, ref) < 1e-5, cfg
     yb = w4a8_gemm(codes, scale, block, wk, ws, group, bias=bias)

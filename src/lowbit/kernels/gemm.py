@@ -241,7 +241,7 @@ def _unpack_weight_kernel(W, s_wn, WZ, s_wzn, OUT, s_on, N, K,
 def _i8_gemm_kernel(A, s_am, AS, s_asm, B, s_bn, WS, s_wsn, BIAS, C, s_cm, M, N, K,
                     BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr, LAG: tl.constexpr):
     """INT8 x INT8 GEMM with a per-``TILE`` dequantizing step (both operands straight from memory)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
@@ -260,13 +260,27 @@ def _i8_gemm_kernel(A, s_am, AS, s_asm, B, s_bn, WS, s_wsn, BIAS, C, s_cm, M, N,
     a_ptr = A + (rm % M)[:, None] * s_am + rk[None, :]
     b_ptr = B + (rn % N)[:, None] * s_bn + rk[None, :]
     acc = tl.zeros((BM, BN), tl.float32)
-    for t in range(0, K // TILE):
-        a = tl.load(a_ptr + t * TILE)
-        b = tl.load(b_ptr + t * TILE)
-        acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-        asc = tl.load(AS + (rm % M) * s_asm + (t * TILE) // BLOCK_A)
-        wsc = tl.load(WS + (rn % N) * s_wsn + (t * TILE) // GROUP).to(tl.float32)
-        acc += _i32_to_f32(acc_i, FAST_CVT) * (asc[:, None] * wsc[None, :])
+    if LAG:  # rescale tile t-1 while the MMA of tile t may still run (result carried one iteration)
+        prev = tl.zeros((BM, BN), tl.int32)
+        asc_p = tl.zeros((BM,), tl.float32)
+        wsc_p = tl.zeros((BN,), tl.float32)
+        for t in range(0, K // TILE):
+            a = tl.load(a_ptr + t * TILE)
+            b = tl.load(b_ptr + t * TILE)
+            acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+            acc += _i32_to_f32(prev, FAST_CVT) * (asc_p[:, None] * wsc_p[None, :])
+            prev = acc_i
+            asc_p = tl.load(AS + (rm % M) * s_asm + (t * TILE) // BLOCK_A)
+            wsc_p = tl.load(WS + (rn % N) * s_wsn + (t * TILE) // GROUP).to(tl.float32)
+        acc += _i32_to_f32(prev, FAST_CVT) * (asc_p[:, None] * wsc_p[None, :])
+    else:
+        for t in range(0, K // TILE):
+            a = tl.load(a_ptr + t * TILE)
+            b = tl.load(b_ptr + t * TILE)
+            acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+            asc = tl.load(AS + (rm % M) * s_asm + (t * TILE) // BLOCK_A)
+            wsc = tl.load(WS + (rn % N) * s_wsn + (t * TILE) // GROUP).to(tl.float32)
+            acc += _i32_to_f32(acc_i, FAST_CVT) * (asc[:, None] * wsc[None, :])
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
     tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=mm[:, None] & nm[None, :])
@@ -337,7 +351,7 @@ def w4a8_gemm(
             a_codes, a_codes.stride(0), a_scale, a_scale.stride(0), w8, w8.stride(0), w_scale, w_scale.stride(0),
             bias if has_bias else w_scale, out, out.stride(0), m, n, k,
             BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
-            HAS_BIAS=has_bias, FAST_CVT=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_BIAS=has_bias, FAST_CVT=fast, LAG=cfg.lag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
     nt = k // tile

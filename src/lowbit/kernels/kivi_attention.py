@@ -84,6 +84,69 @@ def _quant_values(VP, VS, VZ, vp_base, vs_base, s_vr, s_vs, j0, VROWS,
 
 
 @triton.jit
+def _load_keys_raw(KP, KS, KZ, kp_base, ks_base, s_kr, s_kg, j0, KROWS, KGROUPS,
+                   D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """Packed key bytes [BN/PER, D] and their fp16 scales/zeros [max(BN/G, 1), D] for tokens j0 .. j0+BN."""
+    PER: tl.constexpr = 8 // BITS
+    NG: tl.constexpr = BN // G if BN >= G else 1
+    d = tl.arange(0, D)
+    rows = j0 // PER + tl.arange(0, BN // PER)
+    kp = tl.load(KP + kp_base + rows[:, None] * s_kr + d[None, :], mask=rows[:, None] < KROWS, other=0)
+    grp = j0 // G + tl.arange(0, NG)
+    gm = grp[:, None] < KGROUPS
+    ks = tl.load(KS + ks_base + grp[:, None] * s_kg + d[None, :], mask=gm, other=0)
+    kz = tl.load(KZ + ks_base + grp[:, None] * s_kg + d[None, :], mask=gm, other=0)
+    return kp, ks, kz
+
+
+@triton.jit
+def _dequant_keys(kp, ks, kz, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    PER: tl.constexpr = 8 // BITS
+    if PER == 1:
+        codes = kp.to(tl.float32)
+    else:
+        sh = tl.arange(0, PER) * BITS
+        c3 = (kp[:, None, :].to(tl.int32) >> sh[None, :, None]) & ((1 << BITS) - 1)
+        codes = _u2f(tl.reshape(c3, (BN, D)))
+    ks = ks.to(tl.float32)
+    kz = kz.to(tl.float32)
+    if BN >= G:
+        ks = tl.reshape(tl.broadcast_to(ks[:, None, :], (BN // G, G, D)), (BN, D))
+        kz = tl.reshape(tl.broadcast_to(kz[:, None, :], (BN // G, G, D)), (BN, D))
+        return codes * ks + kz
+    else:
+        return codes * ks + kz
+
+
+@triton.jit
+def _load_values_raw(VP, VS, VZ, vp_base, vs_base, s_vr, s_vs, j0, VROWS,
+                     D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    PER: tl.constexpr = 8 // BITS
+    rows = j0 + tl.arange(0, BN)
+    rm = rows[:, None] < VROWS
+    cols = tl.arange(0, D // PER)
+    vp = tl.load(VP + vp_base + rows[:, None] * s_vr + cols[None, :], mask=rm, other=0)
+    gcols = tl.arange(0, D // G)
+    vs = tl.load(VS + vs_base + rows[:, None] * s_vs + gcols[None, :], mask=rm, other=0)
+    vz = tl.load(VZ + vs_base + rows[:, None] * s_vs + gcols[None, :], mask=rm, other=0)
+    return vp, vs, vz
+
+
+@triton.jit
+def _dequant_values(vp, vs, vz, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    PER: tl.constexpr = 8 // BITS
+    if PER == 1:
+        codes = vp.to(tl.float32)
+    else:
+        sh = tl.arange(0, PER) * BITS
+        c3 = (vp[:, :, None].to(tl.int32) >> sh[None, None, :]) & ((1 << BITS) - 1)
+        codes = _u2f(tl.reshape(c3, (BN, D)))
+    vs = tl.reshape(tl.broadcast_to(vs.to(tl.float32)[:, :, None], (BN, D // G, G)), (BN, D))
+    vz = tl.reshape(tl.broadcast_to(vz.to(tl.float32)[:, :, None], (BN, D // G, G)), (BN, D))
+    return codes * vs + vz
+
+
+@triton.jit
 def _attend(q, k, v, valid, m_i, l_i, acc, qk_scale):
     """One online-softmax step (base 2) over a tile; `valid` [ROWS, BN] masks scores."""
     s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
@@ -108,6 +171,7 @@ def _kivi_decode_split_kernel(
     NS, NQK, NQV, NRK, NC, T, KROWS, KGROUPS, VROWS, S, TPS, qk_scale,
     HKV: tl.constexpr, GQA: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
     BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, HAS_START: tl.constexpr, CAUSAL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     sid = tl.program_id(1)
@@ -139,9 +203,20 @@ def _kivi_decode_split_kernel(
         # ---- quantized tokens j in [sid * TPS * BN, ...) below NC: keys and values both packed
         j_begin = sid * TPS * BN
         j_end = tl.minimum(j_begin + TPS * BN, NC)
+        if PREFETCH:  # registers hold the next tile's packed bytes while this tile is dequantized
+            kp_n, ks_n, kz_n = _load_keys_raw(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j_begin, KROWS, KGROUPS, D, BITS, G, BN)
+            vp_n, vs_n, vz_n = _load_values_raw(VP, VS, VZ, vp_base, vs_base, s_vpr, s_vsr, j_begin, VROWS, D, BITS, G, BN)
         for j0 in range(j_begin, j_end, BN):
-            k = _quant_keys(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j0, KROWS, KGROUPS, D, BITS, G, BN)
-            v = _quant_values(VP, VS, VZ, vp_base, vs_base, s_vpr, s_vsr, j0, VROWS, D, BITS, G, BN)
+            if PREFETCH:
+                kp, ks, kz = kp_n, ks_n, kz_n
+                vp, vs, vz = vp_n, vs_n, vz_n
+                kp_n, ks_n, kz_n = _load_keys_raw(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j0 + BN, KROWS, KGROUPS, D, BITS, G, BN)
+                vp_n, vs_n, vz_n = _load_values_raw(VP, VS, VZ, vp_base, vs_base, s_vpr, s_vsr, j0 + BN, VROWS, D, BITS, G, BN)
+                k = _dequant_keys(kp, ks, kz, D, BITS, G, BN)
+                v = _dequant_values(vp, vs, vz, D, BITS, G, BN)
+            else:
+                k = _quant_keys(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j0, KROWS, KGROUPS, D, BITS, G, BN)
+                v = _quant_values(VP, VS, VZ, vp_base, vs_base, s_vpr, s_vsr, j0, VROWS, D, BITS, G, BN)
             j = j0 + offs
             pos = NS + j
             valid = (j < NC)[None, :] & (pos >= st)[None, :]
@@ -241,12 +316,15 @@ def kivi_decode_attention_parts(
     num_stages: int = 2,
     num_splits: int | None = None,
     target_programs: int | None = None,
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """Triton decode attention of ``query [B, H_q, n_q, D]`` over the KIVI `parts`.
 
     Returns ``out`` of shape ``[B, n_q, H_q, D]`` (the layout a transformers attention function returns;
     ``.transpose(1, 2)`` gives ``[B, H_q, n_q, D]``), in the query's dtype. ``start [B]`` int: first
     valid token of each sequence (left padding). Queries sit at positions ``T - n_q .. T - 1``.
+    ``prefetch``: load the next tile's packed bytes before dequantizing the current one (register double
+    buffering of the quantized loop).
     """
     parts.check()
     bsz, hq, nq, d = query.shape
@@ -319,7 +397,7 @@ def kivi_decode_attention_parts(
         st, mbuf, lbuf, abuf,
         ns, nqk, nqv, nrk, nc, total, krows, kgroups, vrows, splits, tps, scale * LOG2E,
         HKV=hkv, GQA=gqa, NQ=nq, ROWS=rows, D=d, BITS=bits, G=g, BN=block_n,
-        HAS_START=has_start, CAUSAL=nq > 1, num_warps=num_warps, num_stages=num_stages,
+        HAS_START=has_start, CAUSAL=nq > 1, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )
     _kivi_decode_reduce_kernel[(bsz * hkv,)](
         mbuf, lbuf, abuf, out, splits + 1, HKV=hkv, GQA=gqa, NQ=nq, ROWS=rows, D=d, num_warps=4,
