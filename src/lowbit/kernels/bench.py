@@ -234,9 +234,9 @@ def _sdpa_baseline(b: int, t: int, check_against=None):
     return best[0], best[1], kv_bytes, {label: ms for ms, label in results}
 
 
-ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, programs per SM, prefetch)
-    (32, 2, 2, 16, False), (32, 2, 2, 16, True), (64, 4, 2, 8, False), (64, 4, 2, 8, True), (32, 4, 2, 8, True),
-    (64, 2, 2, 16, True), (16, 2, 2, 16, False), (16, 1, 2, 32, True), (32, 1, 2, 32, True), (32, 2, 3, 16, True),
+ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, programs per SM, prefetch); the first is the first version's best
+    (64, 4, 2, 8, False), (32, 2, 2, 16, False), (32, 2, 2, 16, True), (32, 2, 2, 24, True), (64, 4, 2, 8, True),
+    (16, 1, 2, 32, True), (16, 1, 2, 48, True), (16, 1, 2, 64, True), (32, 2, 3, 16, True), (16, 2, 2, 24, True),
 ]
 
 
@@ -355,13 +355,12 @@ def _gemm_candidates(bucket: str):
     return {
         "small": [C(16, 64, 4, 4), C(16, 128, 4, 4), C(16, 32, 4, 4), C(16, 128, 8, 4), C(16, 64, 4, 6),
                   C(16, 32, 4, 4, asm=False, fast_cvt=False), C(16, 128, 4, 4, asm=False, fast_cvt=False)],
-        "mid": [C(64, 128, 4, 4), C(128, 64, 4, 4), C(128, 128, 8, 3), C(128, 128, 8, 3, 1, unpacked=True),
-                C(128, 256, 8, 3, 1, unpacked=True), C(64, 128, 4, 4, asm=False, fast_cvt=False)],
-        "large": [C(128, 128, 8, 4, 1), C(128, 128, 8, 4, 1, unpacked=True), C(128, 128, 8, 4, 1, unpacked=True, lag=True),
-                  C(128, 128, 8, 3, 1, unpacked=True, lag=True), C(64, 128, 4, 4, 1, unpacked=True),
-                  C(64, 128, 4, 3, 1, unpacked=True), C(64, 128, 4, 4, 1, unpacked=True, lag=True),
-                  C(128, 64, 4, 4, 1, unpacked=True), C(128, 256, 8, 3, 1, unpacked=True, lag=True),
-                  C(128, 128, 8, 4, 1, asm=False, fast_cvt=False)],
+        "mid": [C(64, 128, 4, 4), C(128, 64, 4, 4), C(64, 64, 4, 4), C(64, 128, 4, 4, 1, unpacked=True),
+                C(64, 64, 4, 3, 0, unpacked=True), C(64, 128, 4, 4, asm=False, fast_cvt=False)],
+        "large": [C(64, 128, 4, 4, 1, unpacked=True), C(64, 128, 4, 3, 1, unpacked=True), C(64, 128, 4, 2, 1, unpacked=True),
+                  C(64, 64, 4, 3, 1, unpacked=True), C(64, 64, 4, 4, 1, unpacked=True), C(128, 64, 4, 4, 1, unpacked=True),
+                  C(64, 128, 4, 4, 1, group_m=16, unpacked=True), C(128, 128, 8, 4, 1, unpacked=True),
+                  C(128, 128, 8, 4, 1), C(128, 128, 8, 4, 1, asm=False, fast_cvt=False)],
     }[bucket]
 
 
