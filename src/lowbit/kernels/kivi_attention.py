@@ -311,12 +311,12 @@ def kivi_decode_attention_parts(
     scale: float | None = None,
     start: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
+    block_n: int = 32,
+    num_warps: int = 2,
     num_stages: int = 2,
     num_splits: int | None = None,
     target_programs: int | None = None,
-    prefetch: bool = False,
+    prefetch: bool = True,
 ) -> torch.Tensor:
     """Triton decode attention of ``query [B, H_q, n_q, D]`` over the KIVI `parts`.
 
@@ -371,7 +371,7 @@ def kivi_decode_attention_parts(
         splits, tps = 0, 1
     else:
         if num_splits is None:
-            target = target_programs or 8 * _sm_count(query.device)
+            target = target_programs or 16 * _sm_count(query.device)
             num_splits = max(1, triton.cdiv(target, bsz * hkv))
         splits = max(1, min(num_splits, n_tiles))
         tps = triton.cdiv(n_tiles, splits)

@@ -50,7 +50,7 @@ class GemmConfig:
 def default_config(m: int, n: int, k: int) -> GemmConfig:
     """Block shapes per token count: the fastest candidates measured on an H100 (BENCHMARKS.md)."""
     if m <= 16:  # weight streaming; split-K fills the GPU
-        return GemmConfig(16, 32 if n >= 16384 else 128, 4, 4)
+        return GemmConfig(16, 64, 4, 4)
     if m <= 512:
-        return GemmConfig(128, 64, 4, 4) if n > 4096 else GemmConfig(64, 128, 4, 4)
-    return GemmConfig(128, 128, 8, 4, split_k=1, unpacked=True)  # compute-bound: transient int8 W, pure INT8 GEMM
+        return GemmConfig(64, 128, 4, 4)
+    return GemmConfig(64, 128, 4, 4, split_k=1, unpacked=True)  # compute-bound: transient int8 W, pure INT8 GEMM
