@@ -234,16 +234,15 @@ def _sdpa_baseline(b: int, t: int, check_against=None):
     return best[0], best[1], kv_bytes, {label: ms for ms, label in results}
 
 
-ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, programs per SM, prefetch, fold); the first is the first version's best
-    (64, 4, 2, 8, False, False), (32, 2, 2, 16, True, False), (16, 1, 2, 32, True, False),
-    (32, 2, 2, 16, True, True), (16, 1, 2, 32, True, True), (32, 4, 2, 8, True, True), (32, 2, 3, 16, True, True),
-    (16, 2, 2, 16, True, True),
+ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, programs per SM, prefetch); the first is the first version's best
+    (64, 4, 2, 8, False), (32, 2, 2, 16, False), (32, 2, 2, 16, True), (32, 2, 2, 24, True), (64, 4, 2, 8, True),
+    (16, 1, 2, 32, True), (16, 1, 2, 48, True), (16, 1, 2, 64, True), (32, 2, 3, 16, True), (16, 2, 2, 24, True),
 ]
 
 
 def _attn_opts(cfg, sm: int) -> dict:
-    bn, nw, ns, pps, pf, fold = cfg
-    return dict(block_n=bn, num_warps=nw, num_stages=ns, target_programs=pps * sm, prefetch=pf, fold=fold)
+    bn, nw, ns, pps, pf = cfg
+    return dict(block_n=bn, num_warps=nw, num_stages=ns, target_programs=pps * sm, prefetch=pf)
 
 
 @app.command()

@@ -147,67 +147,6 @@ def _dequant_values(vp, vs, vz, D: tl.constexpr, BITS: tl.constexpr, G: tl.const
 
 
 @triton.jit
-def _load_values_fold(VP, VS, VZ, vp_base, vs_base, s_vr, s_vs, j0, VROWS,
-                      D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
-    """Packed value bytes [BN, D/PER] and, per byte column, its group's scale/zero (gathered, [BN, D/PER])."""
-    PER: tl.constexpr = 8 // BITS
-    rows = j0 + tl.arange(0, BN)
-    rm = rows[:, None] < VROWS
-    cols = tl.arange(0, D // PER)
-    vp = tl.load(VP + vp_base + rows[:, None] * s_vr + cols[None, :], mask=rm, other=0)
-    gc = (cols * PER) // G
-    vs = tl.load(VS + vs_base + rows[:, None] * s_vs + gc[None, :], mask=rm, other=0)
-    vz = tl.load(VZ + vs_base + rows[:, None] * s_vs + gc[None, :], mask=rm, other=0)
-    return vp, vs, vz
-
-
-@triton.jit
-def _values_fold(vp, vs, vz, dtype: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr):
-    """Dequantize each bit position of the value bytes in the loaded layout, then interleave with tl.join."""
-    PER: tl.constexpr = 8 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    vp = vp.to(tl.int32)
-    vs = vs.to(tl.float32)
-    vz = vz.to(tl.float32)
-    if PER == 1:
-        return (_u2f(vp) * vs + vz).to(dtype)
-    elif PER == 2:
-        v0 = (_u2f(vp & MASK) * vs + vz).to(dtype)
-        v1 = (_u2f(vp >> 4) * vs + vz).to(dtype)
-        return tl.reshape(tl.join(v0, v1), (BN, D))
-    else:
-        v0 = (_u2f(vp & MASK) * vs + vz).to(dtype)
-        v1 = (_u2f((vp >> 2) & MASK) * vs + vz).to(dtype)
-        v2 = (_u2f((vp >> 4) & MASK) * vs + vz).to(dtype)
-        v3 = (_u2f(vp >> 6) * vs + vz).to(dtype)
-        return tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (BN, D))
-
-
-@triton.jit
-def _key_codes(kp, D: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr):
-    """Packed key bytes [BN/PER, D] -> codes [BN, D] as exact float32."""
-    PER: tl.constexpr = 8 // BITS
-    if PER == 1:
-        return kp.to(tl.float32)
-    else:
-        sh = tl.arange(0, PER) * BITS
-        c3 = (kp[:, None, :].to(tl.int32) >> sh[None, :, None]) & ((1 << BITS) - 1)
-        return _u2f(tl.reshape(c3, (BN, D)))
-
-
-@triton.jit
-def _attend_scores(s, v, valid, m_i, l_i, acc):
-    """Online-softmax step from scores already in base-2 units."""
-    s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _attend(q, k, v, valid, m_i, l_i, acc, qk_scale):
     """One online-softmax step (base 2) over a tile; `valid` [ROWS, BN] masks scores."""
     s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
@@ -232,7 +171,7 @@ def _kivi_decode_split_kernel(
     NS, NQK, NQV, NRK, NC, T, KROWS, KGROUPS, VROWS, S, TPS, qk_scale,
     HKV: tl.constexpr, GQA: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
     BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, HAS_START: tl.constexpr, CAUSAL: tl.constexpr,
-    PREFETCH: tl.constexpr, FOLD: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     sid = tl.program_id(1)
@@ -264,31 +203,11 @@ def _kivi_decode_split_kernel(
         # ---- quantized tokens j in [sid * TPS * BN, ...) below NC: keys and values both packed
         j_begin = sid * TPS * BN
         j_end = tl.minimum(j_begin + TPS * BN, NC)
-        if FOLD:  # BN <= G: one key group per tile; its scales fold into the query, its zeros into a bias
-            qf = q.to(tl.float32)
-            kp_n, ks_n, kz_n = _load_keys_raw(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j_begin, KROWS, KGROUPS, D, BITS, G, BN)
-            vp_n, vs_n, vz_n = _load_values_fold(VP, VS, VZ, vp_base, vs_base, s_vpr, s_vsr, j_begin, VROWS, D, BITS, G, BN)
-        elif PREFETCH:  # registers hold the next tile's packed bytes while this tile is dequantized
+        if PREFETCH:  # registers hold the next tile's packed bytes while this tile is dequantized
             kp_n, ks_n, kz_n = _load_keys_raw(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j_begin, KROWS, KGROUPS, D, BITS, G, BN)
             vp_n, vs_n, vz_n = _load_values_raw(VP, VS, VZ, vp_base, vs_base, s_vpr, s_vsr, j_begin, VROWS, D, BITS, G, BN)
         for j0 in range(j_begin, j_end, BN):
-            if FOLD:
-                kp, ks, kz = kp_n, ks_n, kz_n
-                vp, vs, vz = vp_n, vs_n, vz_n
-                kp_n, ks_n, kz_n = _load_keys_raw(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j0 + BN, KROWS, KGROUPS, D, BITS, G, BN)
-                vp_n, vs_n, vz_n = _load_values_fold(VP, VS, VZ, vp_base, vs_base, s_vpr, s_vsr, j0 + BN, VROWS, D, BITS, G, BN)
-                ksf = ks.to(tl.float32)  # [1, D]
-                qs = (qf * ksf).to(q.dtype)
-                kb = tl.sum(qf * kz.to(tl.float32), 1)
-                sc = (tl.dot(qs, tl.trans(_key_codes(kp, D, BITS, BN).to(q.dtype))) + kb[:, None]) * qk_scale
-                v = _values_fold(vp, vs, vz, q.dtype, D, BITS, BN)
-                j = j0 + offs
-                pos = NS + j
-                valid = (j < NC)[None, :] & (pos >= st)[None, :]
-                if CAUSAL:
-                    valid = valid & (pos[None, :] <= qpos[:, None])
-                m_i, l_i, acc = _attend_scores(sc, v, valid, m_i, l_i, acc)
-            elif PREFETCH:
+            if PREFETCH:
                 kp, ks, kz = kp_n, ks_n, kz_n
                 vp, vs, vz = vp_n, vs_n, vz_n
                 kp_n, ks_n, kz_n = _load_keys_raw(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j0 + BN, KROWS, KGROUPS, D, BITS, G, BN)
@@ -298,13 +217,12 @@ def _kivi_decode_split_kernel(
             else:
                 k = _quant_keys(KP, KS, KZ, kp_base, ks_base, s_kpr, s_ksg, j0, KROWS, KGROUPS, D, BITS, G, BN)
                 v = _quant_values(VP, VS, VZ, vp_base, vs_base, s_vpr, s_vsr, j0, VROWS, D, BITS, G, BN)
-            if not FOLD:
-                j = j0 + offs
-                pos = NS + j
-                valid = (j < NC)[None, :] & (pos >= st)[None, :]
-                if CAUSAL:
-                    valid = valid & (pos[None, :] <= qpos[:, None])
-                m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, qk_scale)
+            j = j0 + offs
+            pos = NS + j
+            valid = (j < NC)[None, :] & (pos >= st)[None, :]
+            if CAUSAL:
+                valid = valid & (pos[None, :] <= qpos[:, None])
+            m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, qk_scale)
     else:
         # ---- full-precision sinks
         for p0 in range(0, NS, BN):
@@ -399,7 +317,6 @@ def kivi_decode_attention_parts(
     num_splits: int | None = None,
     target_programs: int | None = None,
     prefetch: bool = True,
-    fold: bool = False,
 ) -> torch.Tensor:
     """Triton decode attention of ``query [B, H_q, n_q, D]`` over the KIVI `parts`.
 
@@ -407,9 +324,7 @@ def kivi_decode_attention_parts(
     ``.transpose(1, 2)`` gives ``[B, H_q, n_q, D]``), in the query's dtype. ``start [B]`` int: first
     valid token of each sequence (left padding). Queries sit at positions ``T - n_q .. T - 1``.
     ``prefetch``: load the next tile's packed bytes before dequantizing the current one (register double
-    buffering of the quantized loop). ``fold`` (needs ``block_n <= group size``): multiply the key scales into
-    the query and add the zeros as a per-row bias instead of dequantizing keys; value bytes are dequantized
-    per bit position in their loaded layout and interleaved with ``tl.join``.
+    buffering of the quantized loop).
     """
     parts.check()
     bsz, hq, nq, d = query.shape
@@ -482,7 +397,7 @@ def kivi_decode_attention_parts(
         st, mbuf, lbuf, abuf,
         ns, nqk, nqv, nrk, nc, total, krows, kgroups, vrows, splits, tps, scale * LOG2E,
         HKV=hkv, GQA=gqa, NQ=nq, ROWS=rows, D=d, BITS=bits, G=g, BN=block_n,
-        HAS_START=has_start, CAUSAL=nq > 1, PREFETCH=prefetch, FOLD=fold and block_n <= g, num_warps=num_warps, num_stages=num_stages,
+        HAS_START=has_start, CAUSAL=nq > 1, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )
     _kivi_decode_reduce_kernel[(bsz * hkv,)](
         mbuf, lbuf, abuf, out, splits + 1, HKV=hkv, GQA=gqa, NQ=nq, ROWS=rows, D=d, num_warps=4,
