@@ -209,7 +209,7 @@ def test_w4a8_gemm_vs_reference(m, k, n, block, group):
     ref = w4a8_gemm_ref(codes, scale, block, qw, ws, group, bias=bias)
     for cfg in (None, GemmConfig(16, 32, 4, 2, 1), GemmConfig(32, 64, 4, 3, 3), GemmConfig(64, 128, 4, 3, 1),
                 GemmConfig(16, 64, 4, 2, 2, asm=False, fast_cvt=False), GemmConfig(64, 128, 4, 3, 1, unpacked=True),
-                GemmConfig(128, 128, 8, 3, 1, unpacked=True, fast_cvt=False), GemmConfig(64, 64, 4, 3, 1, unpacked=True, lag=True)):
+                GemmConfig(128, 128, 8, 3, 1, unpacked=True, fast_cvt=False), GemmConfig(64, 64, 4, 3, 1, unpacked=True, tma=True)):
         y = w4a8_gemm(codes, scale, block, wk, ws, group, bias=bias, out_dtype=torch.float32, config=cfg)
         assert rel(y, ref) < 1e-5, cfg
     yb = w4a8_gemm(codes, scale, block, wk, ws, group, bias=bias)
@@ -225,7 +225,7 @@ def test_w4a8_gemm_asymmetric_weights():
     ws = (torch.rand(192, 4, device=DEV) * 0.05 + 0.001).half()
     codes, scale = quantize_activation(torch.randn(20, 512, device=DEV), 128, None, 8)
     ref = w4a8_gemm_ref(codes, scale, 128, qw, ws, 128, w_zero=wz)
-    for cfg in (None, GemmConfig(64, 64, 4, 3, 1, unpacked=True)):
+    for cfg in (None, GemmConfig(64, 64, 4, 3, 1, unpacked=True, tma=True)):
         y = w4a8_gemm(codes, scale, 128, repack_weight(qw, 128), ws, 128, w_zero=wz, out_dtype=torch.float32, config=cfg)
         assert rel(y, ref) < 1e-5, cfg
 

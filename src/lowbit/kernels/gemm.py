@@ -241,7 +241,7 @@ def _unpack_weight_kernel(W, s_wn, WZ, s_wzn, OUT, s_on, N, K,
 def _i8_gemm_kernel(A, s_am, AS, s_asm, B, s_bn, WS, s_wsn, BIAS, C, s_cm, M, N, K,
                     BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr, LAG: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr, WARP_SPEC: tl.constexpr):
     """INT8 x INT8 GEMM with a per-``TILE`` dequantizing step (both operands straight from memory)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
@@ -260,27 +260,45 @@ def _i8_gemm_kernel(A, s_am, AS, s_asm, B, s_bn, WS, s_wsn, BIAS, C, s_cm, M, N,
     a_ptr = A + (rm % M)[:, None] * s_am + rk[None, :]
     b_ptr = B + (rn % N)[:, None] * s_bn + rk[None, :]
     acc = tl.zeros((BM, BN), tl.float32)
-    if LAG:  # rescale tile t-1 while the MMA of tile t may still run (result carried one iteration)
-        prev = tl.zeros((BM, BN), tl.int32)
-        asc_p = tl.zeros((BM,), tl.float32)
-        wsc_p = tl.zeros((BN,), tl.float32)
-        for t in range(0, K // TILE):
-            a = tl.load(a_ptr + t * TILE)
-            b = tl.load(b_ptr + t * TILE)
-            acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-            acc += _i32_to_f32(prev, FAST_CVT) * (asc_p[:, None] * wsc_p[None, :])
-            prev = acc_i
-            asc_p = tl.load(AS + (rm % M) * s_asm + (t * TILE) // BLOCK_A)
-            wsc_p = tl.load(WS + (rn % N) * s_wsn + (t * TILE) // GROUP).to(tl.float32)
-        acc += _i32_to_f32(prev, FAST_CVT) * (asc_p[:, None] * wsc_p[None, :])
-    else:
-        for t in range(0, K // TILE):
-            a = tl.load(a_ptr + t * TILE)
-            b = tl.load(b_ptr + t * TILE)
-            acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-            asc = tl.load(AS + (rm % M) * s_asm + (t * TILE) // BLOCK_A)
-            wsc = tl.load(WS + (rn % N) * s_wsn + (t * TILE) // GROUP).to(tl.float32)
-            acc += _i32_to_f32(acc_i, FAST_CVT) * (asc[:, None] * wsc[None, :])
+    for t in tl.range(0, K // TILE, warp_specialize=WARP_SPEC):
+        a = tl.load(a_ptr + t * TILE)
+        b = tl.load(b_ptr + t * TILE)
+        acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        asc = tl.load(AS + (rm % M) * s_asm + (t * TILE) // BLOCK_A)
+        wsc = tl.load(WS + (rn % N) * s_wsn + (t * TILE) // GROUP).to(tl.float32)
+        acc += _i32_to_f32(acc_i, FAST_CVT) * (asc[:, None] * wsc[None, :])
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
+    tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _i8_gemm_tma_kernel(A_DESC, AS, s_asm, B_DESC, WS, s_wsn, BIAS, C, s_cm, M, N, K,
+                        BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """:func:`_i8_gemm_kernel` with both operand tiles loaded by TMA (tensor descriptors)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mm = rm < M
+    nm = rn < N
+    acc = tl.zeros((BM, BN), tl.float32)
+    for t in tl.range(0, K // TILE, warp_specialize=WARP_SPEC):
+        a = A_DESC.load([pid_m * BM, t * TILE])
+        b = B_DESC.load([pid_n * BN, t * TILE])
+        acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        asc = tl.load(AS + (rm % M) * s_asm + (t * TILE) // BLOCK_A)
+        wsc = tl.load(WS + (rn % N) * s_wsn + (t * TILE) // GROUP).to(tl.float32)
+        acc += _i32_to_f32(acc_i, FAST_CVT) * (asc[:, None] * wsc[None, :])
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
     tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=mm[:, None] & nm[None, :])
@@ -347,11 +365,24 @@ def w4a8_gemm(
     fast = cfg.fast_cvt and tile <= MAX_FAST_TILE
     if cfg.unpacked:  # compute-bound: a transient int8 copy of W lets both operands stream straight into the MMA
         w8 = unpack_weight_int8(w_kernel, tile, group, w_zero, cfg.asm)
-        _i8_gemm_kernel[(triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)](
+        grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
+        if cfg.tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            _i8_gemm_tma_kernel[grid](
+                TensorDescriptor.from_tensor(a_codes, [cfg.bm, tile]), a_scale, a_scale.stride(0),
+                TensorDescriptor.from_tensor(w8, [cfg.bn, tile]), w_scale, w_scale.stride(0),
+                bias if has_bias else w_scale, out, out.stride(0), m, n, k,
+                BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
+                HAS_BIAS=has_bias, FAST_CVT=fast, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+            return out
+        _i8_gemm_kernel[grid](
             a_codes, a_codes.stride(0), a_scale, a_scale.stride(0), w8, w8.stride(0), w_scale, w_scale.stride(0),
             bias if has_bias else w_scale, out, out.stride(0), m, n, k,
             BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
-            HAS_BIAS=has_bias, FAST_CVT=fast, LAG=cfg.lag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_BIAS=has_bias, FAST_CVT=fast, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
     nt = k // tile

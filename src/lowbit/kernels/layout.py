@@ -40,10 +40,11 @@ class GemmConfig:
     asm: bool = True  # symmetric weights: unpack nibbles four bytes at a time with inline PTX
     fast_cvt: bool = True  # int32 -> float32 by bit pattern instead of I2F
     unpacked: bool = False  # unpack W to a transient int8 [N, K] first, then a pure INT8 GEMM (large M)
-    lag: bool = False  # unpacked path: rescale the previous tile's int32 result after issuing the next MMA
+    warp_spec: bool = False  # unpacked path: Triton's automatic warp specialization of the K loop
+    tma: bool = False  # unpacked path: load operand tiles with TMA tensor descriptors
 
     def label(self) -> str:
-        extra = "".join(f"-{k}" for k, on in (("noasm", not self.asm), ("i2f", not self.fast_cvt), ("unpacked", self.unpacked), ("lag", self.lag)) if on)
+        extra = "".join(f"-{k}" for k, on in (("noasm", not self.asm), ("i2f", not self.fast_cvt), ("unpacked", self.unpacked), ("ws", self.warp_spec), ("tma", self.tma)) if on)
         return f"BM{self.bm}-BN{self.bn}-w{self.num_warps}-s{self.num_stages}-k{self.split_k or 'auto'}{extra}"
 
 
