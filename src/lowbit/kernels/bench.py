@@ -355,16 +355,12 @@ def _gemm_candidates(bucket: str):
     return {
         "small": [C(16, 64, 4, 4), C(16, 128, 4, 4), C(16, 32, 4, 4), C(16, 128, 8, 4), C(16, 64, 4, 6),
                   C(16, 32, 4, 4, asm=False, fast_cvt=False), C(16, 128, 4, 4, asm=False, fast_cvt=False)],
-        "mid": [C(64, 128, 4, 4), C(128, 64, 4, 4), C(64, 64, 4, 4), C(64, 128, 4, 4, 1, unpacked=True),
-                C(64, 64, 4, 3, 0, unpacked=True), C(64, 128, 4, 4, asm=False, fast_cvt=False)],
-        "large": [C(64, 128, 4, 4, 1, unpacked=True), C(64, 128, 4, 3, 1, unpacked=True), C(64, 128, 4, 2, 1, unpacked=True),
-                  C(64, 64, 4, 3, 1, unpacked=True), C(64, 64, 4, 4, 1, unpacked=True), C(128, 64, 4, 4, 1, unpacked=True),
-                  C(64, 128, 4, 4, 1, group_m=16, unpacked=True), C(128, 128, 8, 4, 1, unpacked=True),
-                  C(128, 128, 8, 3, 1, unpacked=True, warp_spec=True), C(64, 128, 4, 3, 1, unpacked=True, warp_spec=True),
-                  C(128, 256, 8, 3, 1, unpacked=True, warp_spec=True), C(64, 128, 4, 4, 1, unpacked=True, tma=True),
-                  C(128, 128, 8, 3, 1, unpacked=True, tma=True, warp_spec=True),
-                  C(128, 256, 8, 3, 1, unpacked=True, tma=True, warp_spec=True),
-                  C(128, 128, 8, 4, 1), C(128, 128, 8, 4, 1, asm=False, fast_cvt=False)],
+        "mid": [C(64, 128, 4, 4), C(128, 64, 4, 4), C(64, 128, 4, 4, 1, unpacked=True, tma=True),
+                C(64, 64, 4, 4, 1, unpacked=True, tma=True), C(64, 128, 4, 4, asm=False, fast_cvt=False)],
+        "large": [C(64, 128, 4, 4, 1, unpacked=True, tma=True), C(64, 128, 4, 3, 1, unpacked=True, tma=True),
+                  C(64, 128, 4, 5, 1, unpacked=True, tma=True), C(64, 128, 4, 4, 1, group_m=16, unpacked=True, tma=True),
+                  C(128, 64, 4, 4, 1, unpacked=True, tma=True), C(128, 128, 8, 4, 1, unpacked=True, tma=True),
+                  C(64, 128, 4, 4, 1, unpacked=True), C(128, 128, 8, 4, 1), C(128, 128, 8, 4, 1, asm=False, fast_cvt=False)],
     }[bucket]
 
 

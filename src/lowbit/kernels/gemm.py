@@ -241,7 +241,7 @@ def _unpack_weight_kernel(W, s_wn, WZ, s_wzn, OUT, s_on, N, K,
 def _i8_gemm_kernel(A, s_am, AS, s_asm, B, s_bn, WS, s_wsn, BIAS, C, s_cm, M, N, K,
                     BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr, WARP_SPEC: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr):
     """INT8 x INT8 GEMM with a per-``TILE`` dequantizing step (both operands straight from memory)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
@@ -260,7 +260,7 @@ def _i8_gemm_kernel(A, s_am, AS, s_asm, B, s_bn, WS, s_wsn, BIAS, C, s_cm, M, N,
     a_ptr = A + (rm % M)[:, None] * s_am + rk[None, :]
     b_ptr = B + (rn % N)[:, None] * s_bn + rk[None, :]
     acc = tl.zeros((BM, BN), tl.float32)
-    for t in tl.range(0, K // TILE, warp_specialize=WARP_SPEC):
+    for t in range(0, K // TILE):
         a = tl.load(a_ptr + t * TILE)
         b = tl.load(b_ptr + t * TILE)
         acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
@@ -276,7 +276,7 @@ def _i8_gemm_kernel(A, s_am, AS, s_asm, B, s_bn, WS, s_wsn, BIAS, C, s_cm, M, N,
 def _i8_gemm_tma_kernel(A_DESC, AS, s_asm, B_DESC, WS, s_wsn, BIAS, C, s_cm, M, N, K,
                         BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr, WARP_SPEC: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr):
     """:func:`_i8_gemm_kernel` with both operand tiles loaded by TMA (tensor descriptors)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
@@ -292,7 +292,7 @@ def _i8_gemm_tma_kernel(A_DESC, AS, s_asm, B_DESC, WS, s_wsn, BIAS, C, s_cm, M, 
     mm = rm < M
     nm = rn < N
     acc = tl.zeros((BM, BN), tl.float32)
-    for t in tl.range(0, K // TILE, warp_specialize=WARP_SPEC):
+    for t in range(0, K // TILE):
         a = A_DESC.load([pid_m * BM, t * TILE])
         b = B_DESC.load([pid_n * BN, t * TILE])
         acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
@@ -321,6 +321,13 @@ def unpack_weight_int8(w_kernel: torch.Tensor, tile: int, group: int, w_zero: to
 
 
 MAX_FAST_TILE = 2048  # |int32 partial| <= TILE * 128 * 15 < 2**22 keeps the fast int32 -> float32 exact
+
+
+def _has_tma(device) -> bool:
+    """TMA tensor descriptors need Hopper or newer (the interpreter emulates them)."""
+    if device.type != "cuda":
+        return _interpreting()
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _sm_count(device) -> int:
@@ -366,7 +373,7 @@ def w4a8_gemm(
     if cfg.unpacked:  # compute-bound: a transient int8 copy of W lets both operands stream straight into the MMA
         w8 = unpack_weight_int8(w_kernel, tile, group, w_zero, cfg.asm)
         grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
-        if cfg.tma:
+        if cfg.tma and _has_tma(a_codes.device):
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             _i8_gemm_tma_kernel[grid](
@@ -374,7 +381,7 @@ def w4a8_gemm(
                 TensorDescriptor.from_tensor(w8, [cfg.bn, tile]), w_scale, w_scale.stride(0),
                 bias if has_bias else w_scale, out, out.stride(0), m, n, k,
                 BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
-                HAS_BIAS=has_bias, FAST_CVT=fast, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps,
+                HAS_BIAS=has_bias, FAST_CVT=fast, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
             )
             return out
@@ -382,7 +389,7 @@ def w4a8_gemm(
             a_codes, a_codes.stride(0), a_scale, a_scale.stride(0), w8, w8.stride(0), w_scale, w_scale.stride(0),
             bias if has_bias else w_scale, out, out.stride(0), m, n, k,
             BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
-            HAS_BIAS=has_bias, FAST_CVT=fast, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_BIAS=has_bias, FAST_CVT=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
     nt = k // tile

@@ -40,11 +40,10 @@ class GemmConfig:
     asm: bool = True  # symmetric weights: unpack nibbles four bytes at a time with inline PTX
     fast_cvt: bool = True  # int32 -> float32 by bit pattern instead of I2F
     unpacked: bool = False  # unpack W to a transient int8 [N, K] first, then a pure INT8 GEMM (large M)
-    warp_spec: bool = False  # unpacked path: Triton's automatic warp specialization of the K loop
     tma: bool = False  # unpacked path: load operand tiles with TMA tensor descriptors
 
     def label(self) -> str:
-        extra = "".join(f"-{k}" for k, on in (("noasm", not self.asm), ("i2f", not self.fast_cvt), ("unpacked", self.unpacked), ("ws", self.warp_spec), ("tma", self.tma)) if on)
+        extra = "".join(f"-{k}" for k, on in (("noasm", not self.asm), ("i2f", not self.fast_cvt), ("unpacked", self.unpacked), ("tma", self.tma)) if on)
         return f"BM{self.bm}-BN{self.bn}-w{self.num_warps}-s{self.num_stages}-k{self.split_k or 'auto'}{extra}"
 
 
@@ -54,4 +53,4 @@ def default_config(m: int, n: int, k: int) -> GemmConfig:
         return GemmConfig(16, 64, 4, 4)
     if m <= 512:
         return GemmConfig(64, 128, 4, 4)
-    return GemmConfig(64, 128, 4, 4, split_k=1, unpacked=True)  # compute-bound: transient int8 W, pure INT8 GEMM
+    return GemmConfig(64, 128, 4, 4, split_k=1, unpacked=True, tma=True)  # compute-bound: transient int8 W, TMA loads
