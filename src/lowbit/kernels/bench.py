@@ -367,35 +367,40 @@ def _gemm_candidates(bucket: str):
 _PROBE: dict = {}
 
 
+def _int8_probe_kernel():
+    """The probe's Triton kernel, built once (bench.py imports Triton lazily)."""
+    if "kernel" not in _PROBE:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def kernel(A, B, C, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+            rm = tl.program_id(0) * BM + tl.arange(0, BM)
+            rn = tl.program_id(1) * BN + tl.arange(0, BN)
+            rk = tl.arange(0, BK)
+            acc = tl.zeros((BM, BN), tl.int32)
+            for k0 in range(0, K, BK):
+                x = tl.load(A + (rm % M)[:, None] * K + k0 + rk[None, :])
+                y = tl.load(B + (rn % N)[:, None] * K + k0 + rk[None, :])
+                acc = tl.dot(x, tl.trans(y), acc=acc, out_dtype=tl.int32)
+            tl.store(C + rm[:, None] * N + rn[None, :], acc.to(tl.float32).to(tl.bfloat16),
+                     mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+        _PROBE["kernel"] = kernel
+    return _PROBE["kernel"]
+
+
 def _int8_probe(a, w, bm=128, bn=128, bk=128, warps=8, stages=4):
     """Roofline probe (bench only): Triton INT8 GEMM ``a @ w.T`` with one int32 accumulator over all of K and
     no per-group scales, i.e. what the same compiler reaches without the FMPQ/W4A8 per-tile epilogue."""
     import torch
     import triton
-    import triton.language as tl
 
-    if "kernel" in _PROBE:
-        kernel = _PROBE["kernel"]
-    else:
-        kernel = None
-
-    @triton.jit
-    def _kernel(A, B, C, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), tl.int32)
-        for k0 in range(0, K, BK):
-            x = tl.load(A + (rm % M)[:, None] * K + k0 + rk[None, :])
-            y = tl.load(B + (rn % N)[:, None] * K + k0 + rk[None, :])
-            acc = tl.dot(x, tl.trans(y), acc=acc, out_dtype=tl.int32)
-        tl.store(C + rm[:, None] * N + rn[None, :], acc.to(tl.float32).to(tl.bfloat16), mask=(rm < M)[:, None] & (rn < N)[None, :])
-
-    kernel = _PROBE.setdefault("kernel", kernel or _kernel)
     m, k = a.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
-    kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](a, w, out, m, n, k, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    _int8_probe_kernel()[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        a, w, out, m, n, k, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return out
 
 

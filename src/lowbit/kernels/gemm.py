@@ -149,22 +149,36 @@ def _unpack_sym(wp, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _tile_ids(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile (pid_m, pid_n) of program `pid`, grouped GROUP_M tiles down M for L2 reuse of the weights."""
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % gsize, (pid % width) // gsize
+
+
+@triton.jit
+def _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                   USE_ASM: tl.constexpr):
+    """Tile ``t`` of half-split weight bytes ``wp [BN, TILE/2]`` -> int8 (low, high) halves minus the zero point."""
+    if HAS_ZERO:
+        z = tl.load(WZ + rn * s_wzn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.int8)
+        return (wp & 15).to(tl.int8) - z[:, None], (wp >> 4).to(tl.int8) - z[:, None]
+    else:
+        return _unpack_sym(wp, USE_ASM)
+
+
+@triton.jit
 def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, s_cm, PART,
                       M, N, K, TPS,
                       BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsize
-    pid_n = (pid % width) // gsize
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -182,12 +196,7 @@ def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C
         a_lo = tl.load(a_ptr + t * TILE, mask=mm[:, None], other=0)
         a_hi = tl.load(a_ptr + t * TILE + HALF, mask=mm[:, None], other=0)
         wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
-        if HAS_ZERO:
-            z = tl.load(WZ + rn * s_wzn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.int8)
-            w_lo = (wp & 15).to(tl.int8) - z[:, None]
-            w_hi = (wp >> 4).to(tl.int8) - z[:, None]
-        else:
-            w_lo, w_hi = _unpack_sym(wp, USE_ASM)
+        w_lo, w_hi = _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO, USE_ASM)
         acc_i = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
         acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
         asc = tl.load(AS + rm * s_asm + (t * TILE) // BLOCK_A, mask=mm, other=0)
@@ -226,12 +235,7 @@ def _unpack_weight_kernel(W, s_wn, WZ, s_wzn, OUT, s_on, N, K,
     nm = rn < N
     j = tl.arange(0, HALF)
     wp = tl.load(W + rn[:, None] * s_wn + t * HALF + j[None, :], mask=nm[:, None], other=0)
-    if HAS_ZERO:
-        z = tl.load(WZ + rn * s_wzn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.int8)
-        w_lo = (wp & 15).to(tl.int8) - z[:, None]
-        w_hi = (wp >> 4).to(tl.int8) - z[:, None]
-    else:
-        w_lo, w_hi = _unpack_sym(wp, USE_ASM)
+    w_lo, w_hi = _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO, USE_ASM)
     o = OUT + rn[:, None] * s_on + t * TILE + j[None, :]
     tl.store(o, w_lo, mask=nm[:, None])
     tl.store(o + HALF, w_hi, mask=nm[:, None])
@@ -241,60 +245,26 @@ def _unpack_weight_kernel(W, s_wn, WZ, s_wzn, OUT, s_on, N, K,
 def _i8_gemm_kernel(A, s_am, AS, s_asm, B, s_bn, WS, s_wsn, BIAS, C, s_cm, M, N, K,
                     BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr):
-    """INT8 x INT8 GEMM with a per-``TILE`` dequantizing step (both operands straight from memory)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsize
-    pid_n = (pid % width) // gsize
+                    HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr, TMA: tl.constexpr):
+    """INT8 x INT8 GEMM with a per-``TILE`` dequantizing step, both operands straight from memory: ``A``/``B``
+    are TMA tensor descriptors when ``TMA``, else pointers (with row strides ``s_am``/``s_bn``)."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     mm = rm < M
     nm = rn < N
-    rk = tl.arange(0, TILE)
-    a_ptr = A + (rm % M)[:, None] * s_am + rk[None, :]
-    b_ptr = B + (rn % N)[:, None] * s_bn + rk[None, :]
+    if not TMA:
+        rk = tl.arange(0, TILE)
+        a_ptr = A + (rm % M)[:, None] * s_am + rk[None, :]
+        b_ptr = B + (rn % N)[:, None] * s_bn + rk[None, :]
     acc = tl.zeros((BM, BN), tl.float32)
     for t in range(0, K // TILE):
-        a = tl.load(a_ptr + t * TILE)
-        b = tl.load(b_ptr + t * TILE)
-        acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-        asc = tl.load(AS + (rm % M) * s_asm + (t * TILE) // BLOCK_A)
-        wsc = tl.load(WS + (rn % N) * s_wsn + (t * TILE) // GROUP).to(tl.float32)
-        acc += _i32_to_f32(acc_i, FAST_CVT) * (asc[:, None] * wsc[None, :])
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
-    tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=mm[:, None] & nm[None, :])
-
-
-@triton.jit
-def _i8_gemm_tma_kernel(A_DESC, AS, s_asm, B_DESC, WS, s_wsn, BIAS, C, s_cm, M, N, K,
-                        BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, FAST_CVT: tl.constexpr):
-    """:func:`_i8_gemm_kernel` with both operand tiles loaded by TMA (tensor descriptors)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsize
-    pid_n = (pid % width) // gsize
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    mm = rm < M
-    nm = rn < N
-    acc = tl.zeros((BM, BN), tl.float32)
-    for t in range(0, K // TILE):
-        a = A_DESC.load([pid_m * BM, t * TILE])
-        b = B_DESC.load([pid_n * BN, t * TILE])
+        if TMA:
+            a = A.load([pid_m * BM, t * TILE])
+            b = B.load([pid_n * BN, t * TILE])
+        else:
+            a = tl.load(a_ptr + t * TILE)
+            b = tl.load(b_ptr + t * TILE)
         acc_i = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
         asc = tl.load(AS + (rm % M) * s_asm + (t * TILE) // BLOCK_A)
         wsc = tl.load(WS + (rn % N) * s_wsn + (t * TILE) // GROUP).to(tl.float32)
@@ -372,24 +342,17 @@ def w4a8_gemm(
     fast = cfg.fast_cvt and tile <= MAX_FAST_TILE
     if cfg.unpacked:  # compute-bound: a transient int8 copy of W lets both operands stream straight into the MMA
         w8 = unpack_weight_int8(w_kernel, tile, group, w_zero, cfg.asm)
-        grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
-        if cfg.tma and _has_tma(a_codes.device):
+        a_op, b_op = a_codes, w8
+        tma = cfg.tma and _has_tma(a_codes.device)
+        if tma:
             from triton.tools.tensor_descriptor import TensorDescriptor
 
-            _i8_gemm_tma_kernel[grid](
-                TensorDescriptor.from_tensor(a_codes, [cfg.bm, tile]), a_scale, a_scale.stride(0),
-                TensorDescriptor.from_tensor(w8, [cfg.bn, tile]), w_scale, w_scale.stride(0),
-                bias if has_bias else w_scale, out, out.stride(0), m, n, k,
-                BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
-                HAS_BIAS=has_bias, FAST_CVT=fast, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
-            return out
-        _i8_gemm_kernel[grid](
-            a_codes, a_codes.stride(0), a_scale, a_scale.stride(0), w8, w8.stride(0), w_scale, w_scale.stride(0),
+            a_op, b_op = TensorDescriptor.from_tensor(a_codes, [cfg.bm, tile]), TensorDescriptor.from_tensor(w8, [cfg.bn, tile])
+        _i8_gemm_kernel[(triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)](
+            a_op, a_codes.stride(0), a_scale, a_scale.stride(0), b_op, w8.stride(0), w_scale, w_scale.stride(0),
             bias if has_bias else w_scale, out, out.stride(0), m, n, k,
             BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
-            HAS_BIAS=has_bias, FAST_CVT=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_BIAS=has_bias, FAST_CVT=fast, TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
     nt = k // tile

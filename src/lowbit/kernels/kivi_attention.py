@@ -31,59 +31,6 @@ def _u2f(c):
 
 
 @triton.jit
-def _quant_keys(KP, KS, KZ, kp_base, ks_base, s_kr, s_kg, j0, KROWS, KGROUPS,
-                D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
-    """Dequantized keys of quantized tokens j0 .. j0+BN (float32 [BN, D]); rows past storage read 0."""
-    PER: tl.constexpr = 8 // BITS
-    d = tl.arange(0, D)
-    rows = j0 // PER + tl.arange(0, BN // PER)
-    kp = tl.load(KP + kp_base + rows[:, None] * s_kr + d[None, :], mask=rows[:, None] < KROWS, other=0)
-    if PER == 1:
-        codes = kp.to(tl.float32)
-    else:
-        sh = tl.arange(0, PER) * BITS
-        c3 = (kp[:, None, :].to(tl.int32) >> sh[None, :, None]) & ((1 << BITS) - 1)
-        codes = _u2f(tl.reshape(c3, (BN, D)))
-    if BN >= G:
-        grp = j0 // G + tl.arange(0, BN // G)
-        gm = grp[:, None] < KGROUPS
-        ks = tl.load(KS + ks_base + grp[:, None] * s_kg + d[None, :], mask=gm, other=0).to(tl.float32)
-        kz = tl.load(KZ + ks_base + grp[:, None] * s_kg + d[None, :], mask=gm, other=0).to(tl.float32)
-        ks = tl.reshape(tl.broadcast_to(ks[:, None, :], (BN // G, G, D)), (BN, D))
-        kz = tl.reshape(tl.broadcast_to(kz[:, None, :], (BN // G, G, D)), (BN, D))
-        k = codes * ks + kz
-    else:
-        grp = j0 // G
-        ks = tl.load(KS + ks_base + grp * s_kg + d, mask=grp < KGROUPS, other=0).to(tl.float32)
-        kz = tl.load(KZ + ks_base + grp * s_kg + d, mask=grp < KGROUPS, other=0).to(tl.float32)
-        k = codes * ks[None, :] + kz[None, :]
-    return k
-
-
-@triton.jit
-def _quant_values(VP, VS, VZ, vp_base, vs_base, s_vr, s_vs, j0, VROWS,
-                  D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
-    """Dequantized values of quantized tokens j0 .. j0+BN (float32 [BN, D]); rows past storage read 0."""
-    PER: tl.constexpr = 8 // BITS
-    rows = j0 + tl.arange(0, BN)
-    rm = rows[:, None] < VROWS
-    cols = tl.arange(0, D // PER)
-    vp = tl.load(VP + vp_base + rows[:, None] * s_vr + cols[None, :], mask=rm, other=0)
-    if PER == 1:
-        codes = vp.to(tl.float32)
-    else:
-        sh = tl.arange(0, PER) * BITS
-        c3 = (vp[:, :, None].to(tl.int32) >> sh[None, None, :]) & ((1 << BITS) - 1)
-        codes = _u2f(tl.reshape(c3, (BN, D)))
-    gcols = tl.arange(0, D // G)
-    vs = tl.load(VS + vs_base + rows[:, None] * s_vs + gcols[None, :], mask=rm, other=0).to(tl.float32)
-    vz = tl.load(VZ + vs_base + rows[:, None] * s_vs + gcols[None, :], mask=rm, other=0).to(tl.float32)
-    vs = tl.reshape(tl.broadcast_to(vs[:, :, None], (BN, D // G, G)), (BN, D))
-    vz = tl.reshape(tl.broadcast_to(vz[:, :, None], (BN, D // G, G)), (BN, D))
-    return codes * vs + vz
-
-
-@triton.jit
 def _load_keys_raw(KP, KS, KZ, kp_base, ks_base, s_kr, s_kg, j0, KROWS, KGROUPS,
                    D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
     """Packed key bytes [BN/PER, D] and their fp16 scales/zeros [max(BN/G, 1), D] for tokens j0 .. j0+BN."""
@@ -101,6 +48,7 @@ def _load_keys_raw(KP, KS, KZ, kp_base, ks_base, s_kr, s_kg, j0, KROWS, KGROUPS,
 
 @triton.jit
 def _dequant_keys(kp, ks, kz, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """Keys of a tile from :func:`_load_keys_raw` (float32 [BN, D]): codes by bit pattern, then scale and zero."""
     PER: tl.constexpr = 8 // BITS
     if PER == 1:
         codes = kp.to(tl.float32)
@@ -110,17 +58,16 @@ def _dequant_keys(kp, ks, kz, D: tl.constexpr, BITS: tl.constexpr, G: tl.constex
         codes = _u2f(tl.reshape(c3, (BN, D)))
     ks = ks.to(tl.float32)
     kz = kz.to(tl.float32)
-    if BN >= G:
+    if BN >= G:  # one scale row per group of G tokens; below that the single row broadcasts
         ks = tl.reshape(tl.broadcast_to(ks[:, None, :], (BN // G, G, D)), (BN, D))
         kz = tl.reshape(tl.broadcast_to(kz[:, None, :], (BN // G, G, D)), (BN, D))
-        return codes * ks + kz
-    else:
-        return codes * ks + kz
+    return codes * ks + kz
 
 
 @triton.jit
 def _load_values_raw(VP, VS, VZ, vp_base, vs_base, s_vr, s_vs, j0, VROWS,
                      D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """Packed value bytes [BN, D/PER] and their per-token fp16 scales/zeros [BN, D/G]; rows past storage read 0."""
     PER: tl.constexpr = 8 // BITS
     rows = j0 + tl.arange(0, BN)
     rm = rows[:, None] < VROWS
@@ -134,6 +81,7 @@ def _load_values_raw(VP, VS, VZ, vp_base, vs_base, s_vr, s_vs, j0, VROWS,
 
 @triton.jit
 def _dequant_values(vp, vs, vz, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """Values of a tile from :func:`_load_values_raw` (float32 [BN, D])."""
     PER: tl.constexpr = 8 // BITS
     if PER == 1:
         codes = vp.to(tl.float32)
@@ -144,6 +92,22 @@ def _dequant_values(vp, vs, vz, D: tl.constexpr, BITS: tl.constexpr, G: tl.const
     vs = tl.reshape(tl.broadcast_to(vs.to(tl.float32)[:, :, None], (BN, D // G, G)), (BN, D))
     vz = tl.reshape(tl.broadcast_to(vz.to(tl.float32)[:, :, None], (BN, D // G, G)), (BN, D))
     return codes * vs + vz
+
+
+@triton.jit
+def _quant_keys(KP, KS, KZ, kp_base, ks_base, s_kr, s_kg, j0, KROWS, KGROUPS,
+                D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """Dequantized keys of quantized tokens j0 .. j0+BN (float32 [BN, D]); rows past storage read 0."""
+    kp, ks, kz = _load_keys_raw(KP, KS, KZ, kp_base, ks_base, s_kr, s_kg, j0, KROWS, KGROUPS, D, BITS, G, BN)
+    return _dequant_keys(kp, ks, kz, D, BITS, G, BN)
+
+
+@triton.jit
+def _quant_values(VP, VS, VZ, vp_base, vs_base, s_vr, s_vs, j0, VROWS,
+                  D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """Dequantized values of quantized tokens j0 .. j0+BN (float32 [BN, D]); rows past storage read 0."""
+    vp, vs, vz = _load_values_raw(VP, VS, VZ, vp_base, vs_base, s_vr, s_vs, j0, VROWS, D, BITS, G, BN)
+    return _dequant_values(vp, vs, vz, D, BITS, G, BN)
 
 
 @triton.jit
