@@ -100,7 +100,7 @@ def expected_nbytes(B, H, D, T, bits, G, R, layers):
 @pytest.mark.parametrize("bits,T", [(2, 4096), (4, 4096), (2, 1000), (4, 77)])
 def test_nbytes_exact_formula(bits, T):
     B, H, D, G, R, L = 1, 2, 64, 32, 128, 3
-    cache = KiviCache(num_layers=L, bits=bits, group_size=G, residual_length=R)
+    cache = KiviCache(num_layers=L, bits=bits, group=G, residual=R)
     for i in range(L):
         cache.update(torch.randn(B, H, T, D), torch.randn(B, H, T, D), i)
     assert cache.nbytes() == expected_nbytes(B, H, D, T, bits, G, R, L)
@@ -136,8 +136,8 @@ def test_crop_and_reorder_and_reset():
     "kwargs,match",
     [
         (dict(bits=3), "allowed bit-widths"),
-        (dict(group_size=30), "multiple of 4"),
-        (dict(residual_length=100), "multiple of group_size"),
+        (dict(group=30), "multiple of 4"),
+        (dict(residual=100), "multiple of group"),
         (dict(sinks=-1), "sinks"),
     ],
 )
@@ -147,7 +147,7 @@ def test_bad_options(kwargs, match):
 
 
 def test_group_must_divide_head_dim():
-    cache = KiviCache(num_layers=1, bits=2, group_size=48, residual_length=96)
+    cache = KiviCache(num_layers=1, bits=2, group=48, residual=96)
     with pytest.raises(ValueError, match="head dimension 64"):
         cache.update(torch.randn(1, 1, 4, 64), torch.randn(1, 1, 4, 64), 0)
 

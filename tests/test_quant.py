@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lowbit.quant import dequantize, fake_quantize, pack, packed_size, quantize, unpack
-from lowbit.quant.uniform import quantize_codes
+from lowbit.quant.affine import quantize_codes
 
 
 @settings(max_examples=60, deadline=None)

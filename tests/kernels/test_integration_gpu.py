@@ -24,7 +24,7 @@ def test_make_cache_uses_fused_kivi_on_cuda_and_matches_reference():
     ids = torch.randint(0, 500, (2, 300), device="cuda")
     fused = make_cache("kivi:bits=4,group=32,residual=64", model.config, model)
     assert isinstance(fused, FusedKiviCache)
-    ref = KiviCache(model.config, bits=4, group_size=32, residual_length=64)
+    ref = KiviCache(model.config, bits=4, group=32, residual=64)
     outs = []
     for cache in (fused, ref):
         model(ids[:, :256], past_key_values=cache, use_cache=True)

@@ -31,7 +31,7 @@ def rel(a, b):
 @pytest.mark.parametrize("shape", [(1, 8, 128, 128), (3, 2, 64, 64), (2, 4, 256, 128)])
 def test_quantize_pack_bit_exact(bits, group, dtype, shape):
     from lowbit.kernels.kivi_quant import quantize_pack_keys, quantize_pack_values
-    from lowbit.kernels.reference import quantize_pack_keys_ref, quantize_pack_values_ref
+    from lowbit.quant.kivi import quantize_keys as quantize_pack_keys_ref, quantize_values as quantize_pack_values_ref
 
     if shape[-1] % group:
         pytest.skip("group must divide head dim")
@@ -48,7 +48,7 @@ def test_quantize_pack_bit_exact(bits, group, dtype, shape):
 
 
 def _layer(b, hkv, d, prefill, steps, bits, group, residual, sinks, dtype, seed=0, fused=False):
-    from lowbit.kernels.integration import FusedKiviLayer
+    from lowbit.kv.fused import FusedKiviLayer
     from lowbit.kv.kivi import KiviLayer
 
     g = torch.Generator(device=DEV).manual_seed(seed)
@@ -79,11 +79,11 @@ ATTN_CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_attention_vs_reference(case, dtype):
     from lowbit.kernels.kivi_attention import kivi_decode_attention_parts
-    from lowbit.kernels.reference import decode_attention_ref, kivi_parts
+    from lowbit.kernels.reference import decode_attention_ref
 
     b, hq, hkv, d, prefill, steps, bits, group, residual, sinks, nq = case
     layer, _, _ = _layer(b, hkv, d, prefill, steps, bits, group, residual, sinks, dtype)
-    parts = kivi_parts(layer)
+    parts = layer.parts()
     q = torch.randn(b, hq, nq, d, device=DEV).to(dtype)
     ref = decode_attention_ref(q, parts)
     for opts in ({}, {"block_n": 32, "num_splits": 3}, {"block_n": 128, "num_warps": 8}, {"block_n": 64, "prefetch": True},
@@ -97,10 +97,10 @@ def test_decode_attention_vs_reference(case, dtype):
 def test_decode_attention_ragged_batch(bits):
     """Left-padded sequences of different lengths (per-sequence start) in one batch."""
     from lowbit.kernels.kivi_attention import kivi_decode_attention_parts
-    from lowbit.kernels.reference import decode_attention_ref, kivi_parts
+    from lowbit.kernels.reference import decode_attention_ref
 
     layer, _, _ = _layer(4, 8, 128, 1500, 3, bits, 32, 128, 0, torch.bfloat16, seed=3)
-    parts = kivi_parts(layer)
+    parts = layer.parts()
     start = torch.tensor([0, 17, 700, 1490], device=DEV, dtype=torch.int32)
     q = torch.randn(4, 32, 1, 128, device=DEV, dtype=torch.bfloat16)
     out = kivi_decode_attention_parts(q, parts, start=start).transpose(1, 2)
@@ -113,7 +113,7 @@ def test_fused_layer_decode_matches_kivi_layer(bits):
     """FusedKiviLayer (buffers, Triton flushes, handles) + kernel == KiviLayer.update + SDPA, over flushes."""
     import torch.nn.functional as F
 
-    from lowbit.kernels.integration import FusedKiviLayer, kivi_decode_attention
+    from lowbit.kv.fused import FusedKiviLayer, kivi_decode_attention
     from lowbit.kv.kivi import KiviLayer
 
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def _tiny_llama(dtype):
 def test_model_decode_through_attention_interface(padded, monkeypatch):
     """A Llama with FusedKiviCache + 'lowbit_kivi' attention == KiviCache + SDPA; the kernel path is taken."""
     import lowbit.kernels.kivi_attention as ka
-    from lowbit.kernels.integration import FusedKiviCache, use_kivi_kernels
+    from lowbit.kv import FusedKiviCache, use_lowbit_attention as use_kivi_kernels
     from lowbit.kv.kivi import KiviCache
 
     model = _tiny_llama(torch.bfloat16)
@@ -160,7 +160,7 @@ def test_model_decode_through_attention_interface(padded, monkeypatch):
 
     def run(cache_cls, steps=70):
         torch.manual_seed(5)
-        cache = cache_cls(model.config, bits=2, group_size=32, residual_length=32)
+        cache = cache_cls(model.config, bits=2, group=32, residual=32)
         m = mask.clone()
         logits = []
         with torch.no_grad():
@@ -265,7 +265,7 @@ def test_activation_quant_bit_exact(m, low_bits, dtype):
 
 @pytest.mark.parametrize("spec", ["fmpq:a=4,int8_frac=0.1", "fmpq:a=8", "w4a4", "fmpq:a=4,sym=false,block=64,group=64"])
 def test_quant_linear_forward_matches_int_mode(spec):
-    from lowbit.kernels.integration import quant_linear_forward, supports_quant_linear
+    from lowbit.wa.linear import kernel_forward as quant_linear_forward, supports_kernel as supports_quant_linear
     from lowbit.wa.linear import QuantLinear
     from lowbit.wa.methods import resolve_config
 

@@ -124,7 +124,7 @@ def test_generate_budget_one_matches_and_evicting_runs(tiny_llama, ids, method):
 
 def test_scores_use_the_model_queries(tiny_llama, ids):
     """The accumulated scores equal attention probabilities recomputed from hooked queries."""
-    cache = make_cache("h2o:budget=1.0,obs=4", tiny_llama.config)
+    cache = make_cache("h2o:budget=1.0,obs=4", tiny_llama.config, tiny_llama)  # the model: queries reach the cache
     attn = tiny_llama.model.layers[0].self_attn
     captured = {}
 
@@ -148,6 +148,19 @@ def test_scores_use_the_model_queries(tiny_llama, ids):
     expected = p.reshape(1, 2, 2, 30).sum(2)
     assert cache.layers[0].query_source == "queries"
     torch.testing.assert_close(cache.layers[0].scores.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_queries_need_the_attention_route(tiny_llama, ids):
+    """Without the model the keys stand in for the queries; a layer waiting for queries that never come says so."""
+    cache = make_cache("h2o:budget=0.5,obs=4", tiny_llama.config)
+    with torch.no_grad():
+        tiny_llama(ids[:, :30], past_key_values=cache, use_cache=True)
+    assert cache.layers[0].query_source == "keys"
+    layer = BudgetLayer(h2o_policy, budget=0.5, scores_from="queries")
+    k = torch.randn(1, 2, 8, 32)
+    layer.update(k, k)  # no attention call delivers the queries
+    with pytest.raises(RuntimeError, match="make_cache"):
+        layer.update(k[..., :1, :], k[..., :1, :])
 
 
 def test_kivi_composition_reports_fewer_bytes(tiny_llama, ids):

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lowbit.quant import integer
 from lowbit.wa import core
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -23,7 +24,7 @@ def rand(*shape, seed=0, dtype=torch.float32):
 def test_weight_pack_round_trip(out, groups, group, bits, sym, seed):
     w = rand(out, groups * group, seed=seed) * 3
     q, scale, zero = core.quantize_weight(w, bits, group, sym)
-    lo, hi = core.qrange(bits, sym)
+    lo, hi = integer.qrange(bits, sym)
     assert int(q.min()) >= lo and int(q.max()) <= hi
     packed = core.pack_weight(q, bits, sym)
     assert packed.dtype == torch.uint8 and packed.shape == (out, groups * group * bits // 8)
@@ -50,13 +51,13 @@ def test_symmetric_weight_zero_maps_to_zero():
 def test_activation_quantization_ranges_and_error(t, nb, block, seed, mask_bits):
     x = rand(t, nb * block, seed=seed) * 4
     mask = torch.tensor([(mask_bits >> i) & 1 == 1 for i in range(nb)])
-    codes, scale = core.quantize_activation(x, block, mask, 4)
+    codes, scale = integer.quantize_activation(x, block, mask, 4)
     cb = codes.reshape(t, nb, block)
     for j in range(nb):
         hi = 127 if mask[j] else 7
         assert cb[:, j].abs().max() <= hi
     assert torch.equal(codes, codes.round())
-    deq = core.dequantize_activation(codes, scale, block)
+    deq = integer.dequantize_activation(codes, scale, block)
     err = (deq - x).reshape(t, nb, block).abs()
     assert torch.all(err <= scale.unsqueeze(-1) * 0.5 + 1e-6)
 
@@ -78,10 +79,10 @@ def test_int_matmul_matches_float64_reference(t, n, k_units, block, ratio, sym, 
     x = rand(t, k, seed=seed) * 2
     x[:, : k // 3] *= 20  # some larger channels
     mask = torch.rand(k // block, generator=torch.Generator().manual_seed(seed)) < 0.3
-    a_codes, a_scale = core.quantize_activation(x, block, mask, 4)
+    a_codes, a_scale = integer.quantize_activation(x, block, mask, 4)
     wq, w_scale, zero = core.quantize_weight(rand(n, k, seed=seed + 1), 4, group, sym)
     w_int = core.weight_int(core.pack_weight(wq, 4, sym), zero, 4, sym, group)
-    y = core.int_matmul(a_codes, a_scale, block, w_int, w_scale, group)
+    y = integer.int_matmul(a_codes, a_scale, block, w_int, w_scale, group)
     ref = _reference(a_codes, a_scale, block, w_int, w_scale, group)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
@@ -93,21 +94,21 @@ def test_int_partials_are_exact_integers():
     w = torch.randint(-8, 8, (17, 256), generator=g)
     exact = a @ w.t()  # int64 matmul
     for dtype in (torch.float32, torch.float64):
-        y = core.int_matmul(a.float(), torch.ones(33, 2), 128, w.to(torch.int16), torch.ones(17, 2, dtype=torch.float16), 128,
+        y = integer.int_matmul(a.float(), torch.ones(33, 2), 128, w.to(torch.int16), torch.ones(17, 2, dtype=torch.float16), 128,
                             partial_dtype=dtype)
         assert torch.equal(y.double(), exact.double())
 
 
 def test_partial_dtype_bounds():
-    assert core.int_partial_dtype(128, 128, 8) == torch.float32  # INT8 x INT4 tile of 128: 131072 < 2**24
-    assert core.int_partial_dtype(4096, 128, 128) == torch.float64  # per-channel INT8 x INT8 row
+    assert integer.int_partial_dtype(128, 128, 8) == torch.float32  # INT8 x INT4 tile of 128: 131072 < 2**24
+    assert integer.int_partial_dtype(4096, 128, 128) == torch.float64  # per-channel INT8 x INT8 row
     with pytest.raises(ValueError):
-        core.int_partial_dtype(2**40, 2**10, 2**10)
+        integer.int_partial_dtype(2**40, 2**10, 2**10)
 
 
 def test_int_matmul_rejects_incompatible_block_and_group():
     with pytest.raises(ValueError, match="multiple"):
-        core.int_matmul(torch.ones(2, 96), torch.ones(2, 2), 48, torch.ones(3, 96), torch.ones(3, 3), 32)
+        integer.int_matmul(torch.ones(2, 96), torch.ones(2, 2), 48, torch.ones(3, 96), torch.ones(3, 3), 32)
 
 
 def test_ceil_blocks():

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.wa import QuantLinear, resolve_config
+from lowbit.quant import integer
 from lowbit.wa import core
 from lowbit.wa.linear import outlier_permutation, select_int8_blocks
 
@@ -32,7 +33,7 @@ def reference(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """float64 from the same quantized values: dequantized activations @ dequantized weights."""
     xp = q.prepare_input(x)
     if q.quantizes_activations:
-        codes, scale = core.quantize_activation(xp, q.block, q.int8_mask, q.cfg.a_bits)
+        codes, scale = integer.quantize_activation(xp, q.block, q.int8_mask, q.cfg.a_bits)
         xp = codes.double() * scale.double().repeat_interleave(q.block, dim=1)
     w = q.weight_int().double() * q.w_scale.double().repeat_interleave(q.group, dim=1)
     y = xp.double() @ w.t()
@@ -48,7 +49,7 @@ def test_permutation_preserves_unquantized_output():
     torch.testing.assert_close(y, lin(x), rtol=1e-12, atol=1e-12)
     # the same through QuantLinear's input preparation (permute + zero pad) and the padded weight
     q = QuantLinear.from_linear(lin.float(), resolve_config("fmpq:block=64,group=64"), x.abs().amax(0).float())
-    w_perm = core.pad_last(lin.weight.double()[:, q.perm.long()], q.padded_in)
+    w_perm = integer.pad_last(lin.weight.double()[:, q.perm.long()], q.padded_in)
     torch.testing.assert_close(q.prepare_input(x.float()).double() @ w_perm.t() + lin.bias.double(), lin.double()(x),
                                rtol=1e-6, atol=1e-5)
 

@@ -4,7 +4,7 @@ Hopper has no INT4 tensor-core instruction, so both formats run the INT8 MMA (``
 operands, int32 accumulation): 4-bit weights are unpacked to int8 in registers, 4-bit activation
 codes simply live in int8 containers (values in [-8, 7]). FMPQ's INT4/INT8 block mix therefore only
 changes the activation quantizer (a per-block bit-width from the INT8-block mask); the GEMM is the
-same for W4A8 and W4A4, and matches :func:`lowbit.wa.core.int_matmul`: per reduction tile of
+same for W4A8 and W4A4, and matches :func:`lowbit.quant.integer.int_matmul`: per reduction tile of
 ``min(block, group)`` channels an exact int32 partial product, scaled by ``a_scale * w_scale`` and
 summed in float32 (dequantizing epilogue inside the K loop), + bias, cast to bf16.
 
@@ -78,7 +78,7 @@ def quantize_activation(
     Optional ``perm`` (int32 ``[K_in]``, permuted channel j = original ``perm[j]``) is gathered and the
     result zero-padded to ``padded_in``, all in the same pass. Blocks where ``int8_mask`` is set get
     8 bits, the others `low_bits`. Returns int8 codes ``[M, padded_in]`` and float32 scales
-    ``[M, padded_in / block]``, equal to :func:`lowbit.wa.core.quantize_activation` bit for bit.
+    ``[M, padded_in / block]``, equal to :func:`lowbit.quant.integer.quantize_activation` bit for bit.
     """
     k_in = x.shape[-1]
     x2 = x.reshape(-1, k_in)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.reference import KiviParts
+from lowbit.quant.kivi import KiviParts
 
 LOG2E = 1.4426950408889634
 
@@ -297,7 +297,7 @@ def kivi_decode_attention_parts(
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     gqa = hq // hkv
-    bits, g = parts.bits, parts.group_size
+    bits, g = parts.bits, parts.group
     if d & (d - 1) or d < 16:
         raise ValueError(f"head dim {d} must be a power of two >= 16")
     if d % g or (block_n % g and g % block_n) or block_n % (8 // bits) or g < 16 or g & (g - 1):

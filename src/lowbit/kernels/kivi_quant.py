@@ -1,4 +1,4 @@
-"""KIVI quantize-and-pack kernels (the residual flush), bit-exact with :func:`lowbit.quant.uniform.quantize_codes`.
+"""KIVI quantize-and-pack kernels (the residual flush), bit-exact with :func:`lowbit.quant.affine.quantize_codes`.
 
 * keys ``[B, H, n, D]`` (n a multiple of G): one program per (sequence, head, token group) reduces
   min/max over the G tokens of each channel, rounds scale/zero to fp16 first (as the reference
@@ -115,7 +115,7 @@ def _quant_pack_values_kernel(X, s_xb, s_xh, s_xt, P, s_pb, s_ph, s_pt, SC, ZE, 
     tl.store(P + b * s_pb + h * s_ph + t[:, None] * s_pt + c[None, :], packed.to(tl.uint8), mask=tm[:, None])
 
 
-def _check(x: torch.Tensor, bits: int, group_size: int) -> None:
+def _check(x: torch.Tensor, bits: int, group: int) -> None:
     if x.dim() != 4:
         raise ValueError(f"expected [B, H, tokens, D], got shape {tuple(x.shape)}")
     if bits not in (2, 4, 8):
@@ -123,47 +123,47 @@ def _check(x: torch.Tensor, bits: int, group_size: int) -> None:
     d = x.shape[-1]
     if d & (d - 1):
         raise ValueError(f"head dim {d} must be a power of two")
-    if group_size & (group_size - 1) or group_size < 8 // bits:
-        raise ValueError(f"group size {group_size} must be a power of two >= {8 // bits}")
+    if group & (group - 1) or group < 8 // bits:
+        raise ValueError(f"group size {group} must be a power of two >= {8 // bits}")
 
 
-def quantize_pack_keys(k: torch.Tensor, bits: int, group_size: int, out=None):
+def quantize_pack_keys(k: torch.Tensor, bits: int, group: int, out=None):
     """Keys ``[B, H, n, D]`` -> ``(packed uint8 [B, H, n*bits/8, D], scale fp16 [B, H, n/G, D], zero)``."""
-    _check(k, bits, group_size)
+    _check(k, bits, group)
     bsz, hn, n, d = k.shape
-    if n % group_size:
-        raise ValueError(f"{n} key tokens are not a multiple of the group size {group_size}")
+    if n % group:
+        raise ValueError(f"{n} key tokens are not a multiple of the group size {group}")
     if k.stride(-1) != 1:
         k = k.contiguous()
     if out is None:
         packed = torch.empty(bsz, hn, n * bits // 8, d, dtype=torch.uint8, device=k.device)
-        scale = torch.empty(bsz, hn, n // group_size, d, dtype=torch.float16, device=k.device)
+        scale = torch.empty(bsz, hn, n // group, d, dtype=torch.float16, device=k.device)
         zero = torch.empty_like(scale)
     else:
         packed, scale, zero = out
     if n == 0:
         return packed, scale, zero
     assert scale.stride() == zero.stride()
-    _quant_pack_keys_kernel[(bsz * hn, n // group_size)](
+    _quant_pack_keys_kernel[(bsz * hn, n // group)](
         k, k.stride(0), k.stride(1), k.stride(2),
         packed, packed.stride(0), packed.stride(1), packed.stride(2),
         scale, zero, scale.stride(0), scale.stride(1), scale.stride(2), hn,
-        D=d, BITS=bits, G=group_size, TINY=FP16_TINY, USE_LIBDEVICE=not _interpreting(), num_warps=4,
+        D=d, BITS=bits, G=group, TINY=FP16_TINY, USE_LIBDEVICE=not _interpreting(), num_warps=4,
     )
     return packed, scale, zero
 
 
-def quantize_pack_values(v: torch.Tensor, bits: int, group_size: int, out=None, block_t: int = 16):
+def quantize_pack_values(v: torch.Tensor, bits: int, group: int, out=None, block_t: int = 16):
     """Values ``[B, H, n, D]`` -> ``(packed uint8 [B, H, n, D*bits/8], scale fp16 [B, H, n, D/G], zero)``."""
-    _check(v, bits, group_size)
+    _check(v, bits, group)
     bsz, hn, n, d = v.shape
-    if d % group_size:
-        raise ValueError(f"group size {group_size} does not divide the head dim {d}")
+    if d % group:
+        raise ValueError(f"group size {group} does not divide the head dim {d}")
     if v.stride(-1) != 1:
         v = v.contiguous()
     if out is None:
         packed = torch.empty(bsz, hn, n, d * bits // 8, dtype=torch.uint8, device=v.device)
-        scale = torch.empty(bsz, hn, n, d // group_size, dtype=torch.float16, device=v.device)
+        scale = torch.empty(bsz, hn, n, d // group, dtype=torch.float16, device=v.device)
         zero = torch.empty_like(scale)
     else:
         packed, scale, zero = out
@@ -175,6 +175,6 @@ def quantize_pack_values(v: torch.Tensor, bits: int, group_size: int, out=None, 
         v, v.stride(0), v.stride(1), v.stride(2),
         packed, packed.stride(0), packed.stride(1), packed.stride(2),
         scale, zero, scale.stride(0), scale.stride(1), scale.stride(2), hn, n,
-        D=d, BITS=bits, G=group_size, BT=bt, TINY=FP16_TINY, USE_LIBDEVICE=not _interpreting(), num_warps=4,
+        D=d, BITS=bits, G=group, BT=bt, TINY=FP16_TINY, USE_LIBDEVICE=not _interpreting(), num_warps=4,
     )
     return packed, scale, zero

@@ -1,17 +1,44 @@
-"""KV-cache methods as transformers Caches, and the registry that builds them from ``--kv`` specs."""
+"""KV-cache methods as transformers Caches, registered by name so ``--kv`` specs build them.
 
+Importing the package registers every method (one module each); see :mod:`lowbit.kv.registry`.
+"""
+
+from lowbit.kv import fp16, kivi, eviction, merging  # noqa: F401  (registration order = listing order)
+from lowbit.kv.attention import use_lowbit_attention
 from lowbit.kv.budget import BudgetCache, BudgetLayer
+from lowbit.kv.fused import FusedKiviCache, FusedKiviLayer
 from lowbit.kv.kivi import KiviCache, KiviLayer
-from lowbit.kv.registry import BUDGET_METHODS, KV_METHODS, cache_nbytes, make_cache, parse_kv_spec
+from lowbit.kv.registry import (
+    KV_METHODS,
+    CacheContext,
+    KVMethod,
+    KVShape,
+    cache_bytes,
+    cache_nbytes,
+    is_exact,
+    make_cache,
+    parse_kv_spec,
+    peak_cache_bytes,
+    register_kv_method,
+)
 
 __all__ = [
-    "BUDGET_METHODS",
+    "KV_METHODS",
     "BudgetCache",
     "BudgetLayer",
-    "KV_METHODS",
+    "CacheContext",
+    "FusedKiviCache",
+    "FusedKiviLayer",
+    "KVMethod",
+    "KVShape",
     "KiviCache",
     "KiviLayer",
+    "cache_bytes",
     "cache_nbytes",
+    "is_exact",
     "make_cache",
     "parse_kv_spec",
+    "peak_cache_bytes",
+    "register_kv_method",
+    "use_lowbit_attention",
 ]

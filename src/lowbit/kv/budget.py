@@ -28,10 +28,11 @@ compress on the same schedule, so the one mask built per forward fits every laye
 **Attention scores** (H2O and KVMerger). Each kept state carries an accumulated attention score (fp32). After a
 multi-token update, the last ``obs`` queries of the chunk score all states (SnapKV-style observation window: no full
 ``n x n`` attention matrix is built for long prompts); each decoding step adds the new query's attention
-probabilities. Probabilities are summed over the query heads of a GQA group. Query states come from the calling
-attention module (``query_states``, post-RoPE, read from the caller's frame: a cache ``update`` only receives keys
-and values); if none can be found (or with ``scores=keys``) the keys of the last ``obs`` tokens stand in for the
-queries.
+probabilities. Probabilities are summed over the query heads of a GQA group. The queries (post-RoPE) reach the layer
+explicitly: ``update`` marks the keys it returns (:func:`lowbit.kv.attention.attach`) and lowbit's attention function
+hands the attention call's queries to :meth:`BudgetLayer.observe_queries`, which scores and compresses. This route is
+taken when the cache is built with the model (``make_cache(spec, config, model)`` switches the model to that function);
+without it (or with ``scores=keys``) the keys of the last ``obs`` tokens stand in for the queries, inside ``update``.
 
 **Composition.** ``<budget method>+kivi:...`` stores the kept states through a :class:`~lowbit.kv.kivi.KiviLayer`
 (sinks in fp16, quantized body, full-precision residual); a compression re-quantizes the new kept set.
@@ -40,13 +41,16 @@ queries.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lowbit.kv.attention import attach, use_lowbit_attention
 from lowbit.kv.kivi import KiviLayer
+from lowbit.kv.registry import CacheContext, KVMethod, KVShape
+from lowbit.quant.kivi import KiviFormat
+from lowbit.spec import MethodSpec, Param, ParsedSpec
 
 # A policy turns the middle of the kept states into exactly `m` states per head:
 # policy(keys, values, scores, positions, m) -> (keys, values, scores, positions), tensors [B, H, n(, D)].
@@ -120,19 +124,6 @@ class _KiviStore:
         return self.layer.nbytes()
 
 
-def _caller_queries(n: int, batch: int, head_dim: int) -> torch.Tensor | None:
-    """The calling attention module's post-RoPE ``query_states`` [B, Hq, n, D], if it can be found."""
-    frame = sys._getframe(2)
-    for _ in range(4):
-        if frame is None:
-            return None
-        q = frame.f_locals.get("query_states")
-        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[0] == batch and q.shape[-2:] == (n, head_dim):
-            return q
-        frame = frame.f_back
-    return None
-
-
 class BudgetLayer(DynamicLayer):
     """One decoder layer of a budget cache (see the module docstring). Tensors are [batch, kv_heads, tokens, dim]."""
 
@@ -170,6 +161,7 @@ class BudgetLayer(DynamicLayer):
         self.n_seen = 0
         self.n_compressions = 0
         self.query_source = None  # "queries" or "keys": what scored the states last
+        self._pending = None  # (keys, values, n): stored states awaiting the attention call's queries
         self.keys = self.values = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -199,14 +191,6 @@ class BudgetLayer(DynamicLayer):
         return target_size(self.n_seen if n_seen is None else n_seen, self.budget, self.sinks, self.window)
 
     # ----------------------------------------------------------------- scores
-    def _queries(self, key_states: torch.Tensor) -> torch.Tensor:
-        n, take = key_states.shape[-2], min(self.obs, key_states.shape[-2])
-        q = None
-        if self.scores_from == "queries":
-            q = _caller_queries(n, key_states.shape[0], key_states.shape[-1])
-        self.query_source = "queries" if q is not None else "keys"
-        return (q if q is not None else key_states)[..., n - take :, :]
-
     def _attention_mass(self, q: torch.Tensor, keys: torch.Tensor, n_new: int) -> torch.Tensor:
         """Attention probabilities of the queries `q` (the last rows of the new chunk) summed per KV head: [B, H, C]."""
         B, Hq, nq, D = q.shape
@@ -224,23 +208,47 @@ class BudgetLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self._pending is not None:
+            raise RuntimeError(
+                f"this cache scores states with the attention queries, but the last forward never delivered them: "
+                "build it with make_cache(spec, config, model) (which switches the model to lowbit's attention "
+                "function), or use the option scores=keys"
+            )
         B, H, n, _ = key_states.shape
-        q = self._queries(key_states) if self.needs_scores else None
         keys, values = self.store.update(key_states, value_states)
         pos = torch.arange(self.n_seen, self.n_seen + n, device=key_states.device).expand(B, H, n)
         self.positions = pos.clone() if self.positions is None else torch.cat([self.positions, pos], dim=-1)
         self.n_seen += n
+        self.keys, self.values = keys, values
         if self.needs_scores:
             zeros = torch.zeros(B, H, n, dtype=torch.float32, device=key_states.device)
             self.scores = zeros if self.scores is None else torch.cat([self.scores, zeros], dim=-1)
-            self.scores += self._attention_mass(q, keys, n)
+            if self.scores_from == "queries":  # scored by observe_queries, called by the attention function
+                self._pending = (keys, values, n)
+                return attach(keys, self), values
+            self.query_source = "keys"
+            self._score(key_states[..., n - min(self.obs, n) :, :], keys, n)
+        self._maybe_compress(keys, values, n)
+        return keys, values
+
+    def observe_queries(self, query: torch.Tensor) -> None:
+        """The attention call's queries ``[B, H_q, n, D]`` for the states the last ``update`` stored: score, then compress."""
+        if self._pending is None:
+            return
+        keys, values, n = self._pending
+        self._pending = None
+        self.query_source = "queries"
+        self._score(query[..., n - min(self.obs, n) :, :], keys, n)
+        self._maybe_compress(keys, values, n)
+
+    def _score(self, q: torch.Tensor, keys: torch.Tensor, n: int) -> None:
+        self.scores += self._attention_mass(q, keys, n)
+
+    def _maybe_compress(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
         kept, target = keys.shape[-2], self.target()
         if kept > target and (n > 1 or kept > target + self.slack):
             self._compress(keys, values, target)
             self.keys, self.values = self.store.full()
-        else:
-            self.keys, self.values = keys, values
-        return keys, values
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor, target: int) -> None:
         kept = keys.shape[-2]
@@ -319,3 +327,69 @@ class BudgetCache(Cache):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
         return f"BudgetCache({self.name}: {opts}, layers={len(self.layers)})"
+
+
+# ------------------------------------------------------------------------------ registration helpers
+
+
+def budget_params(sinks: int, window: int | None, scored: bool) -> dict[str, Param]:
+    """The options every budget method shares (``window`` None: the method has no recent window)."""
+    params = {
+        "budget": Param(float, 0.5, aliases=("b",), check=lambda b: 0.0 < b <= 1.0, allowed="a fraction of the tokens seen in (0, 1]"),
+        "sinks": Param(int, sinks, check=lambda s: s >= 0, allowed="an integer >= 0"),
+    }
+    if window is not None:
+        params["window"] = Param(int, window, aliases=("recent",), check=lambda w: w >= 0, allowed="an integer >= 0")
+    params["slack"] = Param(int, 16, check=lambda s: s >= 0, allowed="an integer >= 0 (states over budget before decoding recompresses)")
+    if scored:
+        params["obs"] = Param(int, 32, check=lambda o: o >= 1, allowed="an integer >= 1 (prefill queries that score the prompt)")
+        params["scores"] = Param(str, "queries", check=lambda s: s in ("queries", "keys"), allowed="'queries' or 'keys'")
+    return params
+
+
+def _store_options(store: ParsedSpec | None) -> str | dict:
+    if store is None:
+        return "plain"
+    options = dict(store.options)
+    if "residual" not in store.given:
+        options["residual"] = options["group"]  # a small fp16 residual by default: kept sets are short
+    return options
+
+
+def max_kept(options: dict, n_tokens: int) -> int:
+    """The most states per head a budget cache holds after `n_tokens` tokens: ``T(N) + slack + 1`` (the
+    state that triggers a recompression included), at most N."""
+    if n_tokens <= 0:
+        return 0
+    o = options
+    target = target_size(n_tokens, o["budget"], o["sinks"], o.get("window", 0))
+    return min(n_tokens, target + o["slack"] + 1)
+
+
+def budget_method(name: str, policy: Callable[[dict], Policy], help: str, params: dict[str, Param]) -> KVMethod:
+    """A :class:`~lowbit.kv.registry.KVMethod` for a budget cache whose compression is ``policy(options)``."""
+    scored = "scores" in params
+
+    def make(part: ParsedSpec, ctx: CacheContext, store: ParsedSpec | None) -> BudgetCache:
+        o = part.options
+        queries = scored and o["scores"] == "queries" and ctx.model is not None
+        if queries:
+            use_lowbit_attention(ctx.model)
+        return BudgetCache(
+            ctx.config, name=part.name, policy=policy(o), budget=o["budget"], sinks=o["sinks"], window=o.get("window", 0),
+            slack=o["slack"], obs=o.get("obs", 1), needs_scores=scored, scores_from="queries" if queries else "keys",
+            store=_store_options(store),
+        )
+
+    def nbytes(o: dict, shape: KVShape, n: int, store: ParsedSpec | None) -> int:
+        kept = max_kept(o, n)
+        if store is None:
+            held = kept * shape.fp16_bytes_per_token
+        else:
+            s = _store_options(store)
+            fmt = KiviFormat(s["bits"], s["group"], s["residual"], o["sinks"])
+            held = fmt.peak_nbytes(kept, shape.kv_heads, shape.head_dim, shape.store_bytes)
+        scores = 4 * shape.kv_heads * kept if scored else 0
+        return shape.layers * (held + scores)
+
+    return KVMethod(MethodSpec(name, params, help), make, nbytes, takes_store=True, exact=False)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.kv.budget import budget_method, budget_params
+from lowbit.kv.registry import register_kv_method
+
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if t.dim() == idx.dim():
@@ -45,3 +48,12 @@ def h2o_policy(keys, values, scores, positions, m: int):
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :m]
     idx = order.sort(dim=-1).values
     return keep_indices(keys, values, scores, positions, idx)
+
+
+
+# ------------------------------------------------------------------------------ registration
+
+STREAMING = register_kv_method(budget_method(
+    "streaming", lambda o: streaming_policy, "StreamingLLM: attention sinks + most recent tokens", budget_params(4, None, False)))
+H2O = register_kv_method(budget_method(
+    "h2o", lambda o: h2o_policy, "H2O: heavy hitters by accumulated attention + recent window", budget_params(0, 32, True)))

@@ -1,19 +1,10 @@
 """KIVI: tuning-free asymmetric 2/4-bit KV-cache quantization (Liu et al., 2024) as a transformers Cache.
 
-Per layer, tokens live in up to three places, always concatenated in token order:
-
-* **sinks** (optional, ``sinks=N``): the first N tokens of every sequence, kept in full precision;
-* **quantized**: keys per-channel (each channel's ``group_size`` consecutive tokens share one fp16
-  scale and zero), values per-token (each token's ``group_size`` consecutive channels share them),
-  codes packed 4 (2-bit) or 2 (4-bit) per byte;
-* **residual**: the newest tokens in full precision. Keys leave it ``residual_length`` (R) at a time
-  once R are held (after a prefill of P tokens, all but the last ``P mod R`` are quantized at once);
-  values leave it one token at a time, oldest first, once more than R are held.
-
-The tokens of the current forward attend with their exact states (as in KIVI); what they left in the
-cache is what later steps see. Quantized tokens are never re-quantized. Full-precision parts are stored in ``storage_dtype``
-(fp16 by default for an fp32 model, else the model's dtype), so :meth:`KiviCache.nbytes` is the
-true number of bytes a deployment would hold.
+The storage format -- parts (sinks | quantized | residual), flush schedule, quantize+pack, dequantize,
+bytes -- is :mod:`lowbit.quant.kivi`; this module holds it per decoder layer. The tokens of the current
+forward attend with their exact states (as in KIVI); what they left in the cache is what later steps
+see. Full-precision parts are stored in ``storage_dtype`` (fp16 by default for an fp32 model, else the
+model's dtype), so :meth:`KiviCache.nbytes` is the true number of bytes a deployment would hold.
 """
 
 from __future__ import annotations
@@ -21,14 +12,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from lowbit.quant import pack, unpack
-from lowbit.quant.uniform import dequantize_codes, quantize_codes
-
-KIVI_BITS = (2, 4, 8)
-
-
-def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int = -2) -> torch.Tensor:
-    return b if a is None else torch.cat([a, b], dim=dim)
+from lowbit.kv.registry import CacheContext, KVMethod, KVShape, register_kv_method
+from lowbit.quant.kivi import KiviFormat, KiviParts, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from lowbit.quant.packing import PACKABLE_BITS
+from lowbit.spec import MethodSpec, Param, ParsedSpec, SpecError
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -38,17 +25,11 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 class KiviLayer(DynamicLayer):
     """One decoder layer's KIVI cache. Tensors are [batch, kv_heads, tokens, head_dim]."""
 
-    def __init__(
-        self,
-        bits: int = 2,
-        group_size: int = 32,
-        residual_length: int = 128,
-        sinks: int = 0,
-        storage_dtype: torch.dtype | None = None,
-    ):
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128, sinks: int = 0,
+                 storage_dtype: torch.dtype | None = None):
         super().__init__()
-        validate_kivi_options(bits, group_size, residual_length, sinks)
-        self.bits, self.group_size, self.residual_length, self.sinks = bits, group_size, residual_length, sinks
+        self.format = KiviFormat(bits, group, residual, sinks)
+        self.bits, self.group, self.residual, self.sinks = bits, group, residual, sinks
         self.requested_storage_dtype = storage_dtype
         self._clear()
 
@@ -64,9 +45,9 @@ class KiviLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.head_dim = head_dim = key_states.shape[-1]
-        if head_dim % self.group_size:
+        if head_dim % self.group:
             raise ValueError(
-                f"KIVI group size {self.group_size} must divide the head dimension {head_dim} "
+                f"KIVI group {self.group} must divide the head dimension {head_dim} "
                 "(values are quantized per token in groups of channels)"
             )
         if self.requested_storage_dtype is not None:
@@ -85,67 +66,87 @@ class KiviLayer(DynamicLayer):
         self._clear()
         self.is_initialized = False
 
-    # ----------------------------------------------------------------- quantization
-    def _quantize_keys(self, k: torch.Tensor) -> None:
-        codes, scale, zero = quantize_codes(k, self.bits, self.group_size, dim=-2)
-        self.qk_packed = _cat(self.qk_packed, pack(codes, self.bits, dim=-2))
-        self.qk_scale = _cat(self.qk_scale, scale)
-        self.qk_zero = _cat(self.qk_zero, zero)
-        self.n_qk += k.shape[-2]
+    # ----------------------------------------------------------------- storage (overridable)
+    def _append(self, name: str, new: torch.Tensor) -> None:
+        """``getattr(self, name) = cat(current, new)`` along tokens."""
+        cur = getattr(self, name)
+        setattr(self, name, new if cur is None else torch.cat([cur, new], dim=-2))
 
-    def _quantize_values(self, v: torch.Tensor) -> None:
-        codes, scale, zero = quantize_codes(v, self.bits, self.group_size, dim=-1)
-        self.qv_packed = _cat(self.qv_packed, pack(codes, self.bits, dim=-1))
-        self.qv_scale = _cat(self.qv_scale, scale)
-        self.qv_zero = _cat(self.qv_zero, zero)
-        self.n_qv += v.shape[-2]
+    def _drop_front(self, name: str, n: int) -> None:
+        setattr(self, name, getattr(self, name)[..., n:, :].contiguous())
 
-    def _assemble(self, sink, packed, scale, zero, n_quant: int, residual, dim: int) -> torch.Tensor:
+    def _pack_keys(self, k: torch.Tensor):
+        return quantize_keys(k, self.bits, self.group)
+
+    def _pack_values(self, v: torch.Tensor):
+        return quantize_values(v, self.bits, self.group)
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store new tokens: sinks first, then the residual, flushed on the format's schedule."""
+        k = key_states.detach().to(self.storage_dtype)  # a cache is for inference: no autograd through codes
+        v = value_states.detach().to(self.storage_dtype)
+        if self.n_sink < self.sinks:
+            take = min(self.sinks - self.n_sink, k.shape[-2])
+            self._append("sink_k", k[..., :take, :])
+            self._append("sink_v", v[..., :take, :])
+            self.n_sink += take
+            k, v = k[..., take:, :], v[..., take:, :]
+        if not k.shape[-2]:
+            return
+        self._append("res_k", k)
+        self._append("res_v", v)
+        n_flush = self.format.key_flush(self.res_k.shape[-2])
+        if n_flush:
+            for name, t in zip(("qk_packed", "qk_scale", "qk_zero"), self._pack_keys(self.res_k[..., :n_flush, :])):
+                self._append(name, t)
+            self.n_qk += n_flush
+            self._drop_front("res_k", n_flush)
+        n_flush = self.format.value_flush(self.res_v.shape[-2])
+        if n_flush:
+            for name, t in zip(("qv_packed", "qv_scale", "qv_zero"), self._pack_values(self.res_v[..., :n_flush, :])):
+                self._append(name, t)
+            self.n_qv += n_flush
+            self._drop_front("res_v", n_flush)
+
+    # ----------------------------------------------------------------- reading
+    def _assemble(self, sink, n_quant: int, dequantize, residual, scale) -> torch.Tensor:
         """sinks | dequantized | residual in token order, written once into one [B, H, T, D] tensor."""
         ref = next(t for t in (sink, residual, scale) if t is not None)
-        total = self.get_seq_length()
-        out = torch.empty(ref.shape[0], ref.shape[1], total, self.head_dim, dtype=self.dtype, device=ref.device)
+        out = torch.empty(ref.shape[0], ref.shape[1], self.get_seq_length(), self.head_dim, dtype=self.dtype, device=ref.device)
         if sink is not None:
             out[..., : self.n_sink, :] = sink
         if n_quant:
-            codes = unpack(packed, self.bits, dim=dim)
-            view = out[..., self.n_sink : self.n_sink + n_quant, :]
-            dequantize_codes(codes, scale, zero, self.group_size, dim, self.dtype, out=view)
+            dequantize(n_quant, out[..., self.n_sink : self.n_sink + n_quant, :])
         if residual is not None:
             out[..., self.n_sink + n_quant :, :] = residual
         return out
 
     def full_keys(self) -> torch.Tensor:
         """All cached keys in token order, dequantized to the model dtype."""
-        return self._assemble(self.sink_k, self.qk_packed, self.qk_scale, self.qk_zero, self.n_qk, self.res_k, -2)
+        def deq(n, out):
+            return dequantize_keys(self.qk_packed, self.qk_scale, self.qk_zero, n, self.bits, self.group, self.dtype, out=out)
+        return self._assemble(self.sink_k, self.n_qk, deq, self.res_k, self.qk_scale)
 
     def full_values(self) -> torch.Tensor:
         """All cached values in token order, dequantized to the model dtype."""
-        return self._assemble(self.sink_v, self.qv_packed, self.qv_scale, self.qv_zero, self.n_qv, self.res_v, -1)
+        def deq(n, out):
+            return dequantize_values(self.qv_packed, self.qv_scale, self.qv_zero, n, self.bits, self.group, self.dtype, out=out)
+        return self._assemble(self.sink_v, self.n_qv, deq, self.res_v, self.qv_scale)
+
+    def parts(self, n_qk: int | None = None, res_k: torch.Tensor | None = None) -> KiviParts:
+        """The stored tensors as a :class:`~lowbit.quant.kivi.KiviParts` (optionally overriding the key split)."""
+        return KiviParts(
+            bits=self.bits, group=self.group, sink_k=self.sink_k, sink_v=self.sink_v,
+            qk_packed=self.qk_packed, qk_scale=self.qk_scale, qk_zero=self.qk_zero, n_qk=self.n_qk if n_qk is None else n_qk,
+            qv_packed=self.qv_packed, qv_scale=self.qv_scale, qv_zero=self.qv_zero, n_qv=self.n_qv,
+            res_k=self.res_k if res_k is None else res_k, res_v=self.res_v,
+        )
 
     # ----------------------------------------------------------------- Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        k = key_states.detach().to(self.storage_dtype)  # a cache is for inference: no autograd through codes
-        v = value_states.detach().to(self.storage_dtype)
-        if self.n_sink < self.sinks:
-            take = min(self.sinks - self.n_sink, k.shape[-2])
-            self.sink_k = _cat(self.sink_k, k[..., :take, :])
-            self.sink_v = _cat(self.sink_v, v[..., :take, :])
-            self.n_sink += take
-            k, v = k[..., take:, :], v[..., take:, :]
-        if k.shape[-2]:
-            self.res_k = _cat(self.res_k, k)
-            self.res_v = _cat(self.res_v, v)
-            n_flush = (self.res_k.shape[-2] // self.residual_length) * self.residual_length
-            if n_flush:
-                self._quantize_keys(self.res_k[..., :n_flush, :])
-                self.res_k = self.res_k[..., n_flush:, :].contiguous()
-            excess = self.res_v.shape[-2] - self.residual_length
-            if excess > 0:
-                self._quantize_values(self.res_v[..., :excess, :])
-                self.res_v = self.res_v[..., excess:, :].contiguous()
+        self._store(key_states, value_states)
         # as in KIVI, the tokens of this step attend with their exact states; quantization applies from the next step
         keys, values = self.full_keys(), self.full_values()
         n = key_states.shape[-2]
@@ -196,11 +197,11 @@ class KiviLayer(DynamicLayer):
         self.n_sink = n_sink
         rest = keep - n_sink
         # keys: keep whole quantized groups, the rest goes (dequantized) to the residual
-        kept_k = min(self.n_qk, (rest // self.group_size) * self.group_size)
+        kept_k = min(self.n_qk, (rest // self.group) * self.group)
         if kept_k < self.n_qk:
             rows = kept_k * self.bits // 8
             self.qk_packed = self.qk_packed[..., :rows, :] if kept_k else None
-            g = kept_k // self.group_size
+            g = kept_k // self.group
             self.qk_scale = self.qk_scale[..., :g, :] if kept_k else None
             self.qk_zero = self.qk_zero[..., :g, :] if kept_k else None
             self.n_qk = kept_k
@@ -226,40 +227,19 @@ class KiviLayer(DynamicLayer):
         return 2 * 2 * ref.shape[0] * ref.shape[1] * self.get_seq_length() * self.head_dim
 
 
-def validate_kivi_options(bits: int, group_size: int, residual_length: int, sinks: int) -> None:
-    """Raise a ValueError naming the bad option and what is allowed."""
-    if bits not in KIVI_BITS:
-        raise ValueError(f"KIVI bits={bits} is not supported: allowed bit-widths are {KIVI_BITS}")
-    if group_size <= 0 or group_size % (8 // bits):
-        raise ValueError(f"KIVI group_size={group_size} must be a positive multiple of {8 // bits} for {bits}-bit packing")
-    if residual_length <= 0 or residual_length % group_size:
-        raise ValueError(
-            f"KIVI residual_length={residual_length} must be a positive multiple of group_size={group_size}"
-        )
-    if sinks < 0:
-        raise ValueError(f"KIVI sinks={sinks} must be >= 0")
-
-
 class KiviCache(Cache):
     """KIVI-quantized KV cache: ``model.generate(..., past_key_values=KiviCache(model.config, bits=2))``."""
 
-    def __init__(
-        self,
-        config=None,
-        bits: int = 2,
-        group_size: int = 32,
-        residual_length: int = 128,
-        sinks: int = 0,
-        storage_dtype: torch.dtype | None = None,
-        num_layers: int | None = None,
-    ):
-        validate_kivi_options(bits, group_size, residual_length, sinks)
+    layer_class = KiviLayer
+
+    def __init__(self, config=None, bits: int = 2, group: int = 32, residual: int = 128, sinks: int = 0,
+                 storage_dtype: torch.dtype | None = None, num_layers: int | None = None, **layer_options):
+        self.format = KiviFormat(bits, group, residual, sinks)
         if num_layers is None:
             if config is None:
                 raise ValueError("KiviCache needs the model config (or num_layers) to know how many layers to hold")
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        self.bits, self.group_size, self.residual_length, self.sinks = bits, group_size, residual_length, sinks
-        layers = [KiviLayer(bits, group_size, residual_length, sinks, storage_dtype) for _ in range(num_layers)]
+        layers = [self.layer_class(bits, group, residual, sinks, storage_dtype, **layer_options) for _ in range(num_layers)]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
@@ -271,7 +251,57 @@ class KiviCache(Cache):
         return sum(layer.nbytes_fp16() for layer in self.layers)
 
     def __repr__(self) -> str:
-        return (
-            f"KiviCache(bits={self.bits}, group_size={self.group_size}, residual_length={self.residual_length}, "
-            f"sinks={self.sinks}, layers={len(self.layers)})"
+        f = self.format
+        return f"{type(self).__name__}(bits={f.bits}, group={f.group}, residual={f.residual}, sinks={f.sinks}, layers={len(self.layers)})"
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+def _make_cache(part: ParsedSpec, ctx: CacheContext, store) -> KiviCache:
+    o = part.options
+    options = dict(bits=o["bits"], group=o["group"], residual=o["residual"], sinks=o["sinks"])
+    model = ctx.model
+    if model is not None and ctx.kernels and next(model.parameters()).is_cuda:
+        from lowbit.kv.attention import use_lowbit_attention
+        from lowbit.kv.fused import FusedKiviCache
+
+        use_lowbit_attention(model)
+        return FusedKiviCache(ctx.config, **options)
+    return KiviCache(ctx.config, **options)
+
+
+def _format(o: dict) -> KiviFormat:
+    return KiviFormat(o["bits"], o["group"], o["residual"], o["sinks"])
+
+
+def _method_nbytes(o: dict, shape: KVShape, n: int, store) -> int:
+    return shape.layers * _format(o).nbytes(n, shape.kv_heads, shape.head_dim, shape.store_bytes)
+
+
+def _method_peak_nbytes(o: dict, shape: KVShape, n: int, store) -> int:
+    return shape.layers * _format(o).peak_nbytes(n, shape.kv_heads, shape.head_dim, shape.store_bytes)
+
+
+def _validate(part: ParsedSpec) -> None:
+    o = part.options
+    if o["residual"] % o["group"] or (o["group"] % (8 // o["bits"])):
+        raise SpecError(
+            f"'{part.text}': residual ({o['residual']}) must be a multiple of group ({o['group']}), "
+            f"and group a multiple of {8 // o['bits']} for {o['bits']}-bit packing"
         )
+
+
+KIVI = register_kv_method(KVMethod(
+    MethodSpec(
+        "kivi",
+        {
+            "bits": Param(int, 2, check=lambda b: b in PACKABLE_BITS, allowed=f"one of {PACKABLE_BITS}"),
+            "group": Param(int, 32, aliases=("group_size", "g"), check=lambda g: g > 0, allowed="a positive integer"),
+            "residual": Param(int, 128, aliases=("residual_length", "r"), check=lambda r: r > 0, allowed="a positive multiple of group"),
+            "sinks": Param(int, 0, check=lambda s: s >= 0, allowed="an integer >= 0"),
+        },
+        "KIVI: keys per-channel, values per-token, full-precision residual window",
+    ),
+    _make_cache, _method_nbytes, peak_nbytes=_method_peak_nbytes, validate=_validate, is_store=True,
+))

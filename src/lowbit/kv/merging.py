@@ -27,6 +27,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lowbit.kv.budget import budget_method, budget_params
+from lowbit.kv.registry import register_kv_method
+from lowbit.spec import Param
+
 GRID = np.concatenate([[-2.0], np.linspace(-1.0, 1.0, 15), [2.0]])
 REFINE = 16
 
@@ -148,3 +152,14 @@ def make_kvmerger_policy(sigma: float = 0.0):
         )
 
     return policy
+
+
+
+# ------------------------------------------------------------------------------ registration
+
+KVMERGER = register_kv_method(budget_method(
+    "kvmerger", lambda o: make_kvmerger_policy(o["sigma"]),
+    "KVMerger: merge similar consecutive keys (Gaussian weights around the most-attended pivot)",
+    {**budget_params(4, 32, True),
+     "sigma": Param(float, 0.0, check=lambda s: s >= 0, allowed="a number >= 0 (0 = adaptive per merging set)")},
+))

@@ -1,128 +1,150 @@
-"""The KV-cache methods lowbit knows, their options, and the one place a ``--kv`` spec becomes a Cache."""
+"""The registry of KV-cache methods: the one place a ``--kv`` spec becomes a Cache and a byte count.
+
+A method is a :class:`KVMethod` object registered with :func:`register_kv_method`: its spec (options,
+defaults, validation), a factory that builds a transformers ``Cache``, and the peak bytes a one-sequence
+cache holds after ``n`` tokens. :func:`make_cache` (eval, generation, the server) and
+:func:`cache_bytes` / :func:`peak_cache_bytes` (the server's admission) use nothing else, so a new method is one file with one
+registration (``docs/ARCHITECTURE.md`` has the recipe).
+
+Composition: a method that ``takes_store`` (the budget methods) may be followed by ``+`` and a method
+that ``is_store`` (KIVI): ``kvmerger:budget=0.5+kivi:bits=4`` keeps the merged states in KIVI's format.
+"""
 
 from __future__ import annotations
 
-from transformers.cache_utils import Cache, DynamicCache
+from dataclasses import dataclass
+from typing import Callable
 
-from lowbit.kv.budget import BudgetCache
-from lowbit.kv.eviction import h2o_policy, streaming_policy
-from lowbit.kv.kivi import KIVI_BITS, KiviCache
-from lowbit.kv.merging import make_kvmerger_policy
-from lowbit.spec import MethodSpec, Param, ParsedSpec, SpecError, parse_spec
+import torch
+from transformers.cache_utils import Cache
 
-KV_METHODS: dict[str, MethodSpec] = {
-    "fp16": MethodSpec("fp16", {}, "uncompressed cache (the baseline)"),
-    "kivi": MethodSpec(
-        "kivi",
-        {
-            "bits": Param(int, 2, check=lambda b: b in KIVI_BITS, allowed=f"one of {KIVI_BITS}"),
-            "group": Param(int, 32, aliases=("group_size", "g"), check=lambda g: g > 0, allowed="a positive integer"),
-            "residual": Param(int, 128, aliases=("residual_length", "r"), check=lambda r: r > 0, allowed="a positive multiple of group"),
-            "sinks": Param(int, 0, check=lambda s: s >= 0, allowed="an integer >= 0"),
-        },
-        "KIVI: keys per-channel, values per-token, full-precision residual window",
-    ),
-}
+from lowbit.spec import MethodSpec, ParsedSpec, SpecError, parse_spec
 
 
-def _budget_params(sinks: int, window: int | None, scored: bool) -> dict[str, Param]:
-    params = {
-        "budget": Param(float, 0.5, aliases=("b",), check=lambda b: 0.0 < b <= 1.0, allowed="a fraction of the tokens seen in (0, 1]"),
-        "sinks": Param(int, sinks, check=lambda s: s >= 0, allowed="an integer >= 0"),
-    }
-    if window is not None:
-        params["window"] = Param(int, window, aliases=("recent",), check=lambda w: w >= 0, allowed="an integer >= 0")
-    params["slack"] = Param(int, 16, check=lambda s: s >= 0, allowed="an integer >= 0 (states over budget before decoding recompresses)")
-    if scored:
-        params["obs"] = Param(int, 32, check=lambda o: o >= 1, allowed="an integer >= 1 (prefill queries that score the prompt)")
-        params["scores"] = Param(str, "queries", check=lambda s: s in ("queries", "keys"), allowed="'queries' or 'keys'")
-    return params
+@dataclass(frozen=True)
+class KVShape:
+    """What the bytes of a one-sequence cache depend on besides the method: the model's KV geometry."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    store_bytes: int = 2  # element size of full-precision parts (fp16 for an fp32 model, else the model dtype)
+
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype = torch.float32) -> "KVShape":
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        store = 2 if dtype == torch.float32 else torch.empty((), dtype=dtype).element_size()
+        return cls(text.num_hidden_layers, kv_heads, head_dim, store)
+
+    @property
+    def fp16_bytes_per_token(self) -> int:
+        """Bytes of one token's K and V in one layer at 2 bytes per element (the uncompressed convention)."""
+        return 2 * 2 * self.kv_heads * self.head_dim
 
 
-# Methods that keep at most budget x tokens-seen states per head; they compose with kivi ('<method>+kivi:...').
-BUDGET_METHODS = ("streaming", "h2o", "kvmerger")
-KV_METHODS.update(
-    {
-        "streaming": MethodSpec("streaming", _budget_params(4, None, False), "StreamingLLM: attention sinks + most recent tokens"),
-        "h2o": MethodSpec("h2o", _budget_params(0, 32, True), "H2O: heavy hitters by accumulated attention + recent window"),
-        "kvmerger": MethodSpec(
-            "kvmerger",
-            {
-                **_budget_params(4, 32, True),
-                "sigma": Param(float, 0.0, check=lambda s: s >= 0, allowed="a number >= 0 (0 = adaptive per merging set)"),
-            },
-            "KVMerger: merge similar consecutive keys (Gaussian weights around the most-attended pivot)",
-        ),
-    }
-)
+@dataclass(frozen=True)
+class CacheContext:
+    """What a factory may use: the model config, and the model itself when the caller gave it.
+
+    With a model, methods that score with the attention queries or compute attention with a kernel
+    switch it to lowbit's attention function (:mod:`lowbit.kv.attention`); ``kernels=False`` keeps the
+    PyTorch reference storage even on CUDA.
+    """
+
+    config: object
+    model: object | None = None
+    kernels: bool = True
+
+
+@dataclass(frozen=True)
+class KVMethod:
+    """A registered KV method.
+
+    ``make(part, ctx, store)`` builds the cache. ``nbytes(options, shape, n, store)`` is the bytes one
+    sequence's cache holds (all layers) after ``n`` tokens -- exact, or an upper bound when ``exact`` is
+    False; ``peak_nbytes`` (same arguments) the most at any length up to ``n``, when that differs.
+    """
+
+    spec: MethodSpec
+    make: Callable[[ParsedSpec, CacheContext, ParsedSpec | None], Cache]
+    nbytes: Callable[[dict, KVShape, int, ParsedSpec | None], int]
+    peak_nbytes: Callable[[dict, KVShape, int, ParsedSpec | None], int] | None = None  # None: nbytes never drops
+    validate: Callable[[ParsedSpec], None] | None = None  # cross-option checks; raise SpecError
+    is_store: bool = False  # may follow '+' as the storage of a method that takes one
+    takes_store: bool = False  # may be followed by '+<store method>'
+    exact: bool = True  # nbytes is exact (False: an upper bound)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+KV_METHODS: dict[str, KVMethod] = {}
+
+
+def register_kv_method(method: KVMethod) -> KVMethod:
+    """Add `method` to the registry (replacing one of the same name); returns it."""
+    KV_METHODS[method.name] = method
+    return method
 
 
 def parse_kv_spec(text: str) -> list[ParsedSpec]:
     """Validate a ``--kv`` spec; raises :class:`SpecError` naming what was wrong and what is allowed."""
-    parts = parse_spec(text, KV_METHODS, family="KV method")
+    parts = parse_spec(text, {name: m.spec for name, m in KV_METHODS.items()}, family="KV method")
     if len(parts) > 1:
-        names = [p.name for p in parts]
-        if len(parts) != 2 or names[0] not in BUDGET_METHODS or names[1] != "kivi":
+        first, store = (KV_METHODS[p.name] for p in parts[:2]) if len(parts) == 2 else (None, None)
+        if first is None or not first.takes_store or not store.is_store:
+            takers = "|".join(n for n, m in KV_METHODS.items() if m.takes_store)
+            stores = "|".join(n for n, m in KV_METHODS.items() if m.is_store)
             raise SpecError(
-                f"'{text}': the only '+' composition is a budget method followed by kivi "
-                f"(<{'|'.join(BUDGET_METHODS)}>:...+kivi:...), got {' + '.join(names)}"
+                f"'{text}': the only '+' composition is a budget method followed by {stores} "
+                f"(<{takers}>:...+{stores}:...), got {' + '.join(p.name for p in parts)}"
             )
     for part in parts:
-        if part.name == "kivi":
-            o = part.options
-            if o["residual"] % o["group"] or (o["group"] % (8 // o["bits"])):
-                raise SpecError(
-                    f"'{text}': residual ({o['residual']}) must be a multiple of group ({o['group']}), "
-                    f"and group a multiple of {8 // o['bits']} for {o['bits']}-bit packing"
-                )
+        check = KV_METHODS[part.name].validate
+        if check is not None:
+            check(part)
     return parts
 
 
-def _budget_cache(part: ParsedSpec, config, store) -> BudgetCache:
-    o = part.options
-    policy = {"streaming": streaming_policy, "h2o": h2o_policy}.get(part.name)
-    if part.name == "kvmerger":
-        policy = make_kvmerger_policy(o["sigma"])
-    return BudgetCache(
-        config,
-        name=part.name,
-        policy=policy,
-        budget=o["budget"],
-        sinks=o["sinks"],
-        window=o.get("window", 0),
-        slack=o["slack"],
-        obs=o.get("obs", 1),
-        needs_scores=part.name != "streaming",
-        scores_from=o.get("scores", "keys"),
-        store=store,
-    )
+def _parts(spec) -> list[ParsedSpec]:
+    if isinstance(spec, str):
+        return parse_kv_spec(spec)
+    return [spec] if isinstance(spec, ParsedSpec) else list(spec)
 
 
-def make_cache(spec: str | ParsedSpec, config, model=None) -> Cache:
-    """Build a fresh cache for one sequence batch from a spec string (or a parsed spec).
+def make_cache(spec: str | ParsedSpec | list[ParsedSpec], config, model=None, *, kernels: bool = True) -> Cache:
+    """Build a fresh cache from a spec string (or parsed parts) for a model `config`.
 
-    Given the `model` and a CUDA device, a plain KIVI cache comes with the Triton kernels: decode steps
-    read the packed cache directly (``lowbit.kernels``); elsewhere the PyTorch reference path runs.
+    Given the `model`, score-based methods receive the attention queries and, on CUDA, KIVI decodes
+    with the Triton kernels (unless ``kernels=False``); elsewhere the PyTorch reference path runs.
     """
-    parts = parse_kv_spec(spec) if isinstance(spec, str) else [spec] if isinstance(spec, ParsedSpec) else list(spec)
-    part = parts[0]
-    if part.name == "fp16":
-        return DynamicCache(config=config)
-    if part.name in BUDGET_METHODS:
-        store = "plain"
-        if len(parts) > 1:  # kept states stored through KIVI; the budget method's sinks stay fp16
-            store = dict(parts[1].options)
-            if "residual" not in parts[1].given:
-                store["residual"] = store["group"]  # a small fp16 residual by default: kept sets are short
-        return _budget_cache(part, config, store)
-    o = part.options
-    kwargs = dict(bits=o["bits"], group_size=o["group"], residual_length=o["residual"], sinks=o["sinks"])
-    if model is not None and next(model.parameters()).is_cuda:
-        from lowbit.kernels import FusedKiviCache, use_kivi_kernels
+    parts = _parts(spec)
+    store = parts[1] if len(parts) > 1 else None
+    return KV_METHODS[parts[0].name].make(parts[0], CacheContext(config, model, kernels), store)
 
-        use_kivi_kernels(model)
-        return FusedKiviCache(config, **kwargs)
-    return KiviCache(config, **kwargs)
+
+def cache_bytes(spec: str | ParsedSpec | list[ParsedSpec], shape: KVShape, n_tokens: int) -> int:
+    """Bytes a one-sequence cache of `spec` holds after `n_tokens` tokens (all layers; see :attr:`KVMethod.exact`)."""
+    parts = _parts(spec)
+    store = parts[1] if len(parts) > 1 else None
+    return KV_METHODS[parts[0].name].nbytes(parts[0].options, shape, max(0, int(n_tokens)), store)
+
+
+def peak_cache_bytes(spec: str | ParsedSpec | list[ParsedSpec], shape: KVShape, n_tokens: int) -> int:
+    """The most bytes a one-sequence cache of `spec` holds at any length up to `n_tokens`: what admission reserves."""
+    parts = _parts(spec)
+    store = parts[1] if len(parts) > 1 else None
+    method = KV_METHODS[parts[0].name]
+    peak = method.peak_nbytes or method.nbytes
+    return peak(parts[0].options, shape, max(0, int(n_tokens)), store)
+
+
+def is_exact(spec: str | ParsedSpec | list[ParsedSpec]) -> bool:
+    """Whether :func:`cache_bytes` is exact for `spec` (else a tight upper bound)."""
+    return KV_METHODS[_parts(spec)[0].name].exact
 
 
 def cache_nbytes(cache: Cache) -> tuple[int, int]:

@@ -25,7 +25,8 @@ from typing import Callable
 import numpy as np
 
 from lowbit.lut.functions import resolve
-from lowbit.lut.table import LutTable, code_range, input_scale, int_range
+from lowbit.lut.table import LutTable, code_range, input_scale
+from lowbit.quant.integer import qrange
 
 MIN_SEGMENTS, MAX_SEGMENTS = 2, 64
 BITS_RANGE = (4, 16)
@@ -77,7 +78,7 @@ class _Problem:
         # linear tails in the code domain: y = (slope * in_scale) * q + intercept
         self.tail_a = np.array([t[1] * self.in_scale if t[0] == "linear" else 0.0 for t in self.tails])
         self.tail_b = np.array([t[2] if t[0] == "linear" else 0.0 for t in self.tails])
-        self.qc = int_range(coef_bits)[1]
+        self.qc = qrange(coef_bits)[1]
         # largest alignment shift that keeps |acc| below 2**31 for the given widths
         self.max_shift = max(0, 31 - in_bits - coef_bits)
         self.mean_weight = 0.1

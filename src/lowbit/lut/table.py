@@ -29,20 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from lowbit.quant.integer import qrange
+
 FORMAT_VERSION = 1
 IN_SCALE_MODES = ("float", "pow2")
-
-
-def int_range(bits: int) -> tuple[int, int]:
-    """Signed integer grid [-2**(bits-1), 2**(bits-1) - 1]."""
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
 def input_scale(lo: float, hi: float, in_bits: int, mode: str) -> float:
     """Smallest scale (arbitrary float, or a power of two) for which [lo, hi] fits the signed grid."""
     if mode not in IN_SCALE_MODES:
         raise ValueError(f"unknown in_scale '{mode}': allowed values are {', '.join(IN_SCALE_MODES)}")
-    qmin, qmax = int_range(in_bits)
+    qmin, qmax = qrange(in_bits)
     scale = max(hi / qmax if hi > 0 else 0.0, lo / qmin if lo < 0 else 0.0)
     if mode == "pow2":
         k = math.ceil(math.log2(scale))
@@ -54,7 +51,7 @@ def input_scale(lo: float, hi: float, in_bits: int, mode: str) -> float:
 
 def code_range(lo: float, hi: float, in_scale: float, in_bits: int) -> tuple[int, int]:
     """The integer codes whose value q * in_scale lies in [lo, hi]."""
-    qmin, qmax = int_range(in_bits)
+    qmin, qmax = qrange(in_bits)
     eps = 1e-9
     qlo = max(qmin, math.ceil(lo / in_scale - eps))
     qhi = min(qmax, math.floor(hi / in_scale + eps))
@@ -105,13 +102,13 @@ class LutTable:
         n = len(self.slopes)
         if len(self.intercepts) != n or len(self.breakpoints) != n - 1 or n < 1:
             raise ValueError(f"inconsistent table: {n} slopes, {len(self.intercepts)} intercepts, {len(self.breakpoints)} breakpoints")
-        qmin, qmax = int_range(self.in_bits)
+        qmin, qmax = qrange(self.in_bits)
         if not qmin <= self.qlo <= self.qhi <= qmax:
             raise ValueError(f"code range [{self.qlo}, {self.qhi}] is not inside the {self.in_bits}-bit grid [{qmin}, {qmax}]")
         bounds = (self.qlo, *self.breakpoints, self.qhi + 1)
         if any(b >= a for a, b in zip(bounds[1:], bounds[:-1])):
             raise ValueError(f"breakpoints must be strictly increasing inside ({self.qlo}, {self.qhi}]: {self.breakpoints}")
-        cmin, cmax = int_range(self.coef_bits)
+        cmin, cmax = qrange(self.coef_bits)
         coefs = list(self.slopes) + list(self.intercepts)
         coefs += [v for t in (self.tail_left, self.tail_right) if t[0] == "linear" for v in t[1:3]]
         if any(not cmin <= v <= cmax for v in coefs):
@@ -126,11 +123,11 @@ class LutTable:
 
     @property
     def qmin(self) -> int:
-        return int_range(self.in_bits)[0]
+        return qrange(self.in_bits)[0]
 
     @property
     def qmax(self) -> int:
-        return int_range(self.in_bits)[1]
+        return qrange(self.in_bits)[1]
 
     @property
     def bounds(self) -> tuple[int, ...]:

@@ -1,21 +1,17 @@
-"""Uniform quantizers and exact bit packing shared by every lowbit method."""
+"""Primitives shared by every lowbit method: affine quantizers, exact bit packing, integer helpers, the KIVI format."""
 
-from lowbit.quant.packing import pack, unpack, packed_size
-from lowbit.quant.uniform import (
-    SUPPORTED_BITS,
-    QuantizedTensor,
-    dequantize,
-    fake_quantize,
-    quantize,
-)
+from lowbit.quant.affine import QuantizedTensor, ZeroPoint, dequantize, fake_quantize, quantize, quantize_integer
+from lowbit.quant.packing import PACKABLE_BITS, pack, packed_size, unpack
 
 __all__ = [
-    "SUPPORTED_BITS",
+    "PACKABLE_BITS",
     "QuantizedTensor",
+    "ZeroPoint",
     "dequantize",
     "fake_quantize",
     "pack",
     "packed_size",
     "quantize",
+    "quantize_integer",
     "unpack",
 ]

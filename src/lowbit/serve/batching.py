@@ -14,31 +14,34 @@ each row computes what a batch-1 decode of that request computes.
 
 The mask sizes the model asks for are those of the padded batch: ``get_mask_sizes(1) = (T, 0)`` and
 query offset T - 1 (every slot is causally visible; padding is masked). Methods that score keys with
-the attention module's ``query_states`` (found by looking up the caller's frame) see their own row of
-the batch's queries. A request whose own cache raises in ``update`` (or returns an unexpected number of
+the attention queries (:mod:`lowbit.kv.attention`) get their own row of the batch's queries: the padded
+keys are marked with a :class:`_RowObservers` that splits the attention call's queries by row. A request whose own cache raises in ``update`` (or returns an unexpected number of
 keys) is recorded in :attr:`BatchedCache.failed` and gets zero keys/values for the rest of the
 forward; the other rows are unaffected and the caller fails only that request.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lowbit.kv.attention import attach, target_of
 
-def _attention_queries(batch: int) -> torch.Tensor | None:
-    """The calling attention module's ``query_states`` [B, Hq, q, D], if it is a few frames up."""
-    frame = sys._getframe(2)
-    for _ in range(4):
-        if frame is None:
-            return None
-        q = frame.f_locals.get("query_states")
-        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[0] == batch:
-            return q
-        frame = frame.f_back
-    return None
+
+class _RowObservers:
+    """Hands each row's slice of the attention call's queries to the layer cache that asked for them."""
+
+    def __init__(self, owner: "BatchedCache", targets: list[tuple[int, object]]):
+        self.owner, self.targets = owner, targets
+
+    def observe_queries(self, query: torch.Tensor) -> None:
+        for b, target in self.targets:
+            if b in self.owner.failed:
+                continue
+            try:
+                target.observe_queries(query[b : b + 1])
+            except Exception as exc:  # noqa: BLE001 - isolate one request's failure
+                self.owner.failed[b] = exc
 
 
 class _BatchedLayer(DynamicLayer):
@@ -88,13 +91,11 @@ class BatchedCache(Cache):
         total = self.past_length + q_len
         keys = key_states.new_zeros(batch, key_states.shape[1], total, key_states.shape[-1])
         values = value_states.new_zeros(batch, value_states.shape[1], total, value_states.shape[-1])
-        batch_queries = _attention_queries(batch)
+        targets = []
         for b, cache in enumerate(self.caches):
             if b in self.failed:
                 continue
             try:
-                # a method that scores with the caller's queries finds this request's row here
-                query_states = batch_queries[b : b + 1] if batch_queries is not None else None  # noqa: F841
                 k, v = cache.update(key_states[b : b + 1], value_states[b : b + 1], layer_idx, *args, **kwargs)
                 n = k.shape[-2]
                 if n != self.kv_lengths[b]:
@@ -103,9 +104,11 @@ class BatchedCache(Cache):
                     )
                 keys[b, :, total - n :] = k[0]
                 values[b, :, total - n :] = v[0]
+                if target_of(k) is not None:
+                    targets.append((b, target_of(k)))
             except Exception as exc:  # noqa: BLE001 - isolate one request's failure
                 self.failed[b] = exc
-        return keys, values
+        return (attach(keys, _RowObservers(self, targets)) if targets else keys), values
 
 
 def decode_inputs(last_tokens: list[int], positions: list[int], kv_lengths: list[int] | None = None,

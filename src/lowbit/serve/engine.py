@@ -36,7 +36,7 @@ from lowbit.kv.registry import cache_nbytes, make_cache, parse_kv_spec
 from lowbit.serve.batching import BatchedCache, decode_inputs
 from lowbit.serve.metrics import Metrics
 from lowbit.serve.sampling import SamplingParams, TextTracker, sample_token
-from lowbit.serve.sizing import KVSizer, _text_config
+from lowbit.serve.sizing import KVSizer
 
 MB = 1 << 20
 
@@ -147,11 +147,10 @@ class Engine:
         self.model_name = model_name or getattr(model, "lowbit_name", None) or "model"
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        text = _text_config(model.config)
+        text = model.config.get_text_config(decoder=True)
         self.num_layers = text.num_hidden_layers
         self.max_context = int(getattr(text, "max_position_embeddings", 0) or 1 << 30)
         self.sizer = KVSizer(self.kv, model.config, self.dtype)
-        self.sizer.check()
         self.budget = int(kv_budget_mb * MB)
         self.max_batch, self.max_queue, self.prefill_per_step = max_batch, max_queue, prefill_per_step
         self.metrics = metrics or Metrics()
@@ -330,7 +329,7 @@ class Engine:
             if r.cancelled.is_set():
                 self._finish(r, "cancelled")
                 return
-            r.cache = r.cache_factory() if r.cache_factory else make_cache(self.kv, self.model.config)
+            r.cache = r.cache_factory() if r.cache_factory else make_cache(self.kv, self.model.config, self.model, kernels=False)
             r.generator = r.params.make_generator()
             r.tracker = TextTracker(self.tokenizer, r.params.stop)
             ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device)

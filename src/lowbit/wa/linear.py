@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.quant import integer
 from lowbit.wa import core
-from lowbit.wa.methods import WAConfig
+from lowbit.wa.methods import UNQUANTIZED, WHOLE_ROW, WAConfig
 
 MODES = ("int", "fake")
 
@@ -33,14 +34,14 @@ MODES = ("int", "fake")
 def layout(in_features: int, cfg: WAConfig) -> tuple[int, int, int]:
     """``(group, block, padded_in)`` for a layer of `in_features` inputs under `cfg`.
 
-    ``0`` (whole row) resolves to the input dim; the padded input dim is the smallest multiple of
+    :data:`WHOLE_ROW` resolves to the input dim; the padded input dim is the smallest multiple of
     ``max(group, block)`` holding every input. With ``pad=false`` a non-multiple is rejected.
     """
-    group = cfg.group or in_features
-    if cfg.a_bits >= 16:
-        block = group  # activations are not quantized: blocks play no part
+    group = in_features if cfg.group == WHOLE_ROW else cfg.group
+    if not cfg.quantizes_activations:
+        block = group  # blocks play no part
     else:
-        block = cfg.block or in_features
+        block = in_features if cfg.block == WHOLE_ROW else cfg.block
     if max(group, block) % min(group, block):
         raise ValueError(f"{cfg.spec}: block {block} and group {group} must divide one another")
     unit = max(group, block)
@@ -81,7 +82,7 @@ class QuantLinear(nn.Module):
 
     @property
     def quantizes_activations(self) -> bool:
-        return self.cfg.a_bits < 16
+        return self.cfg.quantizes_activations
 
     @property
     def n_blocks(self) -> int:
@@ -113,7 +114,7 @@ class QuantLinear(nn.Module):
             w = w[:, perm]
             if stats is not None:
                 stats = stats[perm]
-        wq, scale, zero = core.quantize_weight(core.pad_last(w.float(), q.padded_in), cfg.w_bits, q.group, cfg.sym)
+        wq, scale, zero = core.quantize_weight(integer.pad_last(w.float(), q.padded_in), cfg.w_bits, q.group, cfg.sym)
         q.qweight.copy_(core.pack_weight(wq, cfg.w_bits, cfg.sym))
         q.w_scale.copy_(scale)
         if zero is not None:
@@ -146,8 +147,8 @@ class QuantLinear(nn.Module):
         if key not in self._cache:
             if key == "w_deq":
                 self._cache[key] = self.dequantized_weight(torch.float32)
-            elif key == "w_int":  # [tiles, tile, out], contiguous, as core.int_matmul wants it
-                self._cache[key] = core.tile_weight(self.weight_int(), min(self.group, self.block), self.partial_dtype)
+            elif key == "w_int":  # [tiles, tile, out], contiguous, as integer.int_matmul wants it
+                self._cache[key] = integer.tile_weight(self.weight_int(), min(self.group, self.block), self.partial_dtype)
             elif key == "perm":
                 self._cache[key] = self.perm.long()
         return self._cache[key]
@@ -157,42 +158,40 @@ class QuantLinear(nn.Module):
         """Float dtype in which this layer's integer tile products are exact."""
         a_max = 128 if self.n_int8_blocks else 1 << (self.cfg.a_bits - 1)
         w_max = (1 << (self.cfg.w_bits - 1)) if self.cfg.sym else (1 << self.cfg.w_bits) - 1
-        return core.int_partial_dtype(min(self.group, self.block), a_max, w_max)
+        return integer.int_partial_dtype(min(self.group, self.block), a_max, w_max)
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in] -> [tokens, padded_in]`` float32: permuted and zero-padded."""
         x2 = x.reshape(-1, self.in_features).float()
         if self.perm is not None:
             x2 = x2.index_select(1, self._cached("perm"))
-        return core.pad_last(x2, self.padded_in)
+        return integer.pad_last(x2, self.padded_in)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token per-block activation codes and scales of ``x [..., in]``."""
-        return core.quantize_activation(self.prepare_input(x), self.block, self.int8_mask, self.cfg.a_bits)
+        return integer.quantize_activation(self.prepare_input(x), self.block, self.int8_mask, self.cfg.a_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.mode == "int" and self.quantizes_activations:
-            from lowbit.kernels.integration import quant_linear_forward, supports_quant_linear
-
-            if supports_quant_linear(self):  # the Triton W4A8/W4A4 GEMM (same integer semantics)
-                return quant_linear_forward(self, x)
+            if supports_kernel(self):  # the Triton W4A8/W4A4 GEMM (same integer semantics)
+                return kernel_forward(self, x)
         lead = x.shape[:-1]
         xp = self.prepare_input(x)
         if not self.quantizes_activations:
             y = xp @ self._cached("w_deq").t()
         else:
-            codes, scale = core.quantize_activation(xp, self.block, self.int8_mask, self.cfg.a_bits)
+            codes, scale = integer.quantize_activation(xp, self.block, self.int8_mask, self.cfg.a_bits)
             if self.mode == "fake":
-                y = core.dequantize_activation(codes, scale, self.block) @ self._cached("w_deq").t()
+                y = integer.dequantize_activation(codes, scale, self.block) @ self._cached("w_deq").t()
             else:
-                y = core.int_matmul(codes, scale, self.block, self._cached("w_int"), self.w_scale, self.group,
+                y = integer.int_matmul(codes, scale, self.block, self._cached("w_int"), self.w_scale, self.group,
                                     partial_dtype=self.partial_dtype)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        a = f"a{self.cfg.a_bits}" if self.quantizes_activations else "a16"
+        a = f"a{self.cfg.a_bits}" if self.quantizes_activations else f"a{UNQUANTIZED}"
         extra = f", int8 blocks {self.n_int8_blocks}/{self.n_blocks}" if self.quantizes_activations else ""
         return (f"in={self.in_features}, out={self.out_features}, {self.cfg.method} w{self.cfg.w_bits}{a}, "
                 f"group={self.group}, block={self.block}, padded_in={self.padded_in}{extra}, mode={self.mode}")
@@ -216,7 +215,38 @@ def select_int8_blocks(stats: torch.Tensor | None, block: int, padded_in: int, c
     if stats is None:
         mask[:n8] = True
         return mask
-    block_mag = core.pad_last(stats.float().cpu(), padded_in).reshape(nb, block).amax(dim=1)
+    block_mag = integer.pad_last(stats.float().cpu(), padded_in).reshape(nb, block).amax(dim=1)
     top = torch.sort(block_mag, descending=True, stable=True).indices[:n8]
     mask[top] = True
     return mask
+
+
+def supports_kernel(ql: QuantLinear) -> bool:
+    """Whether :func:`kernel_forward` can run this layer (W4 with A4/A8, tiles of 32, CUDA and Triton)."""
+    from lowbit.kernels import triton_ready
+
+    tile = min(ql.group, ql.block)
+    return (
+        ql.cfg.w_bits == 4 and ql.quantizes_activations and ql.cfg.a_bits in (4, 8) and tile % 32 == 0
+        and ql.block & (ql.block - 1) == 0 and triton_ready(ql.qweight)
+    )
+
+
+def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """CUDA forward of a W4A4/W4A8 QuantLinear: fused permute+pad+quantize, then the INT8-tensor-core GEMM.
+
+    Computes the same function as ``mode="int"`` (equal activation codes; float32 epilogue in a
+    different summation order, then the output dtype).
+    """
+    from lowbit.kernels.gemm import quantize_activation, repack_weight, w4a8_gemm
+
+    tile = min(ql.group, ql.block)
+    key = ("triton_w", tile)
+    if key not in ql._cache:
+        ql._cache[key] = repack_weight(ql.qweight, tile)
+    lead = x.shape[:-1]
+    codes, scale = quantize_activation(x, ql.block, ql.int8_mask, ql.cfg.a_bits, perm=ql.perm, padded_in=ql.padded_in)
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    y = w4a8_gemm(codes, scale, ql.block, ql._cache[key], ql.w_scale, ql.group, w_zero=ql.w_zero, bias=ql.bias,
+                  out_dtype=out_dtype)
+    return y.reshape(*lead, ql.out_features).to(x.dtype)

@@ -57,12 +57,16 @@ WA_METHODS: dict[str, MethodSpec] = {
 }
 
 
+WHOLE_ROW = 0  # a group/block of WHOLE_ROW spans the whole (padded) input row: per-channel weights, per-token activations
+UNQUANTIZED = 16  # a_bits of UNQUANTIZED: activations stay in floating point
+
+
 @dataclass(frozen=True)
 class WAConfig:
     """Resolved quantization config of one method (what a QuantLinear is built from).
 
-    ``group``/``block`` of 0 mean "the whole (padded) input row" (per-channel weights / per-token
-    activations). ``a_bits`` of 16 means activations are not quantized.
+    ``group``/``block`` of :data:`WHOLE_ROW` span the whole (padded) input row (per-channel weights /
+    per-token activations); ``a_bits`` of :data:`UNQUANTIZED` means activations are not quantized.
     """
 
     method: str
@@ -82,6 +86,10 @@ class WAConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "WAConfig":
         return cls(**d)
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.a_bits != UNQUANTIZED
 
     @property
     def needs_calibration(self) -> bool:
@@ -115,9 +123,9 @@ def resolve_config(spec: str | ParsedSpec | WAConfig) -> WAConfig:
         return WAConfig("fmpq", o["w"], o["a"], o["group"], o["block"], o["int8_frac"] if o["a"] == 4 else 1.0,
                         o["sym"], True, o["pad"], text)
     if part.name == "w8a8":
-        return WAConfig("w8a8", 8, 8, 0, 0, 1.0, True, False, True, text)
+        return WAConfig("w8a8", 8, 8, WHOLE_ROW, WHOLE_ROW, 1.0, True, False, True, text)
     if part.name == "w4a16":
-        return WAConfig("w4a16", 4, 16, o["group"], 0, 0.0, o["sym"], False, o["pad"], text)
+        return WAConfig("w4a16", 4, UNQUANTIZED, o["group"], WHOLE_ROW, 0.0, o["sym"], False, o["pad"], text)
     if part.name == "w4a4":
         return WAConfig("w4a4", 4, 4, o["group"], o["block"], 0.0, o["sym"], False, o["pad"], text)
     raise SpecError(f"unknown weight/activation method '{part.name}': allowed methods are {', '.join(WA_METHODS)}")
