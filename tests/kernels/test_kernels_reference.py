@@ -10,21 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels.layout import repack_weight, unrepack_weight
-from lowbit.kernels.reference import (
-    decode_attention_ref,
-    dequantized_kv,
-    kivi_parts,
-    quantize_activation_ref,
-    quantize_pack_keys_ref,
-    quantize_pack_values_ref,
-    w4a8_gemm_ref,
-)
+from lowbit.kernels.reference import decode_attention_ref, quantize_activation_ref, w4a8_gemm_ref
 from lowbit.kv.kivi import KiviLayer
+from lowbit.quant.kivi import dequantized_kv
+from lowbit.quant.kivi import quantize_keys as quantize_pack_keys_ref
+from lowbit.quant.kivi import quantize_values as quantize_pack_values_ref
 
 
 def _filled_layer(b, hkv, d, prefill, steps, bits=2, group=8, residual=16, sinks=0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    layer = KiviLayer(bits=bits, group_size=group, residual_length=residual, sinks=sinks)
+    layer = KiviLayer(bits=bits, group=group, residual=residual, sinks=sinks)
     last = None
     k = torch.randn(b, hkv, prefill, d, generator=g)
     v = torch.randn(b, hkv, prefill, d, generator=g)
@@ -38,8 +33,8 @@ def _filled_layer(b, hkv, d, prefill, steps, bits=2, group=8, residual=16, sinks
 
 def test_import_without_triton():
     mod = importlib.import_module("lowbit.kernels")
-    assert "kivi_decode_attention" in mod.__all__
-    importlib.import_module("lowbit.kernels.bench")  # the typer app imports without Triton or CUDA
+    assert "kivi_decode_attention_parts" in mod.__all__
+    importlib.import_module("lowbit.cli.bench")  # the typer app imports without Triton or CUDA
     with pytest.raises(AttributeError):
         mod.no_such_thing  # noqa: B018
 
@@ -50,7 +45,7 @@ def test_import_without_triton():
 def test_decode_ref_matches_sdpa_on_dequantized_cache(bits, gqa, prefill, steps, sinks):
     b, hkv, d = 2, 2, 16
     layer, *_ = _filled_layer(b, hkv, d, prefill, steps, bits=bits, sinks=sinks)
-    parts = kivi_parts(layer)
+    parts = layer.parts()
     assert parts.total == layer.get_seq_length()
     q = torch.randn(b, hkv * gqa, 1, d)
     out = decode_attention_ref(q, parts)
@@ -62,7 +57,7 @@ def test_decode_ref_matches_sdpa_on_dequantized_cache(bits, gqa, prefill, steps,
 def test_decode_ref_several_queries_causal_and_padding():
     b, hkv, d, gqa, nq = 2, 2, 16, 2, 3
     layer, *_ = _filled_layer(b, hkv, d, 40, 9, bits=4)
-    parts = kivi_parts(layer)
+    parts = layer.parts()
     t = parts.total
     q = torch.randn(b, hkv * gqa, nq, d)
     start = torch.tensor([0, 11])
@@ -78,7 +73,7 @@ def test_decode_ref_several_queries_causal_and_padding():
 @pytest.mark.parametrize("residual,group", [(16, 8), (8, 8)])
 def test_decode_parts_keeps_current_token_exact(residual, group):
     """After a flush the kernel path must see the exact current key, as KiviLayer.update returns it."""
-    from lowbit.kernels.integration import decode_parts
+    from lowbit.kv.fused import decode_parts
 
     b, hkv, d = 1, 2, 16
     seen_override = False
@@ -93,7 +88,7 @@ def test_decode_parts_keeps_current_token_exact(residual, group):
 
 def test_quantize_pack_refs_roundtrip():
     from lowbit.quant import unpack
-    from lowbit.quant.uniform import dequantize_codes
+    from lowbit.quant.affine import dequantize_codes
 
     x = torch.randn(2, 3, 64, 32)
     p, s, z = quantize_pack_keys_ref(x, 2, 32)
@@ -137,7 +132,7 @@ def test_gemm_ref_matches_quantlinear_int(spec):
 
 
 def test_start_from_mask():
-    from lowbit.kernels.integration import _start_from_mask
+    from lowbit.kv.fused import _start_from_mask
 
     m = torch.ones(3, 1, 1, 10, dtype=torch.bool)
     m[1, ..., :4] = False
@@ -150,7 +145,7 @@ def test_start_from_mask():
 
 def test_fused_layer_buffers_and_cpu_fallback():
     """Off CUDA the fused layer behaves exactly like KiviLayer; its buffers append/compact correctly."""
-    from lowbit.kernels.integration import FusedKiviLayer
+    from lowbit.kv.fused import FusedKiviLayer
 
     torch.manual_seed(0)
     a, b = KiviLayer(2, 8, 16), FusedKiviLayer(2, 8, 16)

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lowbit.lut import LutTable
-from lowbit.lut.cli import app, parse_range
+from lowbit.cli.lut import app, parse_range
 
 runner = CliRunner()
 FAST = ["--generations", "20", "--population", "24"]

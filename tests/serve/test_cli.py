@@ -6,7 +6,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from lowbit.serve import cli as serve_cli
+from lowbit.cli import bench as bench_cli
+from lowbit.cli import serve as serve_cli
+from lowbit.serve import launch
 
 
 @pytest.fixture
@@ -14,7 +16,7 @@ def app():
     app = typer.Typer()
     app.command("serve")(serve_cli.serve_command)
     bench = typer.Typer()
-    bench.command("serve")(serve_cli.bench_serve_command)
+    bench.command("serve")(bench_cli.bench_serve_command)
     app.add_typer(bench, name="bench")
     return app
 
@@ -31,7 +33,7 @@ def test_serve_command_passes_options(app, monkeypatch):
 @pytest.mark.parametrize("argv", [["serve", "--kv", "kivi:bits=3"], ["serve", "--kv-budget-mb", "0"],
                                   ["bench", "serve", "--kv", "fp16", "--kv", "nope"]])
 def test_bad_options_fail_before_loading(app, argv, monkeypatch):
-    monkeypatch.setattr(serve_cli, "load_for_serving", lambda *a, **k: pytest.fail("should not load"))
+    monkeypatch.setattr(launch, "load_for_serving", lambda *a, **k: pytest.fail("should not load"))
     r = CliRunner().invoke(app, argv)
     assert r.exit_code == 2 and "error" in r.output
 
@@ -40,16 +42,16 @@ def test_wa_is_applied_or_explained(tiny_llama):
     try:
         import lowbit.wa  # noqa: F401
     except ImportError:
-        with pytest.raises(serve_cli.SpecError, match="lowbit.wa"):
-            serve_cli.apply_wa(tiny_llama, None, "fmpq:w=4,a=8")
+        with pytest.raises(launch.SpecError, match="lowbit.wa"):
+            launch.apply_wa(tiny_llama, None, "fmpq:w=4,a=8")
         return
-    with pytest.raises(serve_cli.SpecError):
-        serve_cli.load_for_serving("smollm2", wa="no-such-method")
+    with pytest.raises(launch.SpecError):
+        launch.load_for_serving("smollm2", wa="no-such-method")
 
 
 @pytest.mark.model
 def test_tiny_bench_run(smollm2, tmp_path):
-    from lowbit.serve.bench import bench_serve, to_json
+    from lowbit.bench.serve import bench_serve, to_json
 
     results = bench_serve(kv=["fp16", "kivi:bits=2,residual=32"], kv_budget_mb=4, clients=3, requests=4, prompt_tokens=24,
                           max_tokens=4, time_limit_s=120, loaded=smollm2, log=lambda s: None)

@@ -267,8 +267,8 @@ def test_engine_failure_fails_one_request_only(fp16_server, smollm2, monkeypatch
     real = engine_mod.make_cache
     armed = {"left": 1}
 
-    def make_cache(spec, config):
-        cache = real(spec, config)
+    def make_cache(spec, config, *args, **kwargs):
+        cache = real(spec, config, *args, **kwargs)
         if armed["left"]:
             armed["left"] -= 1
             good = cache.layers[3].update

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lowbit.wa.evaluate import full_ppl
+from lowbit.eval.wa import full_ppl
 
 
 def test_full_ppl_matches_direct_cross_entropy(make_tiny):

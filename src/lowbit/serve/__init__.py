@@ -6,7 +6,7 @@ Quick use::
     engine = Engine(model, tok, kv="kivi:bits=2", kv_budget_mb=64)
     app = create_app(engine)            # FastAPI; run with uvicorn, or BackgroundServer(app).start()
 
-Names are imported lazily so that ``lowbit.serve.cli`` (mounted by the main CLI) stays cheap to import.
+Names are imported lazily so that the CLI (``lowbit.cli``) stays cheap to import.
 See docs/SERVE.md for the design, the API and measurements.
 """
 
@@ -29,7 +29,7 @@ _EXPORTS = {
     "KVSizer": "lowbit.serve.sizing",
     "create_app": "lowbit.serve.api",
     "BackgroundServer": "lowbit.serve.server",
-    "bench_serve": "lowbit.serve.bench",
+    "bench_serve": "lowbit.bench.serve",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,7 +11,6 @@ Quick use::
 See docs/FMPQ.md for the algorithm, the storage layout and measurements.
 """
 
-from lowbit.wa import evaluate
 from lowbit.wa.io import QuantizedCheckpointError, load_quantized, save_quantized
 from lowbit.wa.linear import QuantLinear
 from lowbit.wa.methods import WA_METHODS, WAConfig, parse_wa_spec, resolve_config
@@ -34,7 +33,6 @@ __all__ = [
     "WAReport",
     "calibration_ids",
     "collect_channel_stats",
-    "evaluate",
     "fp16_nbytes",
     "load_quantized",
     "model_nbytes",

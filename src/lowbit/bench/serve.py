@@ -16,6 +16,7 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -169,7 +170,7 @@ def bench_serve(
 ) -> list[BenchResult]:
     """Run the load once per KV method against an in-process server on loopback; see the module docstring."""
     from lowbit.serve.api import create_app
-    from lowbit.serve.cli import load_for_serving
+    from lowbit.serve.launch import load_for_serving
     from lowbit.serve.engine import Engine
     from lowbit.serve.metrics import parse_exposition
     from lowbit.serve.server import BackgroundServer
@@ -218,3 +219,39 @@ def results_table(results: list[BenchResult]):
 def to_json(results: list[BenchResult], meta: dict) -> str:
     return json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)
 
+
+def bench_serve_main(
+    model: str = "smollm2",
+    kv: list[str] | None = None,
+    wa: str | None = None,
+    kv_budget_mb: float = 16.0,
+    clients: int = 8,
+    requests: int = 24,
+    prompt_tokens: int = 256,
+    max_tokens: int = 32,
+    max_batch: int = 32,
+    time_limit_s: float = 600.0,
+    json_out: Path | None = None,
+):
+    """Run the serving benchmark and print the table (and write JSON); returns the results."""
+    from rich.console import Console
+
+    from lowbit.serve.launch import check_limits
+
+    kv = list(kv or ["fp16", "kivi:bits=2"])
+    check_limits(kv, kv_budget_mb, 0, max_batch)
+    err = Console(stderr=True)
+    results = bench_serve(model=model, kv=kv, wa=wa, kv_budget_mb=kv_budget_mb, clients=clients, requests=requests,
+                          prompt_tokens=prompt_tokens, max_tokens=max_tokens, max_batch=max_batch,
+                          time_limit_s=time_limit_s, log=lambda s: err.print(s, markup=False))
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=160)
+    out.print(results_table(results))
+    if json_out:
+        meta = {"model": model, "wa": wa, "kv_budget_mb": kv_budget_mb, "clients": clients, "requests": requests,
+                "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "max_batch": max_batch}
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(to_json(results, meta))
+        err.print(f"wrote {json_out}")
+    return results

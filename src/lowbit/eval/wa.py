@@ -1,4 +1,7 @@
-"""Perplexity helpers for comparing weight/activation quantizers (full sequences, no KV cache)."""
+"""Perplexity helpers for comparing weight/activation quantizers (full sequences, no KV cache).
+
+Run ``python -m lowbit.eval.wa [spec ...]`` for the table of docs/FMPQ.md.
+"""
 
 from __future__ import annotations
 
@@ -110,7 +113,7 @@ def wa_rows(base: nn.Module, specs, eval_ids: torch.Tensor, calib: torch.Tensor,
     return rows
 
 
-if __name__ == "__main__":  # python -m lowbit.wa.evaluate [spec ...]
+if __name__ == "__main__":  # python -m lowbit.eval.wa [spec ...]
     import sys
 
     compare(tuple(sys.argv[1:]) or TABLE_SPECS)

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lowbit.lut.genetic import FitResult, dense_errors, fit
-from lowbit.lut.functions import FUNCTIONS, get_function
+from lowbit.lut.functions import FUNCTIONS
+from lowbit.lut.genetic import dense_errors, fit
 
 app = typer.Typer(
     help="GQA-LUT: genetic, quantization-aware piecewise-linear tables for non-linear functions "
@@ -34,40 +34,6 @@ def parse_range(text: str) -> tuple[float, float]:
     except ValueError:
         raise typer.BadParameter(f"expected LO,HI (e.g. -4,4), got '{text}'") from None
     return lo, hi
-
-
-def _plot(result: FitResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    t = result.table
-    f = get_function(t.fn).f
-    codes = np.arange(t.qlo, t.qhi + 1)
-    x = codes * t.in_scale
-    fx = f(x)
-    y_ga = t.dequantize(t.evaluate_int(codes))
-    y_uni = result.baseline_table.dequantize(result.baseline_table.evaluate_int(codes))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    ax1.plot(x, fx, "k-", lw=1.5, label=f"{t.fn}(x)")
-    ax1.plot(x, y_ga, "C0.", ms=3, label=f"GA LUT ({t.segments} seg)")
-    ax1.plot(x, y_uni, "C1.", ms=2, alpha=0.6, label="uniform baseline")
-    for p in t.breakpoints_real:
-        ax1.axvline(p, color="C0", lw=0.5, alpha=0.4)
-    ax1.set_ylabel("y")
-    ax1.legend()
-    ax1.set_title(f"{t.fn} on [{t.lo:g}, {t.hi:g}], int{t.in_bits} input, int{t.coef_bits} coefficients")
-    ax2.plot(x, y_ga - fx, "C0-", label=f"GA  max {result.max_err:.2e}")
-    ax2.plot(x, y_uni - fx, "C1-", alpha=0.7, label=f"uniform  max {result.baseline_max_err:.2e}")
-    ax2.axhline(0, color="k", lw=0.5)
-    ax2.set_xlabel("x (on the input grid)")
-    ax2.set_ylabel("LUT - f")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 @app.command("fit")
@@ -109,5 +75,7 @@ def fit_cmd(
         t.save(str(out))
         console.print(f"wrote {out}")
     if plot is not None:
-        _plot(result, plot)
+        from lowbit.lut.plot import plot_fit
+
+        plot_fit(result, plot)
         console.print(f"wrote {plot}")

@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: eval, compare, generate, and the method families' sub-commands."""
+"""``lowbit eval``, ``compare``, ``quantize`` and ``generate``: option parsing and reports."""
 
 from __future__ import annotations
 
@@ -8,74 +8,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lowbit.kernels.bench import app as bench_app
-from lowbit.lut.cli import app as lut_app
-from lowbit.serve.cli import bench_serve_command, serve_command
-from lowbit.spec import SpecError
-
-app = typer.Typer(help="lowbit: low-bit KV caches and weights for LLM inference, with honest measurements.", no_args_is_help=True)
-app.add_typer(lut_app, name="lut", help="GQA-LUT: fit integer piecewise-linear approximations of non-linear functions")
-app.command("serve", help="OpenAI-compatible server with continuous batching over compressed KV caches.")(serve_command)
-bench_app.command("serve", help="Bounded loopback load test of `lowbit serve`, one row per KV method.")(bench_serve_command)
-app.add_typer(bench_app, name="bench", help="Benchmarks: GPU kernels (attention, gemm, e2e) and the server, beside baselines.")
-console = Console(width=None if sys.stdout.isatty() else 150)  # full tables in logs and CI too
-err = Console(stderr=True)
+from lowbit.cli.common import _calibration, _fail, _load, _progress, _tokens, _validated, console, err
 
 DEFAULT_COMPARE = ["fp16", "kivi:bits=4", "kivi:bits=2", "kivi:bits=2,sinks=4"]
 DEFAULT_LUT = ["silu:segments=16"]
 DEFAULT_WA = ["w8a8", "w4a16", "w4a4", "fmpq:w=4,a=4", "fmpq:w=4,a=8"]
 DEFAULT_WA_KV = ["fmpq:w=4,a=4|kivi:bits=4"]
 DEFAULT_BUDGET_METHODS = "streaming,h2o,kvmerger,kvmerger+kivi:bits=4"
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=2)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
-
-
-def _load(model_name: str):
-    from lowbit.models import ModelNotFoundError, load_model
-
-    with err.status(f"loading {model_name} …"):
-        try:
-            return load_model(model_name)
-        except ModelNotFoundError as exc:
-            _fail(str(exc))
-
-
-def _validated(variants):
-    for v in variants:
-        try:
-            v.validate()
-        except SpecError as exc:
-            _fail(str(exc))
-    return variants
-
-
-def _tokens(tok, text, n):
-    from lowbit.eval import DEFAULT_TEXT, load_tokens
-
-    try:
-        return load_tokens(tok, text or DEFAULT_TEXT, n)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-
-
-def _calibration(tok, text):
-    from lowbit.eval import DEFAULT_TEXT
-    from lowbit.eval.data import calibration_tokens
-
-    try:
-        return calibration_tokens(tok, text or DEFAULT_TEXT)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(f"calibration: {exc}")
 
 
 def _run_variants(model, ids, variants, prefill: int, tokens: int, calib=None):
@@ -99,7 +39,6 @@ def _run_variants(model, ids, variants, prefill: int, tokens: int, calib=None):
     return results
 
 
-@app.command("eval")
 def eval_cmd(
     model: str = typer.Option("smollm2", help="bundled name, local HF dir, .gguf file or hub id"),
     kv: str = typer.Option("fp16", help="KV method spec, e.g. kivi:bits=2,group=32,residual=128"),
@@ -134,8 +73,6 @@ def eval_cmd(
 
 
 def _run_task(model, kv, task, length, samples, depth, seed, json_out):
-    import json
-
     from rich.table import Table
 
     from lowbit.eval.tasks import TASKS, run_task
@@ -164,7 +101,6 @@ def _run_task(model, kv, task, length, samples, depth, seed, json_out):
         console.print(f"wrote {json_out}")
 
 
-@app.command()
 def compare(
     model: str = typer.Option("smollm2", help="bundled name, local HF dir, .gguf file or hub id"),
     kv: list[str] = typer.Option(DEFAULT_COMPARE, help="KV methods to compare (repeat the option)"),
@@ -274,7 +210,7 @@ def _wa_section(model, tok, text, specs, n_tokens, calib) -> list[dict]:
     """Full-sequence perplexity and weight bytes for each W/A spec, beside the unquantized model."""
     from rich.table import Table
 
-    from lowbit.wa.evaluate import wa_rows
+    from lowbit.eval.wa import wa_rows
 
     ids = _tokens(tok, text, n_tokens)[0]
     with _progress() as progress:
@@ -293,7 +229,6 @@ def _wa_section(model, tok, text, specs, n_tokens, calib) -> list[dict]:
     return rows
 
 
-@app.command()
 def quantize(
     model: str = typer.Option("smollm2", help="bundled name, local HF dir, .gguf file or hub id"),
     wa: str = typer.Option("fmpq:w=4,a=4", help="weight/activation spec"),
@@ -313,7 +248,6 @@ def quantize(
     console.print(f"wrote {path} ({model_nbytes(m) / 2**20:.1f} MiB of weights)")
 
 
-@app.command()
 def generate(
     prompt: str = typer.Argument(..., help="the prompt (chat template applied for instruct models)"),
     model: str = typer.Option("smollm2"),
@@ -331,7 +265,3 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-
-
-if __name__ == "__main__":
-    app()

@@ -1,0 +1,190 @@
+"""Decode tokens/s of a randomly initialised Llama-3-8B-shaped model (optionally fewer layers): HF bf16
+DynamicCache vs lowbit KIVI-2/4 through the kernels (and W4A8 / FMPQ-W4A4 linears).
+Triton and CUDA are imported lazily."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Optional
+
+from lowbit.bench.attention import random_kivi_parts
+from lowbit.bench.timing import HEAD_DIM, HKV, HQ, env_info, write_json
+
+TABLE_COLUMNS = ["method", "batch", "context", "layers", "tokens_per_s", "peak_GB"]
+WA_SPECS = {"w4a8kv4": "fmpq:w=4,a=8", "fmpq4kv4": "fmpq:w=4,a=4,int8_frac=0.1"}
+
+
+def llama_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=HEAD_DIM, max_position_embeddings=131072,
+        rope_theta=500000.0, torch_dtype="bfloat16",
+    )
+
+
+def fill_dynamic(cache, cfg, b: int, t: int):
+    import torch
+
+    for i in range(cfg.num_hidden_layers):
+        k = torch.randn(b, HKV, t, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, HKV, t, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        cache.update(k, v, i)
+
+
+def fill_kivi(cache, b: int, t: int, steps: int):
+    """Set every FusedKiviLayer to a random decoded state of `t` tokens, with room for `steps` more."""
+    import torch
+
+    for layer in cache.layers:
+        parts = random_kivi_parts(b, t, layer.bits, layer.group, layer.residual)
+        k0 = torch.zeros(b, HKV, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        layer.lazy_initialization(k0, k0)
+        for name in ("qk_packed", "qk_scale", "qk_zero", "qv_packed", "qv_scale", "qv_zero", "res_k", "res_v"):
+            setattr(layer, name, getattr(parts, name))
+        layer.n_qk, layer.n_qv = parts.n_qk, parts.n_qv
+        layer.reserve(t + steps + layer.residual)
+        del parts
+
+
+def decode_tps(model, cache, b: int, t: int, steps: int) -> float:
+    import torch
+
+    tok = torch.randint(0, 1000, (b, 1), device="cuda")
+    with torch.no_grad():
+        for i in range(2):  # warm-up (compiles kernels)
+            model(tok, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), t + i, device="cuda"))
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(steps):
+            model(tok, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), t + 2 + i, device="cuda"),
+                  logits_to_keep=1)
+        end.record()
+        torch.cuda.synchronize()
+    return b * steps / (start.elapsed_time(end) * 1e-3)
+
+
+def per_seq_bytes(kind: str, layers: int, context: int) -> float:
+    """Estimated KV bytes of one sequence of `context` tokens for `kind` (bf16 or a KIVI-`bits` kind)."""
+    if kind == "bf16":
+        return layers * 2 * HKV * HEAD_DIM * 2 * context
+    nb = int(kind[-1])
+    per_tok = layers * HKV * (2 * HEAD_DIM * nb / 8 + 2 * 2 * HEAD_DIM / 32 + 2 * 2 * HEAD_DIM / 32)
+    return per_tok * context + layers * 2 * HKV * HEAD_DIM * 2 * 2 * 128
+
+
+class DecodeBench:
+    """The random bf16 model, its W4Ax copies (built on demand, one at a time), and one timed decode per point."""
+
+    def __init__(self, layers: int, context: int, steps: int):
+        import torch
+        from transformers import LlamaForCausalLM
+
+        self.layers, self.context, self.steps = layers, context, steps
+        self.cfg = llama_config(layers)
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            self.model = LlamaForCausalLM(self.cfg).eval()
+        torch.set_default_dtype(torch.float32)
+        self.model.config._attn_implementation = "sdpa"
+        self.weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.wa_models: dict = {}
+
+    def model_for(self, kind: str):
+        """The bf16 model, or (built once, the previous one freed) a copy with QuantLinear layers (int mode:
+        the Triton activation quantizer + W4A8 GEMM on CUDA). Channel statistics are random, as the weights are."""
+        if kind not in WA_SPECS:
+            return self.model
+        if kind not in self.wa_models:
+            import copy
+
+            import torch
+
+            from lowbit.wa.model import quantize_model, select_linears
+
+            self.wa_models.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+            qm = copy.deepcopy(self.model)
+            names = select_linears(qm)
+            stats = {n: torch.rand(qm.get_submodule(n).in_features, device="cuda") + 0.1 for n in names}
+            quantize_model(qm, WA_SPECS[kind], mode="int", stats=stats)
+            self.wa_models[kind] = qm
+        return self.wa_models[kind]
+
+    def run(self, kind: str, b: int) -> tuple[float, float]:
+        """(tokens/s, peak GB) of `kind` at batch `b`."""
+        import torch
+        from transformers import DynamicCache
+
+        from lowbit.kv import FusedKiviCache, use_lowbit_attention
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        m = self.model_for(kind)
+        if kind == "bf16":
+            self.model.config._attn_implementation = "sdpa"
+            try:
+                cache = DynamicCache(config=self.model.config)
+            except TypeError:
+                cache = DynamicCache()
+            fill_dynamic(cache, self.cfg, b, self.context)
+        else:
+            use_lowbit_attention(m)
+            cache = FusedKiviCache(m.config, bits=int(kind[-1]))
+            fill_kivi(cache, b, self.context, self.steps + 4)
+        tps = decode_tps(m, cache, b, self.context, self.steps)
+        peak = torch.cuda.max_memory_allocated() / 1e9
+        del cache
+        return tps, peak
+
+
+def _record(bench: DecodeBench, kind: str, b: int, batch: int, rows: list, env: dict, json_out, log) -> bool:
+    """Run one point into `rows`; False (and stop) on anything but a clean out-of-memory."""
+    import torch
+
+    common = {"method": kind, "batch": b, "context": bench.context, "layers": bench.layers}
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        tps, peak = bench.run(kind, b)
+    except torch.cuda.OutOfMemoryError:
+        log(f"{kind} B={b}: out of memory")
+        gc.collect()
+        torch.cuda.empty_cache()
+        return True
+    except Exception as exc:  # a CUDA error poisons the context: report and stop measuring
+        log(f"{kind} B={b}: FAILED {repr(exc)[:300]}")
+        rows.append({**common, "error": repr(exc)[:300]})
+        return False
+    rows.append({**common, "tokens_per_s": tps, "peak_GB": peak, "max_batch_row": b != batch})
+    log(f"{kind:10s} B={b:4d} T={bench.context}: {tps:9.1f} tok/s  peak {peak:.1f} GB")
+    write_json(json_out, {"env": env, "rows": rows, "partial": True})
+    return True
+
+
+def run_e2e(methods: list[str], layers: int = 8, batch: int = 16, context: int = 16384, steps: int = 16,
+            max_batch: bool = True, json_out: Optional[Path] = None, log=print) -> dict:
+    """Decode tokens/s per method at `batch`, then (with `max_batch`) at the largest batch estimated to fit;
+    returns the JSON payload. Methods: bf16, kivi2, kivi4, w4a8kv4 (FMPQ W4A8 + KIVI-4), fmpq4kv4 (W4A4 + KIVI-4).
+
+    Rows are written to `json_out` as they come (``"partial": True``); the caller writes the final payload.
+    """
+    import torch
+
+    env = env_info()
+    bench = DecodeBench(layers, context, steps)
+    log(f"model: {layers} layers, {bench.weights / 1e9:.1f} GB bf16 weights")
+    rows: list = []
+    free_total = torch.cuda.mem_get_info()[1]
+    ok = all(_record(bench, kind, batch, batch, rows, env, json_out, log) for kind in methods)
+    if ok and max_batch:
+        for kind in methods:
+            budget = free_total * 0.85 - bench.weights - 8e9
+            b = max(batch, int(budget / per_seq_bytes(kind, layers, context)))
+            if not _record(bench, kind, b, batch, rows, env, json_out, log):
+                break
+    return {"env": env, "rows": rows, "weights_GB": bench.weights / 1e9}

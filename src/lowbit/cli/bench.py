@@ -1,0 +1,107 @@
+"""``lowbit bench``: option parsing and output for the benchmarks of :mod:`lowbit.bench`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowbit.bench.timing import format_table, write_json
+from lowbit.cli.common import _fail_plain
+from lowbit.spec import SpecError
+
+app = typer.Typer(help="Benchmark the lowbit GPU kernels against PyTorch baselines.", no_args_is_help=True)
+
+
+def _finish(payload: dict, columns: list[str], json_out: Optional[Path]) -> None:
+    """Print the rows as a table and write the final JSON."""
+    typer.echo(format_table(payload["rows"], columns))
+    if write_json(json_out, payload):
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+def attention(
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write all results here"),
+    contexts: str = typer.Option("4096,16384,32768,131072", help="comma-separated context lengths"),
+    batches: str = typer.Option("1,8,32", help="comma-separated batch sizes"),
+    bits: str = typer.Option("2,4", help="KIVI bit-widths"),
+    group: int = typer.Option(32, help="KIVI group (tokens per key scale, channels per value scale)"),
+    residual: int = typer.Option(128),
+    tune: bool = typer.Option(True, help="sweep kernel configs at batch 8 / context 32K first"),
+    max_kv_gb: float = typer.Option(20.0, help="skip points whose bf16 KV exceeds this many GB"),
+):
+    """KIVI decode attention (Triton, packed cache) vs torch SDPA on bf16 KV; Llama-3-8B heads."""
+    from lowbit.bench.attention import TABLE_COLUMNS, run_attention
+
+    payload = run_attention([int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")],
+                            [int(b) for b in bits.split(",")], group, residual, tune, max_kv_gb,
+                            json_out=json_out, log=typer.echo)
+    _finish(payload, TABLE_COLUMNS, json_out)
+
+
+@app.command()
+def gemm(
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write all results here"),
+    ms_list: str = typer.Option("1,16,256,4096", "--m", help="comma-separated token counts M"),
+    shapes: str = typer.Option("", help="K x N list like 4096x6144,14336x4096 (default: Llama-3-8B)"),
+    block: int = typer.Option(128),
+    group: int = typer.Option(128),
+    int8_frac: float = typer.Option(0.1, help="FMPQ W4A4: fraction of INT8 activation blocks"),
+    tune: bool = typer.Option(True, help="try a few block configs per point and keep the fastest"),
+):
+    """W4A8 / FMPQ-W4A4 GEMM (INT8 tensor cores) vs cuBLAS bf16 and torch._int_mm; Llama-3-8B shapes."""
+    from lowbit.bench.gemm import TABLE_COLUMNS, run_gemm
+
+    shape_list = [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")] if shapes else None
+    payload = run_gemm([int(m) for m in ms_list.split(",")], shape_list, block, group, int8_frac, tune,
+                       json_out=json_out, log=typer.echo)
+    _finish(payload, TABLE_COLUMNS, json_out)
+
+
+@app.command()
+def e2e(
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write all results here"),
+    layers: int = typer.Option(8, help="decoder layers (Llama-3-8B has 32; 8 keeps the run short)"),
+    batch: int = typer.Option(16),
+    context: int = typer.Option(16384),
+    steps: int = typer.Option(16, help="timed decode steps"),
+    max_batch: bool = typer.Option(True, help="also run at the largest batch estimated to fit"),
+    methods: str = typer.Option("bf16,kivi2,kivi4,w4a8kv4,fmpq4kv4",
+                                help="bf16, kivi2, kivi4, w4a8kv4 (FMPQ W4A8 + KIVI-4), fmpq4kv4 (FMPQ W4A4 + KIVI-4)"),
+):
+    """Decode tokens/s of a random-weight Llama-3-8B-shaped model: HF bf16 DynamicCache vs KIVI kernels and W4Ax."""
+    from lowbit.bench.e2e import TABLE_COLUMNS, run_e2e
+
+    kinds = [m.strip() for m in methods.split(",") if m.strip()]
+    payload = run_e2e(kinds, layers, batch, context, steps, max_batch, json_out=json_out, log=typer.echo)
+    _finish(payload, TABLE_COLUMNS, json_out)
+
+
+def bench_serve_command(
+    model: str = typer.Option("smollm2", help="bundled name, local HF dir, .gguf file or hub id"),
+    kv: list[str] = typer.Option(["fp16", "kivi:bits=2"], help="KV methods to compare (repeat the option)"),
+    wa: Optional[str] = typer.Option(None, help="weight/activation spec (lowbit.wa)"),
+    kv_budget_mb: float = typer.Option(16.0, help="the same KV budget for every method, in MiB"),
+    clients: int = typer.Option(8, min=1, help="concurrent streaming clients"),
+    requests: int = typer.Option(24, min=1, help="requests in the fixed mix (each sent once)"),
+    prompt_tokens: int = typer.Option(256, min=1, help="middle prompt length of the mix (x0.5, x1, x1.5)"),
+    max_tokens: int = typer.Option(32, min=1, help="middle output length of the mix (x0.5, x1, x1.5)"),
+    max_batch: int = typer.Option(32, min=1),
+    time_limit_s: float = typer.Option(600.0, help="clients stop taking new requests after this"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
+):
+    """Load-test the server on loopback: req/s, tok/s, TTFT and ITL percentiles, peak concurrency per KV method."""
+    from lowbit.bench.serve import bench_serve_main
+
+    try:
+        bench_serve_main(model, kv, wa, kv_budget_mb, clients, requests, prompt_tokens, max_tokens, max_batch,
+                         time_limit_s, json_out)
+    except SpecError as exc:
+        _fail_plain(str(exc))
+    except FileNotFoundError as exc:
+        _fail_plain(str(exc))
+
+
+app.command("serve", help="Bounded loopback load test of `lowbit serve`, one row per KV method.")(bench_serve_command)

@@ -1,0 +1,92 @@
+"""Load a model for serving and run the server (the work behind ``lowbit serve``; no CLI parsing)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lowbit.spec import SpecError
+
+API_KEY_ENV = "LOWBIT_API_KEY"
+
+
+def apply_wa(model, tokenizer, wa: str):
+    """Quantize the model's linears with ``lowbit.wa`` (calibrated on the second half of the bundled text
+    when the method needs calibration). Raises SpecError with a clear message when unavailable."""
+    try:
+        from lowbit.wa import parse_wa_spec, quantize_model, resolve_config
+    except ImportError as exc:
+        raise SpecError(f"--wa needs the weight/activation package lowbit.wa, which cannot be imported here: {exc}") from None
+    parse_wa_spec(wa)
+    calib = None
+    if resolve_config(wa).needs_calibration:
+        from lowbit.eval import DEFAULT_TEXT, load_tokens
+        from lowbit.wa import calibration_ids
+
+        ids = load_tokens(tokenizer, DEFAULT_TEXT).reshape(-1)
+        calib = calibration_ids(ids[ids.numel() // 2 :], n=8, length=256, seed=0)
+    quantize_model(model, wa, calib=calib)
+    return model
+
+
+def load_for_serving(model: str = "smollm2", wa: str | None = None):
+    """``(model, tokenizer)`` ready to serve: loaded, and W/A-quantized when `wa` is given."""
+    from lowbit.models import load_model
+
+    if wa:
+        try:
+            from lowbit.wa import parse_wa_spec
+        except ImportError as exc:
+            raise SpecError(f"--wa needs the weight/activation package lowbit.wa, which cannot be imported here: {exc}") from None
+        parse_wa_spec(wa)  # fail before the slow load
+    m, tok = load_model(model)
+    if wa:
+        apply_wa(m, tok, wa)
+    return m, tok
+
+
+def check_limits(kv: str | list[str], kv_budget_mb: float, max_queue: int, max_batch: int) -> None:
+    """Validate the KV spec(s) and the server limits; raises SpecError."""
+    from lowbit.kv import parse_kv_spec
+
+    for spec in [kv] if isinstance(kv, str) else kv:
+        parse_kv_spec(spec)
+    if kv_budget_mb <= 0:
+        raise SpecError(f"--kv-budget-mb must be > 0, got {kv_budget_mb}")
+    if max_batch < 1 or max_queue < 0:
+        raise SpecError("--max-batch must be >= 1 and --max-queue >= 0")
+
+
+def serve(
+    model: str = "smollm2",
+    kv: str = "fp16",
+    wa: str | None = None,
+    kv_budget_mb: float = 512.0,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    api_key: str | None = None,
+    max_queue: int = 64,
+    max_batch: int = 32,
+    *,
+    prefill_per_step: int = 1,
+    log_level: str = "info",
+) -> None:
+    """Load the model and serve the OpenAI-compatible API until interrupted (blocking).
+
+    `api_key` falls back to $LOWBIT_API_KEY; with neither set, no key is required.
+    Raises :class:`~lowbit.spec.SpecError` for a bad ``--kv``/``--wa`` spec or limits.
+    """
+    from lowbit.serve.api import create_app
+    from lowbit.serve.engine import Engine
+    from lowbit.serve.server import run_server
+
+    check_limits(kv, kv_budget_mb, max_queue, max_batch)
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV) or None
+    m, tok = load_for_serving(model, wa)
+    engine = Engine(m, tok, kv=kv, kv_budget_mb=kv_budget_mb, max_batch=max_batch, max_queue=max_queue,
+                    prefill_per_step=prefill_per_step, model_name=model)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: serving on {host} without an API key", file=sys.stderr)
+    print(f"lowbit serve: {model} kv={engine.kv} budget={kv_budget_mb:g} MB on http://{host}:{port}/v1", file=sys.stderr)
+    run_server(create_app(engine, api_key=api_key), host=host, port=port, log_level=log_level)
