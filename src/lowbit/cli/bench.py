@@ -24,6 +24,23 @@ def _finish(payload: dict, columns: list[str], json_out: Optional[Path]) -> None
 @app.command()
 def attention(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results here"),
+    contexts: str = typer.Option("32768,131072", help="comma-separated context lengths"),
+    batches: str = typer.Option("1,8,32", help="comma-separated batch sizes"),
+    bits: str = typer.Option("2,4", help="KIVI bit-widths"),
+    triton: bool = typer.Option(True, help="also time the contiguous Triton kernel (the previous default)"),
+    max_kv_gb: float = typer.Option(20.0, help="skip points whose bf16 KV exceeds this many GB"),
+):
+    """Paged KIVI decode attention (CUDA, tensor cores) vs cuDNN/flash SDPA on bf16 KV, CUDA-graph and eager timings."""
+    from lowbit.bench.paged import TABLE_COLUMNS, run_paged
+
+    payload = run_paged([int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")],
+                        [int(b) for b in bits.split(",")], triton, max_kv_gb, json_out=json_out, log=typer.echo)
+    _finish(payload, TABLE_COLUMNS, json_out)
+
+
+@app.command("attention-triton")
+def attention_triton(
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write all results here"),
     contexts: str = typer.Option("4096,16384,32768,131072", help="comma-separated context lengths"),
     batches: str = typer.Option("1,8,32", help="comma-separated batch sizes"),
     bits: str = typer.Option("2,4", help="KIVI bit-widths"),
@@ -32,7 +49,7 @@ def attention(
     tune: bool = typer.Option(True, help="sweep kernel configs at batch 8 / context 32K first"),
     max_kv_gb: float = typer.Option(20.0, help="skip points whose bf16 KV exceeds this many GB"),
 ):
-    """KIVI decode attention (Triton, packed cache) vs torch SDPA on bf16 KV; Llama-3-8B heads."""
+    """The contiguous Triton KIVI decode kernel (config sweep) vs torch SDPA on bf16 KV; Llama-3-8B heads."""
     from lowbit.bench.attention import TABLE_COLUMNS, run_attention
 
     payload = run_attention([int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")],

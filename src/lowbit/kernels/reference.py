@@ -2,7 +2,7 @@
 
 These define *what* each Triton kernel computes; the GPU tests compare the kernels with them.
 
-* :func:`decode_attention_ref` attends one or a few query tokens to a packed KIVI cache
+* :func:`attention_ref` is causal GQA attention in float32; :func:`decode_attention_ref` attends one or a few query tokens to a packed KIVI cache
   (:class:`~lowbit.quant.kivi.KiviParts`: sinks | quantized | residual, keys and values split at different
   token counts), dequantizing in float32. The KIVI flush kernels compute
   :func:`lowbit.quant.kivi.quantize_keys` / :func:`~lowbit.quant.kivi.quantize_values`.
@@ -20,36 +20,41 @@ from lowbit.quant import integer
 from lowbit.quant.kivi import KiviParts, dequantized_kv
 
 
+def attention_ref(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                  start: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 attention of ``query [B, H_q, n_q, D]`` (the newest n_q tokens) to keys/values ``[B, H_kv, T, D]``.
+
+    GQA: query head ``h`` reads KV head ``h // (H_q // H_kv)``. Query ``i`` sits at position
+    ``T - n_q + i`` and sees tokens up to it (causal). ``start [B]`` (optional): tokens before
+    ``start[b]`` are padding (left padding) and are masked. Returns ``[B, H_q, n_q, D]`` float32.
+    """
+    b, hq, nq, d = query.shape
+    hkv, t = k.shape[1], k.shape[2]
+    rep = hq // hkv
+    k = k.float().repeat_interleave(rep, dim=1)
+    v = v.float().repeat_interleave(rep, dim=1)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    s = torch.matmul(query.float(), k.transpose(-1, -2)) * scale  # [B, Hq, nq, T]
+    pos = torch.arange(t, device=query.device)
+    qpos = t - nq + torch.arange(nq, device=query.device)
+    mask = (pos[None, :] <= qpos[:, None])[None, None]  # [1, 1, nq, T]
+    if start is not None:
+        mask = mask & (pos[None, None, None, :] >= start.to(query.device).view(b, 1, 1, 1))
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(p, v)
+
+
 def decode_attention_ref(
     query: torch.Tensor,
     parts: KiviParts,
     scale: float | None = None,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of ``query [B, H_q, n_q, D]`` (the newest n_q tokens) to the KIVI cache, in float32.
-
-    GQA: query head ``h`` reads KV head ``h // (H_q // H_kv)``. Query ``i`` sits at position
-    ``T - n_q + i`` and sees tokens up to it (causal). ``start [B]`` (optional): tokens before
-    ``start[b]`` are padding (left padding) and are masked. Returns ``[B, H_q, n_q, D]`` float32.
-    """
+    """Attention of ``query [B, H_q, n_q, D]`` to the KIVI cache `parts`, dequantized in float32
+    (:func:`attention_ref`): ``[B, H_q, n_q, D]`` float32."""
     parts.check()
-    b, hq, nq, d = query.shape
     k, v = dequantized_kv(parts, torch.float32)
-    hkv, t = k.shape[1], k.shape[2]
-    rep = hq // hkv
-    k = k.repeat_interleave(rep, dim=1)
-    v = v.repeat_interleave(rep, dim=1)
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    s = torch.matmul(query.float(), k.transpose(-1, -2)) * scale  # [B, Hq, nq, T]
-    pos = torch.arange(t, device=query.device)
-    qpos = t - nq + torch.arange(nq, device=query.device)
-    mask = pos[None, :] <= qpos[:, None]  # [nq, T]
-    mask = mask[None, None]
-    if start is not None:
-        mask = mask & (pos[None, None, None, :] >= start.to(query.device).view(b, 1, 1, 1))
-    s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v)
+    return attention_ref(query, k, v, scale=scale, start=start)
 
 
 # ------------------------------------------------------------------------------------------ FMPQ

@@ -216,3 +216,155 @@ def dequantized_kv(parts: KiviParts, dtype: torch.dtype = torch.float32) -> tupl
     if parts.res_v is not None:
         vs.append(parts.res_v.to(dtype))
     return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
+
+
+# ---------------------------------------------------------------------- paged layout (the paged decode kernel's contract)
+
+PAGE_TOKENS = 128  # tokens per page: one key flush block at the default residual
+PAGE_GROUP = 32  # the paged layout holds KIVI with group 32: one key group = one warp's 32-token slab
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Byte layout of one page (``PAGE_TOKENS`` tokens of one sequence and KV head) of KIVI-2/4 storage.
+
+    ``[key codes | value codes | key scale | key zero | value scale | value zero]``: codes in the order the
+    tensor-core fragments of the decode kernel read them (:func:`fragment_index`), key scale/zero ``[P/32, D]``
+    fp16 (per channel, per 32-token group), value scale/zero ``[D/32, P]`` fp16 (per token, per 32-channel
+    group; stored group-major so a thread reads a token pair's scales as one half2).
+    """
+
+    bits: int
+    head_dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4):
+            raise ValueError(f"paged KIVI stores 2- or 4-bit codes, got bits={self.bits}")
+        if self.head_dim % PAGE_GROUP:
+            raise ValueError(f"paged KIVI needs a head dim that is a multiple of {PAGE_GROUP}, got {self.head_dim}")
+
+    @property
+    def code_bytes(self) -> int:
+        return PAGE_TOKENS * self.head_dim * self.bits // 8
+
+    @property
+    def key_scale(self) -> int:
+        return 2 * self.code_bytes
+
+    @property
+    def key_zero(self) -> int:
+        return self.key_scale + (PAGE_TOKENS // PAGE_GROUP) * self.head_dim * 2
+
+    @property
+    def value_scale(self) -> int:
+        return self.key_zero + (PAGE_TOKENS // PAGE_GROUP) * self.head_dim * 2
+
+    @property
+    def value_zero(self) -> int:
+        return self.value_scale + (self.head_dim // PAGE_GROUP) * PAGE_TOKENS * 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.value_zero + (self.head_dim // PAGE_GROUP) * PAGE_TOKENS * 2
+
+
+_FRAGMENT_CACHE: dict = {}
+
+
+def fragment_index(bits: int, head_dim: int, values: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each code of a page's ``[P, D]`` tile, its 32-bit word (within the code area) and bit shift.
+
+    The decode kernel's warp ``w`` owns tokens ``32w .. 32w+31``; lane ``l`` reads 16-byte vectors at
+    ``(w * vectors_per_lane + v) * 32 + l`` and finds in them, as half2 pairs (bits ``b*i`` and ``16 + b*i``
+    of a word), exactly the operands of its ``mma.m16n8k16`` B fragments: keys ``[16 channels x 8 tokens]``
+    (pairs of adjacent channels), values ``[16 tokens x 8 channels]`` (pairs of adjacent tokens).
+    """
+    key = (bits, head_dim, values)
+    if key not in _FRAGMENT_CACHE:
+        t = torch.arange(PAGE_TOKENS).view(-1, 1).expand(PAGE_TOKENS, head_dim)
+        c = torch.arange(head_dim).view(1, -1).expand(PAGE_TOKENS, head_dim)
+        w = t // 32
+        if values:  # A = P [rows x 16 tokens], B = V [16 tokens (k) x 8 channels (n)]
+            kt, tt = (t % 32) // 16, t % 16
+            h, q, e = tt // 8, (tt % 8) // 2, tt % 2
+            lane = (c % 8) * 4 + q
+            pair = (kt * (head_dim // 8) + c // 8) * 2 + h
+        else:  # A = Q [rows x 16 channels], B = K^T [16 channels (k) x 8 tokens (n)]
+            j, r = (t % 32) // 8, t % 8
+            cc = c % 16
+            h, q, e = cc // 8, (cc % 8) // 2, cc % 2
+            lane = r * 4 + q
+            pair = (j * (head_dim // 16) + c // 16) * 2 + h
+        per_word = 16 // bits
+        words = (head_dim // 2) // per_word  # words per lane per slab (head_dim / 2 pairs per lane)
+        wd, i = pair // per_word, pair % per_word
+        word = w * (32 * words) + (wd // 4) * 128 + lane * 4 + (wd % 4)
+        shift = bits * i + 16 * e
+        _FRAGMENT_CACHE[key] = (word.reshape(-1), shift.reshape(-1))
+    return _FRAGMENT_CACHE[key]
+
+
+def pack_page_codes(codes: torch.Tensor, bits: int, values: bool) -> torch.Tensor:
+    """Codes ``[..., P, D]`` (uint8, < 2**bits) -> the page's code area ``[..., P*D*bits/8]`` (uint8)."""
+    *lead, n, d = codes.shape
+    if n != PAGE_TOKENS:
+        raise ValueError(f"a page holds {PAGE_TOKENS} tokens, got {n}")
+    word, shift = fragment_index(bits, d, values)
+    word, shift = word.to(codes.device), shift.to(codes.device)
+    flat = codes.reshape(-1, n * d).to(torch.int64) << shift
+    out = torch.zeros(flat.shape[0], n * d * bits // 32, dtype=torch.int64, device=codes.device)
+    out.scatter_add_(1, word.expand_as(flat), flat)
+    return out.to(torch.int32).view(torch.uint8).reshape(*lead, n * d * bits // 8)
+
+
+def unpack_page_codes(area: torch.Tensor, bits: int, head_dim: int, values: bool) -> torch.Tensor:
+    """Inverse of :func:`pack_page_codes`: ``[..., P*D*bits/8]`` uint8 -> codes ``[..., P, D]`` uint8."""
+    word, shift = fragment_index(bits, head_dim, values)
+    words = area.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    codes = (words[..., word.to(area.device)] >> shift.to(area.device)) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(*area.shape[:-1], PAGE_TOKENS, head_dim)
+
+
+def build_pages(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, bits: int) -> torch.Tensor:
+    """Whole pages from unpacked KIVI parts of ``n = pages * P`` tokens (keys ``[B, H, n, D]`` codes with
+    ``[B, H, n/32, D]`` scale/zero; values ``[B, H, n, D]`` codes with ``[B, H, n, D/32]`` scale/zero):
+    ``[B, pages, H, page bytes]`` uint8."""
+    b, h, n, d = key_codes.shape
+    pages, layout = n // PAGE_TOKENS, PageLayout(bits, d)
+
+    def per_page(x):  # [B, H, pages*X, Y] -> [B, pages, H, X, Y]
+        return x.reshape(b, h, pages, -1, x.shape[-1]).transpose(1, 2)
+
+    def as_bytes(x):
+        return x.contiguous().view(torch.uint8).reshape(b, pages, h, -1)
+
+    kc = pack_page_codes(per_page(key_codes), bits, values=False)
+    vc = pack_page_codes(per_page(value_codes), bits, values=True)
+    vs = per_page(value_scale).transpose(-1, -2)  # [B, pages, H, D/32, P]
+    vz = per_page(value_zero).transpose(-1, -2)
+    out = torch.cat([kc, vc, as_bytes(per_page(key_scale).half()), as_bytes(per_page(key_zero).half()),
+                     as_bytes(vs.half()), as_bytes(vz.half())], dim=-1)
+    assert out.shape[-1] == layout.nbytes
+    return out
+
+
+def read_pages(pages: torch.Tensor, bits: int, head_dim: int):
+    """Inverse of :func:`build_pages`: ``[B, pages, H, bytes]`` -> the six unpacked parts, ``[B, H, pages*P, ...]``."""
+    b, n_pages, h, _ = pages.shape
+    lay = PageLayout(bits, head_dim)
+    ng = PAGE_TOKENS // PAGE_GROUP
+    kc = unpack_page_codes(pages[..., : lay.code_bytes], bits, head_dim, values=False)
+    vc = unpack_page_codes(pages[..., lay.code_bytes : lay.key_scale], bits, head_dim, values=True)
+
+    def halves(lo, hi, shape):
+        return pages[..., lo:hi].contiguous().view(torch.float16).reshape(b, n_pages, h, *shape)
+
+    ks = halves(lay.key_scale, lay.key_zero, (ng, head_dim))
+    kz = halves(lay.key_zero, lay.value_scale, (ng, head_dim))
+    vs = halves(lay.value_scale, lay.value_zero, (head_dim // PAGE_GROUP, PAGE_TOKENS)).transpose(-1, -2)
+    vz = halves(lay.value_zero, lay.nbytes, (head_dim // PAGE_GROUP, PAGE_TOKENS)).transpose(-1, -2)
+
+    def joined(x):  # [B, pages, H, X, Y] -> [B, H, pages*X, Y]
+        return x.transpose(1, 2).reshape(b, h, -1, x.shape[-1])
+
+    return joined(kc), joined(ks), joined(kz), joined(vc), joined(vs), joined(vz)

@@ -1,0 +1,498 @@
+// Paged KIVI-2/4 decode attention on tensor cores (sm_80+; built for the device at first use).
+//
+// Storage: pages of P = 128 tokens of one sequence and KV head (lowbit.quant.kivi.PageLayout):
+//   [key codes | value codes | key scale | key zero | value scale | value zero]
+// codes in the order the mma.m16n8k16 B fragments need them (lowbit.quant.kivi.fragment_index), so each
+// lane reads its operands with 16-byte loads and turns two codes into a half2 with one lop3
+// (0x6400 magic: 1024 + code), one subtract and one fma with the group's scale and zero.
+//
+// Grid (B * H_kv, S + 1). Program s < S: the pages [s*pps, (s+1)*pps) whose keys AND values are quantized,
+// 4 warps, warp w owning tokens 32w..32w+31 of each page (= key group w); pages staged through shared
+// memory with cp.async (STAGES deep). Scores S = Q K^T with rows = the GQA group's query heads x query
+// tokens (<= 16, one m16 tile), online softmax in registers, O += P V with P reused from the score
+// accumulators. Program S: the sinks and the tail (tokens whose key or value is still full precision, or
+// in a partly filled page), scalar code. A second kernel merges the S + 1 partials (log-sum-exp).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int D = 128;       // head dim
+constexpr int P = 128;       // tokens per page
+constexpr int THREADS = 128; // 4 warps
+constexpr int MAXROWS = 16;
+
+template <int BITS>
+struct Lay {
+  static constexpr int PPW = 16 / BITS;               // half2 pairs per 32-bit word
+  static constexpr int WPT = (D / 2) / PPW;           // words per lane per slab: 8 (2-bit), 16 (4-bit)
+  static constexpr int CODE = P * D * BITS / 8;       // bytes of one code area
+  static constexpr int KS = 2 * CODE;                 // key scale [P/32][D] fp16
+  static constexpr int KZ = KS + (P / 32) * D * 2;
+  static constexpr int VS = KZ + (P / 32) * D * 2;    // value scale [D/32][P] fp16
+  static constexpr int VZ = VS + (D / 32) * P * 2;
+  static constexpr int BYTES = VZ + (D / 32) * P * 2;
+  static constexpr unsigned MASK = BITS == 2 ? 0x00030003u : 0x000f000fu;
+};
+
+struct Args {
+  const uint8_t* pool; long long stride_block, stride_head;  // bytes
+  const int* table; int max_pages;                            // block = table ? table[b*max_pages+p] : b*max_pages+p
+  const void* q; long long q_sb, q_sh, q_st;                  // [B, Hq, nq, D] (elements)
+  int batch, hq, hkv, nq, gqa, rows;
+  float scale_log2;
+  const int* seq;                                             // [B, 5]: n_sink, n_qk, n_qv, total, start (or null)
+  int u_sink, u_qk, u_qv, u_total;                            // uniform counts when seq is null
+  const int* start;                                           // [B] first unpadded position, or null
+  const void* sink_k; const void* sink_v; long long sk_sb, sk_sh;
+  const void* res_k; long long rk_sb, rk_sh;
+  const void* res_v; long long rv_sb, rv_sh;
+  float* part_acc; float* part_ml;                            // [B*Hkv, S+1, rows, D], [B*Hkv, S+1, rows, 2]
+  int splits, pages_per_split;
+  void* out; long long o_sb, o_st, o_sh;                      // [B, nq, Hq, D] (elements)
+};
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+struct Seq { int n_sink, n_qk, n_qv, total, start; };
+
+__device__ __forceinline__ Seq load_seq(const Args& a, int b) {
+  Seq s;
+  if (a.seq) {
+    const int* p = a.seq + 5 * b;
+    s.n_sink = p[0]; s.n_qk = p[1]; s.n_qv = p[2]; s.total = p[3]; s.start = p[4];
+  } else {
+    s.n_sink = a.u_sink; s.n_qk = a.u_qk; s.n_qv = a.u_qv; s.total = a.u_total;
+    s.start = a.start ? a.start[b] : 0;
+  }
+  return s;
+}
+
+__device__ __forceinline__ const uint8_t* page_ptr(const Args& a, int b, int h, int page) {
+  long long blk = a.table ? (long long)a.table[(long long)b * a.max_pages + page] : (long long)b * a.max_pages + page;
+  return a.pool + blk * a.stride_block + (long long)h * a.stride_head;
+}
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t m, uint32_t c) {
+  uint32_t r;
+  asm volatile("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(m), "r"(c));  // (x & m) | c
+  return r;
+}
+
+template <int BITS>
+__device__ __forceinline__ __half2 codes2(uint32_t word, int i) {  // (1024 + lo, 1024 + hi) as half2
+  uint32_t v = lop3_and_or(word >> (BITS * i), Lay<BITS>::MASK, 0x64006400u);
+  return *reinterpret_cast<__half2*>(&v);
+}
+
+__device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
+
+// ------------------------------------------------------------------------------------------------ main
+
+template <int BITS, int STAGES, typename T>
+__device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq, uint8_t* smem) {
+  using L = Lay<BITS>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, qd = lane % 4;
+  const int full = min(sq.n_qk, sq.n_qv) / P;
+  const int p0 = split * a.pages_per_split, p1 = min(full, p0 + a.pages_per_split);
+  const long long part = ((long long)(b * a.hkv + h) * (a.splits + 1) + split) * a.rows;
+
+  // Q as A fragments (rows = query head within the group x query token), pre-scaled by softmax scale * log2 e
+  uint32_t qa[D / 16][4];
+  {
+    const T* q = reinterpret_cast<const T*>(a.q);
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+#pragma unroll
+      for (int half = 0; half < 4; ++half) {  // a0a1: (g, c), a2a3: (g+8, c), a4a5: (g, c+8), a6a7: (g+8, c+8)
+        int row = g + (half & 1) * 8, c = kc * 16 + qd * 2 + (half >> 1) * 8;
+        float x0 = 0.f, x1 = 0.f;
+        if (row < a.rows) {
+          int gi = row / a.nq, qi = row % a.nq;
+          const T* src = q + b * a.q_sb + (long long)(h * a.gqa + gi) * a.q_sh + (long long)qi * a.q_st + c;
+          x0 = to_f(src[0]) * a.scale_log2;
+          x1 = to_f(src[1]) * a.scale_log2;
+        }
+        qa[kc][half] = h2u(__floats2half2_rn(x0, x1));
+      }
+    }
+  }
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8
+  const __half2 k1024 = __half2half2(__ushort_as_half(0x6400));
+
+  auto issue = [&](int page, int stage) {
+    const uint8_t* src = page_ptr(a, b, h, page);
+    uint8_t* dst = smem + stage * L::BYTES;
+#pragma unroll
+    for (int off = threadIdx.x * 16; off < L::BYTES; off += THREADS * 16) cp_async16(dst + off, src + off);
+  };
+
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (p0 + st < p1) issue(p0 + st, st);
+    cp_commit();
+  }
+  for (int it = 0; p0 + it < p1; ++it) {
+    if (p0 + it + STAGES - 1 < p1) issue(p0 + it + STAGES - 1, (it + STAGES - 1) % STAGES);
+    cp_commit();
+    cp_wait<STAGES - 1>();
+    __syncthreads();
+    const uint8_t* pg = smem + (it % STAGES) * L::BYTES;
+    const int page = p0 + it;
+
+    // ---- scores for this warp's 32 tokens: 4 n-tiles of 8 tokens
+    float sc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+    {
+      const uint4* kw = reinterpret_cast<const uint4*>(pg) + warp * (L::WPT / 4) * 32 + lane;
+      uint32_t words[L::WPT];
+#pragma unroll
+      for (int v = 0; v < L::WPT / 4; ++v) {
+        uint4 x = kw[v * 32];
+        words[4 * v] = x.x; words[4 * v + 1] = x.y; words[4 * v + 2] = x.z; words[4 * v + 3] = x.w;
+      }
+      const __half2* ksc = reinterpret_cast<const __half2*>(pg + L::KS + warp * D * 2);
+      const __half2* kzr = reinterpret_cast<const __half2*>(pg + L::KZ + warp * D * 2);
+#pragma unroll
+      for (int kc = 0; kc < D / 16; ++kc) {
+        __half2 s0 = ksc[(kc * 16 + qd * 2) / 2], s1 = ksc[(kc * 16 + 8 + qd * 2) / 2];
+        __half2 z0 = kzr[(kc * 16 + qd * 2) / 2], z1 = kzr[(kc * 16 + 8 + qd * 2) / 2];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int p = (j * (D / 16) + kc) * 2;
+          __half2 c0 = codes2<BITS>(words[p / L::PPW], p % L::PPW);
+          __half2 c1 = codes2<BITS>(words[(p + 1) / L::PPW], (p + 1) % L::PPW);
+          uint32_t b0 = h2u(__hfma2(__hsub2(c0, k1024), s0, z0));
+          uint32_t b1 = h2u(__hfma2(__hsub2(c1, k1024), s1, z1));
+          mma16816(sc[j], qa[kc], b0, b1);
+        }
+      }
+    }
+    // ---- mask (left padding) and online softmax over rows g (c0, c1) and g + 8 (c2, c3)
+    const int pos0 = sq.n_sink + page * P + warp * 32;
+    if (pos0 < sq.start) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (pos0 + j * 8 + qd * 2 + (e & 1) < sq.start) sc[j][e] = -INFINITY;
+    }
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][1]));
+      mx1 = fmaxf(mx1, fmaxf(sc[j][2], sc[j][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+    const float base0 = mx0 == -INFINITY ? 0.f : mx0, base1 = mx1 == -INFINITY ? 0.f : mx1;
+    const float r0 = exp2f(m0 - base0), r1 = exp2f(m1 - base1);
+    m0 = mx0; m1 = mx1;
+    l0 *= r0; l1 *= r1;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) { acc[i][0] *= r0; acc[i][1] *= r0; acc[i][2] *= r1; acc[i][3] *= r1; }
+    uint32_t pa[2][4];  // P as A fragments for the two 16-token k-chunks
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float e0 = exp2f(sc[j][0] - base0), e1 = exp2f(sc[j][1] - base0);
+      float e2 = exp2f(sc[j][2] - base1), e3 = exp2f(sc[j][3] - base1);
+      l0 += e0 + e1; l1 += e2 + e3;
+      pa[j / 2][(j & 1) * 2] = h2u(__floats2half2_rn(e0, e1));      // a0a1 (j even) / a4a5 (j odd)
+      pa[j / 2][(j & 1) * 2 + 1] = h2u(__floats2half2_rn(e2, e3));  // a2a3 / a6a7
+    }
+    // ---- O += P V over this warp's 32 tokens
+    {
+      const uint4* vw = reinterpret_cast<const uint4*>(pg + L::CODE) + warp * (L::WPT / 4) * 32 + lane;
+      uint32_t words[L::WPT];
+#pragma unroll
+      for (int v = 0; v < L::WPT / 4; ++v) {
+        uint4 x = vw[v * 32];
+        words[4 * v] = x.x; words[4 * v + 1] = x.y; words[4 * v + 2] = x.z; words[4 * v + 3] = x.w;
+      }
+      const __half* vsc = reinterpret_cast<const __half*>(pg + L::VS);
+      const __half* vzr = reinterpret_cast<const __half*>(pg + L::VZ);
+#pragma unroll
+      for (int kt = 0; kt < 2; ++kt) {
+        const int t0 = warp * 32 + kt * 16 + qd * 2;
+#pragma unroll
+        for (int vg = 0; vg < D / 32; ++vg) {
+          __half2 s0 = *reinterpret_cast<const __half2*>(vsc + vg * P + t0);
+          __half2 s1 = *reinterpret_cast<const __half2*>(vsc + vg * P + t0 + 8);
+          __half2 z0 = *reinterpret_cast<const __half2*>(vzr + vg * P + t0);
+          __half2 z1 = *reinterpret_cast<const __half2*>(vzr + vg * P + t0 + 8);
+#pragma unroll
+          for (int n4 = 0; n4 < 4; ++n4) {
+            const int nt = vg * 4 + n4;
+            const int p = (kt * (D / 8) + nt) * 2;
+            __half2 c0 = codes2<BITS>(words[p / L::PPW], p % L::PPW);
+            __half2 c1 = codes2<BITS>(words[(p + 1) / L::PPW], (p + 1) % L::PPW);
+            uint32_t b0 = h2u(__hfma2(__hsub2(c0, k1024), s0, z0));
+            uint32_t b1 = h2u(__hfma2(__hsub2(c1, k1024), s1, z1));
+            mma16816(acc[nt], pa[kt], b0, b1);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  cp_wait<0>();
+
+  // ---- merge the 4 warps (shared memory), write this split's partial
+  __syncthreads();
+  l0 += __shfl_xor_sync(0xffffffff, l0, 1); l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffff, l1, 1); l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+  float* wm = reinterpret_cast<float*>(smem);             // [4 warps][16 rows] max
+  float* wl = wm + 4 * MAXROWS;                           // [4][16] sums
+  float* wacc = wl + 4 * MAXROWS;                         // [4][16][D]
+  if (qd == 0) { wm[warp * MAXROWS + g] = m0; wm[warp * MAXROWS + g + 8] = m1; wl[warp * MAXROWS + g] = l0; wl[warp * MAXROWS + g + 8] = l1; }
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    float* dst = wacc + (warp * MAXROWS) * D + nt * 8 + qd * 2;
+    dst[g * D] = acc[nt][0]; dst[g * D + 1] = acc[nt][1];
+    dst[(g + 8) * D] = acc[nt][2]; dst[(g + 8) * D + 1] = acc[nt][3];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < a.rows * D; idx += THREADS) {
+    int row = idx / D, d = idx % D;
+    float M = -INFINITY;
+    for (int w = 0; w < 4; ++w) M = fmaxf(M, wm[w * MAXROWS + row]);
+    float s = 0.f, lsum = 0.f;
+    if (M != -INFINITY) {
+      for (int w = 0; w < 4; ++w) {
+        float f = exp2f(wm[w * MAXROWS + row] - M);
+        s += f * wacc[(w * MAXROWS + row) * D + d];
+        lsum += f * wl[w * MAXROWS + row];
+      }
+    }
+    a.part_acc[(part + row) * D + d] = s;
+    if (d == 0) { a.part_ml[(part + row) * 2] = M; a.part_ml[(part + row) * 2 + 1] = lsum; }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ tail
+
+template <int BITS>
+__device__ __forceinline__ int page_code(const uint8_t* pg, int t, int c, bool values) {
+  // the scalar inverse of lowbit.quant.kivi.fragment_index
+  using L = Lay<BITS>;
+  int w = t / 32, lane, pair, e;
+  if (values) {
+    int kt = (t % 32) / 16, tt = t % 16, hh = tt / 8, q = (tt % 8) / 2;
+    e = tt % 2; lane = (c % 8) * 4 + q; pair = (kt * (D / 8) + c / 8) * 2 + hh;
+  } else {
+    int j = (t % 32) / 8, r = t % 8, cc = c % 16, hh = cc / 8, q = (cc % 8) / 2;
+    e = cc % 2; lane = r * 4 + q; pair = (j * (D / 16) + c / 16) * 2 + hh;
+  }
+  int wd = pair / L::PPW, i = pair % L::PPW;
+  int word = w * (32 * L::WPT) + (wd / 4) * 128 + lane * 4 + (wd % 4);
+  uint32_t x = reinterpret_cast<const uint32_t*>(pg + (values ? L::CODE : 0))[word];
+  return (x >> (BITS * i + 16 * e)) & ((1 << BITS) - 1);
+}
+
+constexpr int KPAD = D + 2;  // half row stride of the staged tail chunk (conflict-free column reads)
+
+template <int BITS, typename T>
+__device__ __forceinline__ float tail_elem(const Args& a, int b, int h, const Seq& sq, int first, int u, int c, bool values,
+                                           const T* sink, const T* res) {
+  // token u of the tail list (sinks first, then quantized index first..), channel c, dequantized
+  using L = Lay<BITS>;
+  if (u < sq.n_sink) return to_f(sink[(long long)u * D + c]);
+  const int k = first + (u - sq.n_sink);
+  const int nq = values ? sq.n_qv : sq.n_qk;
+  if (k >= nq) return to_f(res[(long long)(k - nq) * D + c]);
+  const uint8_t* pg = page_ptr(a, b, h, k / P);
+  const int t = k % P;
+  const int si = values ? (c / 32) * P + t : (t / 32) * D + c;
+  const __half s = reinterpret_cast<const __half*>(pg + (values ? L::VS : L::KS))[si];
+  const __half z = reinterpret_cast<const __half*>(pg + (values ? L::VZ : L::KZ))[si];
+  return __half2float(__hfma(__int2half_rn(page_code<BITS>(pg, t, c, values)), s, z));
+}
+
+template <int BITS, typename T>
+__device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* smem) {
+  const int first = min(sq.n_qk, sq.n_qv) / P * P;  // quantized index of the first token after the full pages
+  const int n_all = sq.n_sink + (sq.total - sq.n_sink - first);
+  float* qs = reinterpret_cast<float*>(smem);        // [rows][D] scaled queries
+  float* sc = qs + MAXROWS * D;                      // [rows][128] scores, then probabilities, of a chunk
+  float* st = sc + MAXROWS * 128;                    // [rows][3] running max, sum, chunk rescale
+  __half* kv = reinterpret_cast<__half*>(st + 4 * MAXROWS);  // [128][KPAD] staged keys, then values
+  const T* q = reinterpret_cast<const T*>(a.q);
+  for (int idx = threadIdx.x; idx < a.rows * D; idx += THREADS) {
+    int row = idx / D, d = idx % D, gi = row / a.nq, qi = row % a.nq;
+    qs[idx] = to_f(q[b * a.q_sb + (long long)(h * a.gqa + gi) * a.q_sh + (long long)qi * a.q_st + d]) * a.scale_log2;
+  }
+  if (threadIdx.x < a.rows) { st[threadIdx.x * 3] = -INFINITY; st[threadIdx.x * 3 + 1] = 0.f; }
+  float acc[MAXROWS];
+#pragma unroll
+  for (int r = 0; r < MAXROWS; ++r) acc[r] = 0.f;
+  const T* sk = reinterpret_cast<const T*>(a.sink_k) + b * a.sk_sb + h * a.sk_sh;
+  const T* sv = reinterpret_cast<const T*>(a.sink_v) + b * a.sk_sb + h * a.sk_sh;
+  const T* rk = reinterpret_cast<const T*>(a.res_k) + b * a.rk_sb + h * a.rk_sh;
+  const T* rv = reinterpret_cast<const T*>(a.res_v) + b * a.rv_sb + h * a.rv_sh;
+  for (int c0 = 0; c0 < n_all; c0 += 128) {
+    const int n = min(128, n_all - c0);
+    for (int idx = threadIdx.x; idx < n * D; idx += THREADS)  // stage the chunk's keys (coalesced over channels)
+      kv[(idx / D) * KPAD + idx % D] = __float2half_rn(tail_elem<BITS, T>(a, b, h, sq, first, c0 + idx / D, idx % D, false, sk, rk));
+    __syncthreads();
+    {  // scores: one token per thread
+      const int t = threadIdx.x, u = c0 + t;
+      const int pos = u < sq.n_sink ? u : sq.n_sink + first + (u - sq.n_sink);
+      float dots[MAXROWS];
+#pragma unroll
+      for (int r = 0; r < MAXROWS; ++r) dots[r] = 0.f;
+      if (t < n) {
+        for (int c = 0; c < D; ++c) {
+          const float x = __half2float(kv[t * KPAD + c]);
+#pragma unroll
+          for (int r = 0; r < MAXROWS; ++r) dots[r] += qs[r * D + c] * x;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < MAXROWS; ++r) {
+        if (r < a.rows) {
+          const int qpos = sq.total - a.nq + r % a.nq;
+          sc[r * 128 + t] = (t < n && pos <= qpos && pos >= sq.start) ? dots[r] : -INFINITY;
+        }
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < a.rows) {  // row r: chunk max, probabilities, running sum
+      const int r = threadIdx.x;
+      float mx = st[r * 3];
+      for (int t = 0; t < 128; ++t) mx = fmaxf(mx, sc[r * 128 + t]);
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float f = exp2f(st[r * 3] - base);
+      float sum = st[r * 3 + 1] * f;
+      for (int t = 0; t < 128; ++t) { const float e = exp2f(sc[r * 128 + t] - base); sc[r * 128 + t] = e; sum += e; }
+      st[r * 3] = mx; st[r * 3 + 1] = sum; st[r * 3 + 2] = f;
+    }
+    for (int idx = threadIdx.x; idx < n * D; idx += THREADS)  // stage the chunk's values (keys are no longer read)
+      kv[(idx / D) * KPAD + idx % D] = __float2half_rn(tail_elem<BITS, T>(a, b, h, sq, first, c0 + idx / D, idx % D, true, sv, rv));
+    __syncthreads();
+    const int d = threadIdx.x;  // THREADS == D: one output channel per thread
+#pragma unroll
+    for (int r = 0; r < MAXROWS; ++r) if (r < a.rows) acc[r] *= st[r * 3 + 2];
+    for (int t = 0; t < n; ++t) {
+      const float x = __half2float(kv[t * KPAD + d]);
+#pragma unroll
+      for (int r = 0; r < MAXROWS; ++r) acc[r] += sc[r * 128 + t] * x;
+    }
+    __syncthreads();
+  }
+  const long long part = ((long long)(b * a.hkv + h) * (a.splits + 1) + a.splits) * a.rows;
+#pragma unroll
+  for (int r = 0; r < MAXROWS; ++r) if (r < a.rows) a.part_acc[(part + r) * D + threadIdx.x] = acc[r];
+  if (threadIdx.x < a.rows) {
+    a.part_ml[(part + threadIdx.x) * 2] = st[threadIdx.x * 3];
+    a.part_ml[(part + threadIdx.x) * 2 + 1] = st[threadIdx.x * 3 + 1];
+  }
+}
+
+template <int BITS, int STAGES, typename T>
+__global__ void __launch_bounds__(THREADS) kivi_paged_kernel(Args a) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int b = blockIdx.x / a.hkv, h = blockIdx.x % a.hkv;
+  const Seq sq = load_seq(a, b);
+  if ((int)blockIdx.y == a.splits) tail_part<BITS, T>(a, b, h, sq, smem);
+  else paged_part<BITS, STAGES, T>(a, b, h, blockIdx.y, sq, smem);
+}
+
+template <typename T>
+__global__ void combine_kernel(Args a) {
+  const int bh = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
+  const int b = bh / a.hkv, h = bh % a.hkv, gi = row / a.nq, qi = row % a.nq;
+  const long long base = (long long)bh * (a.splits + 1);
+  float M = -INFINITY;
+  for (int s = 0; s <= a.splits; ++s) M = fmaxf(M, a.part_ml[((base + s) * a.rows + row) * 2]);
+  float num = 0.f, den = 0.f;
+  for (int s = 0; s <= a.splits; ++s) {
+    long long i = (base + s) * a.rows + row;
+    float m = a.part_ml[i * 2];
+    if (m == -INFINITY) continue;
+    float f = exp2f(m - M);
+    num += f * a.part_acc[i * D + d];
+    den += f * a.part_ml[i * 2 + 1];
+  }
+  T* o = reinterpret_cast<T*>(a.out);
+  o[b * a.o_sb + (long long)qi * a.o_st + (long long)(h * a.gqa + gi) * a.o_sh + d] = from_f<T>(num / den);
+}
+
+template <int BITS, int STAGES, typename T>
+int launch(const Args& a, cudaStream_t stream) {
+  using L = Lay<BITS>;
+  size_t main_smem = (size_t)STAGES * L::BYTES;
+  size_t merge_smem = (size_t)(8 * MAXROWS + 4 * MAXROWS * D) * sizeof(float);
+  size_t tail_smem = (size_t)(MAXROWS * D + MAXROWS * 128 + 4 * MAXROWS) * sizeof(float) + 128 * KPAD * sizeof(__half);
+  size_t smem = main_smem > merge_smem ? main_smem : merge_smem;
+  if (tail_smem > smem) smem = tail_smem;
+  auto kern = kivi_paged_kernel<BITS, STAGES, T>;
+  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return (int)err;
+  dim3 grid(a.batch * a.hkv, a.splits + 1);
+  kern<<<grid, THREADS, smem, stream>>>(a);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return (int)err;
+  combine_kernel<T><<<dim3(a.batch * a.hkv, a.rows), D, 0, stream>>>(a);
+  return (int)cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" int lowbit_kivi_paged_decode(
+    int bits, int is_bf16, int stages,
+    const void* pool, long long stride_block, long long stride_head, const int* table, int max_pages,
+    const void* q, long long q_sb, long long q_sh, long long q_st,
+    int batch, int hq, int hkv, int nq, float scale_log2,
+    const int* seq, int u_sink, int u_qk, int u_qv, int u_total, const int* start,
+    const void* sink_k, const void* sink_v, long long sk_sb, long long sk_sh,
+    const void* res_k, long long rk_sb, long long rk_sh, const void* res_v, long long rv_sb, long long rv_sh,
+    float* part_acc, float* part_ml, int splits, int pages_per_split,
+    void* out, long long o_sb, long long o_st, long long o_sh, void* stream) {
+  Args a;
+  a.pool = reinterpret_cast<const uint8_t*>(pool); a.stride_block = stride_block; a.stride_head = stride_head;
+  a.table = table; a.max_pages = max_pages;
+  a.q = q; a.q_sb = q_sb; a.q_sh = q_sh; a.q_st = q_st;
+  a.batch = batch; a.hq = hq; a.hkv = hkv; a.nq = nq; a.gqa = hq / hkv; a.rows = a.gqa * nq;
+  a.scale_log2 = scale_log2;
+  a.seq = seq; a.u_sink = u_sink; a.u_qk = u_qk; a.u_qv = u_qv; a.u_total = u_total; a.start = start;
+  a.sink_k = sink_k; a.sink_v = sink_v; a.sk_sb = sk_sb; a.sk_sh = sk_sh;
+  a.res_k = res_k; a.rk_sb = rk_sb; a.rk_sh = rk_sh; a.res_v = res_v; a.rv_sb = rv_sb; a.rv_sh = rv_sh;
+  a.part_acc = part_acc; a.part_ml = part_ml; a.splits = splits; a.pages_per_split = pages_per_split;
+  a.out = out; a.o_sb = o_sb; a.o_st = o_st; a.o_sh = o_sh;
+  if (a.rows > MAXROWS || a.rows < 1) return -1;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (bits == 2 && stages == 3) return is_bf16 ? launch<2, 3, __nv_bfloat16>(a, s) : launch<2, 3, __half>(a, s);
+  if (bits == 2 && stages == 2) return is_bf16 ? launch<2, 2, __nv_bfloat16>(a, s) : launch<2, 2, __half>(a, s);
+  if (bits == 4 && stages == 3) return is_bf16 ? launch<4, 3, __nv_bfloat16>(a, s) : launch<4, 3, __half>(a, s);
+  if (bits == 4 && stages == 2) return is_bf16 ? launch<4, 2, __nv_bfloat16>(a, s) : launch<4, 2, __half>(a, s);
+  return -2;
+}

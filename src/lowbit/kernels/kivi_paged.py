@@ -1,0 +1,196 @@
+"""Paged KIVI-2/4 decode attention (CUDA C++, tensor cores): the launcher and its PyTorch reference.
+
+Storage is :class:`lowbit.quant.kivi.PageLayout` pages of 128 tokens per sequence and KV head, addressed by
+a block table (the serving engine) or laid out ``[B, max_pages, H_kv, page bytes]`` without one (one
+sequence batch, as the transformers cache holds it), plus each sequence's full-precision sinks and
+residual. Two launches per call: the split-K kernel (pages in tensor-core tiles, one extra program per
+sequence and head for the sinks and the tail) and the log-sum-exp merge.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.quant.kivi import PAGE_GROUP, PAGE_TOKENS, PageLayout, read_pages
+
+LOG2E = 1.4426950408889634
+MAX_ROWS = 16  # query heads per KV head x query tokens: one m16 tensor-core tile
+
+
+@dataclass
+class PagedKivi:
+    """One layer's paged KIVI cache as the kernel reads it (counts are the same for every sequence unless
+    ``seq`` is given: int32 ``[B, 5]`` = sinks, quantized keys, quantized values, total tokens, first position)."""
+
+    bits: int
+    pool: torch.Tensor  # uint8 [blocks, H, page bytes], or [B, max_pages, H, page bytes] without a table
+    n_sink: int
+    n_qk: int  # quantized keys to use (pages hold at least this many)
+    n_qv: int
+    total: int
+    sink_k: torch.Tensor | None  # [B, H, n_sink, D]
+    sink_v: torch.Tensor | None
+    res_k: torch.Tensor | None  # [B, H, total - n_sink - n_qk, D]
+    res_v: torch.Tensor | None  # [B, H, total - n_sink - n_qv, D]
+    table: torch.Tensor | None = None  # int32 [B, max_pages]
+    seq: torch.Tensor | None = None
+
+    @property
+    def full_pages(self) -> int:
+        return min(self.n_qk, self.n_qv) // PAGE_TOKENS
+
+
+def supported(query: torch.Tensor, bits: int, head_dim: int, group: int, hkv: int) -> bool:
+    """Whether the paged kernel handles this shape (else use the Triton kernel)."""
+    rows = query.shape[1] // hkv * query.shape[2]
+    return (query.is_cuda and bits in (2, 4) and head_dim == 128 and group == PAGE_GROUP and rows <= MAX_ROWS
+            and query.dtype in (torch.float16, torch.bfloat16))
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
+def _strides(t: torch.Tensor | None) -> tuple[int, int]:
+    if t is None:
+        return 0, 0
+    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        raise ValueError("sinks and residuals must be contiguous over tokens and channels ([..., tokens, D])")
+    return t.stride(0), t.stride(1)
+
+
+def choose_splits(batch_heads: int, pages: int, sms: int, per_sm: int = 3) -> tuple[int, int]:
+    """(splits, pages per split): enough programs to fill the GPU, at least one page each."""
+    if pages == 0:
+        return 0, 1
+    splits = max(1, min(pages, math.ceil(sms * per_sm / max(1, batch_heads))))
+    per = math.ceil(pages / splits)
+    return math.ceil(pages / per), per
+
+
+def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float | None = None,
+                           start: torch.Tensor | None = None, splits: int | None = None, stages: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of ``query [B, H_q, n_q, D]`` (the newest n_q tokens) over a paged KIVI cache: ``[B, n_q, H_q, D]``.
+
+    ``start [B]`` (int32, optional): the first unpadded position of each sequence (left padding).
+    """
+    from lowbit.kernels.cuda_build import load
+
+    lib = load("kivi_paged")
+    b, hq, nq, d = query.shape
+    pool = cache.pool
+    hkv = pool.shape[-2]
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    table = cache.table
+    if table is not None:
+        table = table.to(device=query.device, dtype=torch.int32).contiguous()
+        max_pages = table.shape[1]
+    else:
+        max_pages = pool.shape[1]
+    props = torch.cuda.get_device_properties(query.device)
+    full = cache.full_pages if cache.seq is None else int(cache.seq[:, 1:3].min(dim=1).values.max()) // PAGE_TOKENS
+    if splits is None:
+        splits, per = choose_splits(b * hkv, full, props.multi_processor_count)
+    else:
+        per = math.ceil(full / splits) if splits else 1
+    rows = hq // hkv * nq
+    part_acc = torch.empty(b * hkv * (splits + 1) * rows * d, dtype=torch.float32, device=query.device)
+    part_ml = torch.empty(b * hkv * (splits + 1) * rows * 2, dtype=torch.float32, device=query.device)
+    if out is None:
+        out = torch.empty(b, nq, hq, d, dtype=query.dtype, device=query.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    sk_sb, sk_sh = _strides(cache.sink_k)
+    rk_sb, rk_sh = _strides(cache.res_k)
+    rv_sb, rv_sh = _strides(cache.res_v)
+    seq = None if cache.seq is None else cache.seq.to(device=query.device, dtype=torch.int32).contiguous()
+    start = None if start is None else start.to(device=query.device, dtype=torch.int32).contiguous()
+    stages = stages or (3 if cache.bits == 2 else 2)
+    L, I = ctypes.c_longlong, ctypes.c_int
+    rc = lib.lowbit_kivi_paged_decode(
+        I(cache.bits), I(query.dtype == torch.bfloat16), I(stages),
+        _ptr(pool), L(pool.stride(-3)), L(pool.stride(-2)), _ptr(table), I(max_pages),
+        _ptr(query), L(query.stride(0)), L(query.stride(1)), L(query.stride(2)),
+        I(b), I(hq), I(hkv), I(nq), ctypes.c_float(scale * LOG2E),
+        _ptr(seq), I(cache.n_sink), I(cache.n_qk), I(cache.n_qv), I(cache.total), _ptr(start),
+        _ptr(cache.sink_k), _ptr(cache.sink_v), L(sk_sb), L(sk_sh),
+        _ptr(cache.res_k), L(rk_sb), L(rk_sh), _ptr(cache.res_v), L(rv_sb), L(rv_sh),
+        _ptr(part_acc), _ptr(part_ml), I(splits), I(per),
+        _ptr(out), L(out.stride(0)), L(out.stride(1)), L(out.stride(2)),
+        ctypes.c_void_p(torch.cuda.current_stream(query.device).cuda_stream),
+    )
+    if rc != 0:
+        raise RuntimeError(f"paged KIVI decode kernel failed to launch (code {rc})")
+    return out
+
+
+def dequantized_paged_kv(cache: PagedKivi, head_dim: int, batch_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All keys and values (float32 ``[B, H, total, D]``) a paged cache holds, in token order (reference path)."""
+    pool = cache.pool
+    if cache.table is not None:
+        pool = pool[cache.table.long()]  # [B, max_pages, H, bytes]
+    kc, ks, kz, vc, vs, vz = read_pages(pool, cache.bits, head_dim)
+    g = PAGE_GROUP
+    keys = (kc.float().unflatten(-2, (-1, g)) * ks.float().unsqueeze(-2) + kz.float().unsqueeze(-2)).flatten(-3, -2)
+    values = (vc.float().unflatten(-1, (-1, g)) * vs.float().unsqueeze(-1) + vz.float().unsqueeze(-1)).flatten(-2)
+    ks_, vs_ = [keys[..., : cache.n_qk, :]], [values[..., : cache.n_qv, :]]
+    if cache.res_k is not None:
+        ks_.append(cache.res_k.float())
+    if cache.res_v is not None:
+        vs_.append(cache.res_v.float())
+    if cache.sink_k is not None:
+        ks_.insert(0, cache.sink_k.float())
+        vs_.insert(0, cache.sink_v.float())
+    return torch.cat(ks_, dim=-2), torch.cat(vs_, dim=-2)
+
+
+def paged_decode_attention_ref(query: torch.Tensor, cache: PagedKivi, scale: float | None = None,
+                               start: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 specification of :func:`paged_decode_attention` (uniform counts): ``[B, n_q, H_q, D]``."""
+    from lowbit.kernels.reference import attention_ref
+
+    k, v = dequantized_paged_kv(cache, query.shape[-1])
+    return attention_ref(query, k, v, scale=scale, start=start).transpose(1, 2)
+
+
+def layout_for(bits: int, head_dim: int = 128) -> PageLayout:
+    """The page layout the kernel reads for `bits` and `head_dim`."""
+    return PageLayout(bits, head_dim)
+
+
+def _pad_rows(x: torch.Tensor | None, rows: int, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """`x` ``[..., r, C]`` zero-padded to ``rows`` along dim -2 (zeros of `shape` ``[..., C]`` when None)."""
+    out = torch.zeros(*shape[:-1], rows, shape[-1], dtype=dtype, device=device)
+    if x is not None:
+        out[..., : x.shape[-2], :] = x
+    return out
+
+
+def paged_from_parts(parts, pages: int | None = None) -> PagedKivi:
+    """The paged form ``[B, pages, H, bytes]`` of a contiguous :class:`~lowbit.quant.kivi.KiviParts` (group 32)."""
+    from lowbit.quant.kivi import build_pages
+    from lowbit.quant.packing import unpack
+
+    if parts.group != PAGE_GROUP:
+        raise ValueError(f"paged KIVI holds group {PAGE_GROUP}, got group {parts.group}")
+    ref = parts.any_tensor()
+    b, h = ref.shape[0], ref.shape[1]
+    d = next(t for t in (parts.sink_k, parts.res_k, parts.qk_scale, parts.res_v) if t is not None).shape[-1]
+    n_k = 0 if parts.qk_packed is None else parts.qk_packed.shape[-2] * 8 // parts.bits
+    n_v = 0 if parts.qv_packed is None else parts.qv_packed.shape[-2]
+    pages = max(-(-n_k // PAGE_TOKENS), -(-n_v // PAGE_TOKENS), 1) if pages is None else pages
+    n, dev, u8, f16 = pages * PAGE_TOKENS, ref.device, torch.uint8, torch.float16
+    kc = _pad_rows(None if parts.qk_packed is None else unpack(parts.qk_packed, parts.bits, dim=-2), n, (b, h, d), u8, dev)
+    ks = _pad_rows(parts.qk_scale, n // PAGE_GROUP, (b, h, d), f16, dev)
+    kz = _pad_rows(parts.qk_zero, n // PAGE_GROUP, (b, h, d), f16, dev)
+    vc = _pad_rows(None if parts.qv_packed is None else unpack(parts.qv_packed, parts.bits, dim=-1), n, (b, h, d), u8, dev)
+    vs = _pad_rows(parts.qv_scale, n, (b, h, d // PAGE_GROUP), f16, dev)
+    vz = _pad_rows(parts.qv_zero, n, (b, h, d // PAGE_GROUP), f16, dev)
+    pool = build_pages(kc, ks, kz, vc, vs, vz, parts.bits)
+    return PagedKivi(parts.bits, pool, parts.n_sink, parts.n_qk, parts.n_qv, parts.total, parts.sink_k, parts.sink_v,
+                     parts.res_k, parts.res_v)

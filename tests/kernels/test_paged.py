@@ -1,0 +1,107 @@
+"""Paged KIVI decode attention: the page layout and reference on the CPU; the CUDA kernel against it on a GPU."""
+
+import pytest
+import torch
+
+from lowbit.kernels.kivi_paged import PagedKivi, dequantized_paged_kv, paged_decode_attention_ref, paged_from_parts
+from lowbit.kernels.reference import decode_attention_ref
+from lowbit.kv.kivi import KiviLayer
+
+
+def _layer(b, hkv, prefill, steps, bits, sinks=0, residual=128, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    layer = KiviLayer(bits=bits, group=32, residual=residual, sinks=sinks, storage_dtype=dtype)
+
+    def rnd(t):
+        return (torch.randn(b, hkv, t, 128, generator=g) * 1.5 + 0.3).to(device=device, dtype=dtype)
+
+    layer.update(rnd(prefill), rnd(prefill))
+    for _ in range(steps):
+        layer.update(rnd(1), rnd(1))
+    return layer
+
+
+@pytest.mark.parametrize("bits,prefill,steps,sinks", [(2, 300, 5, 0), (4, 128, 130, 4), (2, 700, 0, 2), (4, 40, 3, 0)])
+def test_paged_reference_equals_contiguous_reference(bits, prefill, steps, sinks):
+    layer = _layer(2, 2, prefill, steps, bits, sinks)
+    parts = layer.parts()
+    paged = paged_from_parts(parts)
+    q = torch.randn(2, 8, 1, 128, generator=torch.Generator().manual_seed(1))
+    want = decode_attention_ref(q, parts).transpose(1, 2)
+    got = paged_decode_attention_ref(q, paged)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    k, _ = dequantized_paged_kv(paged, 128)
+    assert k.shape[-2] == parts.total
+
+
+def test_block_table_reference_reads_the_table():
+    layer = _layer(2, 2, 600, 0, 2)
+    paged = paged_from_parts(layer.parts())
+    b, pages, h, nbytes = paged.pool.shape
+    perm = torch.randperm(b * pages, generator=torch.Generator().manual_seed(3))
+    pool = torch.empty(b * pages, h, nbytes, dtype=torch.uint8)
+    pool[perm] = paged.pool.reshape(b * pages, h, nbytes)
+    tabled = PagedKivi(**{**paged.__dict__, "pool": pool, "table": perm.view(b, pages).int()})
+    q = torch.randn(2, 8, 1, 128)
+    torch.testing.assert_close(paged_decode_attention_ref(q, tabled), paged_decode_attention_ref(q, paged))
+
+
+def _cuda_kernel_ok():
+    if not torch.cuda.is_available():
+        return False
+    from lowbit.kernels.cuda_build import available
+
+    return available("kivi_paged")
+
+
+gpu = pytest.mark.skipif(not _cuda_kernel_ok(), reason="needs CUDA and nvcc (paged KIVI kernel)")
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("prefill,steps,sinks,hq,nq", [
+    (4096 + 77, 3, 0, 32, 1), (1000, 130, 4, 32, 1), (300, 0, 0, 8, 2), (129, 1, 0, 64, 2), (5000, 200, 3, 16, 1),
+    (60, 5, 0, 32, 1),
+])
+def test_paged_kernel_matches_reference(bits, dtype, prefill, steps, sinks, hq, nq):
+    from lowbit.kernels.kivi_paged import paged_decode_attention
+
+    hkv = 8 if hq >= 8 else hq
+    layer = _layer(3, hkv, prefill, steps, bits, sinks, dtype=dtype, device="cuda", seed=prefill + steps)
+    paged = paged_from_parts(layer.parts())
+    q = torch.randn(3, hq, nq, 128, device="cuda", dtype=dtype)
+    start = torch.tensor([0, 5, 200], device="cuda", dtype=torch.int32)
+    for st in (None, start):
+        want = paged_decode_attention_ref(q, paged, start=st)
+        out = torch.full((3, nq, hq, 128), float("nan"), device="cuda", dtype=dtype)  # poisoned: every element written
+        got = paged_decode_attention(q, paged, start=st, out=out)
+        torch.cuda.synchronize()
+        assert torch.isfinite(got).all()
+        assert _rel(got, want) < 2e-3
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 3, 17])
+def test_paged_kernel_block_table_and_splits(splits):
+    from lowbit.kernels.kivi_paged import paged_decode_attention
+
+    layer = _layer(2, 8, 3000, 40, 2, dtype=torch.bfloat16, device="cuda", seed=splits)
+    parts = layer.parts()
+    parts = type(parts)(**{**parts.__dict__, "n_qk": parts.n_qk - 1,
+                           "res_k": torch.cat([layer.full_keys()[:, :, parts.n_sink + parts.n_qk - 1: parts.n_sink + parts.n_qk], parts.res_k], dim=2)})
+    paged = paged_from_parts(parts)
+    b, pages, h, nbytes = paged.pool.shape
+    perm = torch.randperm(b * pages, device="cuda")
+    pool = torch.empty(b * pages + 5, h, nbytes, dtype=torch.uint8, device="cuda")
+    pool[perm] = paged.pool.reshape(b * pages, h, nbytes)
+    tabled = PagedKivi(**{**paged.__dict__, "pool": pool, "table": perm.view(b, pages).int()})
+    q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    want = paged_decode_attention_ref(q, paged)
+    assert _rel(paged_decode_attention(q, tabled, splits=splits), want) < 2e-3
