@@ -17,7 +17,7 @@ def _tiny(dtype=torch.bfloat16):
 
 @torch.no_grad()
 def test_make_cache_uses_fused_kivi_on_cuda_and_matches_reference():
-    from lowbit.kernels import FusedKiviCache
+    from lowbit.kv import FusedKiviCache
     from lowbit.kv import KiviCache, make_cache
 
     model = _tiny()

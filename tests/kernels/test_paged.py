@@ -63,27 +63,40 @@ def _rel(a, b):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["fold", "dequant"])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("prefill,steps,sinks,hq,nq", [
-    (4096 + 77, 3, 0, 32, 1), (1000, 130, 4, 32, 1), (300, 0, 0, 8, 2), (129, 1, 0, 64, 2), (5000, 200, 3, 16, 1),
+    (4096 + 77, 3, 0, 32, 1), (1000, 130, 4, 32, 1), (300, 0, 0, 8, 2), (129, 1, 0, 32, 2), (5000, 200, 3, 16, 1),
     (60, 5, 0, 32, 1),
 ])
-def test_paged_kernel_matches_reference(bits, dtype, prefill, steps, sinks, hq, nq):
+def test_paged_kernel_matches_reference(variant, bits, dtype, prefill, steps, sinks, hq, nq):
     from lowbit.kernels.kivi_paged import paged_decode_attention
 
     hkv = 8 if hq >= 8 else hq
     layer = _layer(3, hkv, prefill, steps, bits, sinks, dtype=dtype, device="cuda", seed=prefill + steps)
     paged = paged_from_parts(layer.parts())
     q = torch.randn(3, hq, nq, 128, device="cuda", dtype=dtype)
-    start = torch.tensor([0, 5, 200], device="cuda", dtype=torch.int32)
+    start = torch.tensor([0, 5, min(200, layer.get_seq_length() - nq)], device="cuda", dtype=torch.int32)
     for st in (None, start):
         want = paged_decode_attention_ref(q, paged, start=st)
         out = torch.full((3, nq, hq, 128), float("nan"), device="cuda", dtype=dtype)  # poisoned: every element written
-        got = paged_decode_attention(q, paged, start=st, out=out)
+        got = paged_decode_attention(q, paged, start=st, out=out, variant=variant)
         torch.cuda.synchronize()
         assert torch.isfinite(got).all()
         assert _rel(got, want) < 2e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_paged_kernel_refuses_too_many_rows():
+    from lowbit.kernels.kivi_paged import paged_decode_attention, supported
+
+    layer = _layer(1, 8, 300, 0, 2, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(1, 64, 2, 128, device="cuda", dtype=torch.bfloat16)  # 8 query heads per KV head x 2 tokens = 16 rows
+    assert not supported(q, 2, 128, 32, 8)
+    with pytest.raises(ValueError, match="rows"):
+        paged_decode_attention(q, paged_from_parts(layer.parts()))
 
 
 @gpu

@@ -89,12 +89,10 @@ def triton_times(b: int, t: int, bits: int) -> tuple[float, float]:
     """(graph ms, eager ms) of the contiguous Triton kernel on the same state."""
     import torch
 
-    from lowbit.bench.attention import random_kivi_parts
+    from lowbit.bench.attention import parts_nbytes, random_kivi_parts
     from lowbit.kernels.kivi_attention import kivi_decode_attention_parts
 
     probe = random_kivi_parts(b, t, bits)
-    from lowbit.bench.timing import parts_nbytes
-
     nbytes = parts_nbytes(probe)
     del probe
     sets, _ = rotating(lambda: (_query(b), random_kivi_parts(b, t, bits)), nbytes, max_sets=8)
@@ -115,11 +113,12 @@ def check(b: int, t: int, bits: int) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def measure(b: int, t: int, bits: int, bw: float, base, triton: bool) -> dict:
-    """One row: the paged kernel at batch `b` / context `t`, beside `base` (sdpa_times)."""
+def measure(b: int, t: int, bits: int, bw: float, base, triton: bool, variants: tuple[str, ...] = ()) -> dict:
+    """One row: the paged kernel (default variant) at batch `b` / context `t`, beside `base` (sdpa_times);
+    `variants` are also timed (CUDA graph) on the same inputs, for before/after comparisons."""
     import torch
 
-    from lowbit.kernels.kivi_paged import paged_decode_attention
+    from lowbit.kernels.kivi_paged import DEFAULT_VARIANT, paged_decode_attention
 
     probe = random_paged(b, t, bits)
     nbytes = paged_nbytes(probe) + b * HQ * HEAD_DIM * 2 * 2
@@ -127,12 +126,17 @@ def measure(b: int, t: int, bits: int, bw: float, base, triton: bool) -> dict:
     sets, _ = rotating(lambda: (_query(b), random_paged(b, t, bits)), nbytes, max_sets=16)
     call = lambda s: paged_decode_attention(s[0], s[1])  # noqa: E731
     g, e = bench_sets(call, sets, graph=True), bench_sets(call, sets, graph=False)
+    variant_us = {DEFAULT_VARIANT: g * 1e3}
+    for v in variants:
+        if v != DEFAULT_VARIANT:
+            variant_us[v] = bench_sets(lambda s, v=v: paged_decode_attention(s[0], s[1], variant=v), sets) * 1e3
     del sets
     torch.cuda.empty_cache()
     row = {"batch": b, "context": t, "bits": bits, "graph_us": g * 1e3, "eager_us": e * 1e3,
            "sdpa_graph_us": base[0] * 1e3, "sdpa_eager_us": base[1] * 1e3, "sdpa_backend": base[2],
            "graph_speedup": base[0] / g, "eager_speedup": base[1] / e, "bytes_read": nbytes,
-           "GBps": nbytes / (g * 1e-3) / 1e9, "pct_copy_bw": 100 * nbytes / (g * 1e-3) / 1e9 / bw, "launches": 2}
+           "GBps": nbytes / (g * 1e-3) / 1e9, "pct_copy_bw": 100 * nbytes / (g * 1e-3) / 1e9 / bw, "launches": 2,
+           "variant_graph_us": variant_us}
     if triton:
         tg, te = triton_times(b, t, bits)
         row.update(triton_graph_us=tg * 1e3, triton_eager_us=te * 1e3)
@@ -140,7 +144,7 @@ def measure(b: int, t: int, bits: int, bw: float, base, triton: bool) -> dict:
 
 
 def run_paged(contexts: list[int], batches: list[int], bits: list[int], triton: bool = True, max_kv_gb: float = 20.0,
-              json_out: Optional[Path] = None, log=print) -> dict:
+              json_out: Optional[Path] = None, log=print, variants: tuple[str, ...] = ()) -> dict:
     """Every (context, batch, bits) point; rows are written to `json_out` as they come. Returns the payload."""
     import torch
 
@@ -157,14 +161,15 @@ def run_paged(contexts: list[int], batches: list[int], bits: list[int], triton: 
                 continue
             base = sdpa_times(b, t)
             for nb in bits:
-                row = measure(b, t, nb, bw, base, triton)
+                row = measure(b, t, nb, bw, base, triton, variants)
                 row["rel_err"] = errs[nb]
                 rows.append(row)
                 write_json(json_out, {"env": env, "copy_GBps": bw, "partial": True, "rows": rows})
                 log(f"B={b:3d} T={t:6d} KIVI-{nb}: graph {row['graph_us']:7.1f} us (x{row['graph_speedup']:.2f}), eager "
                     f"{row['eager_us']:7.1f} us (x{row['eager_speedup']:.2f}) vs SDPA {base[2]} {row['sdpa_graph_us']:.1f} / "
                     f"{row['sdpa_eager_us']:.1f} us; {row['GBps']:.0f} GB/s = {row['pct_copy_bw']:.0f}% of copy"
-                    + (f"; Triton {row['triton_graph_us']:.1f} us" if triton else ""))
+                    + (f"; Triton {row['triton_graph_us']:.1f} us" if triton else "")
+                    + "".join(f"; {k} {v:.1f} us" for k, v in row["variant_graph_us"].items() if len(row["variant_graph_us"]) > 1))
     return {"env": env, "copy_GBps": bw, "heads": [HQ, HKV, HEAD_DIM], "method": "graph and eager, median, rotated sets",
             "rows": rows}
 

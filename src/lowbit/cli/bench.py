@@ -29,12 +29,14 @@ def attention(
     bits: str = typer.Option("2,4", help="KIVI bit-widths"),
     triton: bool = typer.Option(True, help="also time the contiguous Triton kernel (the previous default)"),
     max_kv_gb: float = typer.Option(20.0, help="skip points whose bf16 KV exceeds this many GB"),
+    variants: str = typer.Option("", help="also time these kernel variants (comma-separated: fold, dequant)"),
 ):
     """Paged KIVI decode attention (CUDA, tensor cores) vs cuDNN/flash SDPA on bf16 KV, CUDA-graph and eager timings."""
     from lowbit.bench.paged import TABLE_COLUMNS, run_paged
 
     payload = run_paged([int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")],
-                        [int(b) for b in bits.split(",")], triton, max_kv_gb, json_out=json_out, log=typer.echo)
+                        [int(b) for b in bits.split(",")], triton, max_kv_gb, json_out=json_out, log=typer.echo,
+                        variants=tuple(v for v in variants.split(",") if v))
     _finish(payload, TABLE_COLUMNS, json_out)
 
 
@@ -122,3 +124,28 @@ def bench_serve_command(
 
 
 app.command("serve", help="Bounded loopback load test of `lowbit serve`, one row per KV method.")(bench_serve_command)
+
+
+@app.command("soak")
+def soak_command(
+    requests: int = typer.Option(200, min=1, help="requests to send (drawn, seeded, from the categories)"),
+    concurrency: int = typer.Option(8, min=1, help="client threads sending at once"),
+    model: str = typer.Option("smollm2", help="bundled name, local HF dir, .gguf file or hub id"),
+    kv: str = typer.Option("kivi:bits=2", help="KV method spec served"),
+    kv_budget_mb: float = typer.Option(64.0, help="the server's KV budget, in MiB"),
+    max_tokens: int = typer.Option(8, min=1, help="max_tokens of the valid requests"),
+    seed: int = typer.Option(0, help="seeds the request mix"),
+    timeout_s: float = typer.Option(120.0, help="per-request timeout; a request past it counts as hung"),
+    rss_tolerance_mb: float = typer.Option(64.0, help="largest RSS growth from warm-up to the end that passes"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
+):
+    """Bounded loopback soak of `lowbit serve` under mixed, partly hostile traffic; exit 1 when a check fails."""
+    from lowbit.bench.soak import soak_main
+
+    try:
+        report = soak_main(model, kv, kv_budget_mb, requests, concurrency, max_tokens, seed, timeout_s,
+                           rss_tolerance_mb, json_out)
+    except (SpecError, FileNotFoundError) as exc:
+        _fail_plain(str(exc))
+    if not report.passed:
+        raise typer.Exit(code=1)

@@ -18,7 +18,9 @@ import torch
 from lowbit.quant.kivi import PAGE_GROUP, PAGE_TOKENS, PageLayout, read_pages
 
 LOG2E = 1.4426950408889634
-MAX_ROWS = 16  # query heads per KV head x query tokens: one m16 tensor-core tile
+VARIANTS = {"dequant": 0, "fold": 1}  # fold: key scales into Q and codes straight into the MMA (zeros as a bias)
+DEFAULT_VARIANT = "fold"
+MAX_ROWS = 8  # query heads per KV head x query tokens: the n8 side of the P V tensor-core product
 
 
 @dataclass
@@ -40,8 +42,9 @@ class PagedKivi:
     seq: torch.Tensor | None = None
 
     @property
-    def full_pages(self) -> int:
-        return min(self.n_qk, self.n_qv) // PAGE_TOKENS
+    def key_pages(self) -> int:
+        """Pages holding quantized keys (the kernel's split-K range; the last may be partial)."""
+        return -(-self.n_qk // PAGE_TOKENS)
 
 
 def supported(query: torch.Tensor, bits: int, head_dim: int, group: int, hkv: int) -> bool:
@@ -63,18 +66,27 @@ def _strides(t: torch.Tensor | None) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
-def choose_splits(batch_heads: int, pages: int, sms: int, per_sm: int = 3) -> tuple[int, int]:
-    """(splits, pages per split): enough programs to fill the GPU, at least one page each."""
+def choose_splits(batch_heads: int, pages: int, sms: int, per_sm: int = 4) -> tuple[int, int]:
+    """(splits, pages per split): the split count that finishes soonest when programs run in waves of the GPU's
+    resident slots, each costing its pages plus a fixed start-up and merge worth about 3 pages."""
     if pages == 0:
         return 0, 1
-    splits = max(1, min(pages, math.ceil(sms * per_sm / max(1, batch_heads))))
-    per = math.ceil(pages / splits)
-    return math.ceil(pages / per), per
+    slots, best = sms * per_sm, None
+    for splits in range(1, min(pages, 256) + 1):
+        per = math.ceil(pages / splits)
+        n = math.ceil(pages / per)
+        if per < 2 and pages >= 2:
+            break
+        waves = math.ceil(batch_heads * n / slots)
+        cost = waves * (per + 3)
+        if best is None or cost < best[0]:
+            best = (cost, n, per)
+    return best[1], best[2]
 
 
 def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float | None = None,
                            start: torch.Tensor | None = None, splits: int | None = None, stages: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, variant: str = DEFAULT_VARIANT) -> torch.Tensor:
     """Attention of ``query [B, H_q, n_q, D]`` (the newest n_q tokens) over a paged KIVI cache: ``[B, n_q, H_q, D]``.
 
     ``start [B]`` (int32, optional): the first unpadded position of each sequence (left padding).
@@ -85,6 +97,12 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     b, hq, nq, d = query.shape
     pool = cache.pool
     hkv = pool.shape[-2]
+    if hq % hkv or hq // hkv * nq > MAX_ROWS or d != 128:
+        raise ValueError(f"the paged kernel takes head dim 128 and at most {MAX_ROWS} rows (query heads per KV head x "
+                         f"query tokens), got head dim {d} and {hq // max(hkv, 1)} x {nq} rows")
+    for t in (cache.sink_k, cache.sink_v, cache.res_k, cache.res_v):
+        if t is not None and t.dtype != query.dtype:
+            raise ValueError(f"sinks and residuals must have the query's dtype {query.dtype}, got {t.dtype}")
     if query.stride(-1) != 1:
         query = query.contiguous()
     table = cache.table
@@ -94,11 +112,11 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     else:
         max_pages = pool.shape[1]
     props = torch.cuda.get_device_properties(query.device)
-    full = cache.full_pages if cache.seq is None else int(cache.seq[:, 1:3].min(dim=1).values.max()) // PAGE_TOKENS
+    pages = cache.key_pages if cache.seq is None else -(-int(cache.seq[:, 1].max()) // PAGE_TOKENS)
     if splits is None:
-        splits, per = choose_splits(b * hkv, full, props.multi_processor_count)
+        splits, per = choose_splits(b * hkv, pages, props.multi_processor_count)
     else:
-        per = math.ceil(full / splits) if splits else 1
+        per = math.ceil(pages / splits) if splits else 1
     rows = hq // hkv * nq
     part_acc = torch.empty(b * hkv * (splits + 1) * rows * d, dtype=torch.float32, device=query.device)
     part_ml = torch.empty(b * hkv * (splits + 1) * rows * 2, dtype=torch.float32, device=query.device)
@@ -112,8 +130,10 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     start = None if start is None else start.to(device=query.device, dtype=torch.int32).contiguous()
     stages = stages or (3 if cache.bits == 2 else 2)
     L, I = ctypes.c_longlong, ctypes.c_int
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown paged kernel variant '{variant}': allowed are {', '.join(VARIANTS)}")
     rc = lib.lowbit_kivi_paged_decode(
-        I(cache.bits), I(query.dtype == torch.bfloat16), I(stages),
+        I(cache.bits), I(query.dtype == torch.bfloat16), I(stages), I(VARIANTS[variant]),
         _ptr(pool), L(pool.stride(-3)), L(pool.stride(-2)), _ptr(table), I(max_pages),
         _ptr(query), L(query.stride(0)), L(query.stride(1)), L(query.stride(2)),
         I(b), I(hq), I(hkv), I(nq), ctypes.c_float(scale * LOG2E),

@@ -276,20 +276,21 @@ def fragment_index(bits: int, head_dim: int, values: bool) -> tuple[torch.Tensor
 
     The decode kernel's warp ``w`` owns tokens ``32w .. 32w+31``; lane ``l`` reads 16-byte vectors at
     ``(w * vectors_per_lane + v) * 32 + l`` and finds in them, as half2 pairs (bits ``b*i`` and ``16 + b*i``
-    of a word), exactly the operands of its ``mma.m16n8k16`` B fragments: keys ``[16 channels x 8 tokens]``
-    (pairs of adjacent channels), values ``[16 tokens x 8 channels]`` (pairs of adjacent tokens).
+    of a word), exactly its ``mma.m16n8k16`` operands: keys as the B fragments of ``S = Q K^T``
+    (``[16 channels x 8 tokens]``, pairs of adjacent channels), values as the A fragments of
+    ``O^T = V^T P^T`` (``[16 channels x 16 tokens]``, pairs of adjacent tokens).
     """
     key = (bits, head_dim, values)
     if key not in _FRAGMENT_CACHE:
         t = torch.arange(PAGE_TOKENS).view(-1, 1).expand(PAGE_TOKENS, head_dim)
         c = torch.arange(head_dim).view(1, -1).expand(PAGE_TOKENS, head_dim)
         w = t // 32
-        if values:  # A = P [rows x 16 tokens], B = V [16 tokens (k) x 8 channels (n)]
-            kt, tt = (t % 32) // 16, t % 16
-            h, q, e = tt // 8, (tt % 8) // 2, tt % 2
-            lane = (c % 8) * 4 + q
-            pair = (kt * (head_dim // 8) + c // 8) * 2 + h
-        else:  # A = Q [rows x 16 channels], B = K^T [16 channels (k) x 8 tokens (n)]
+        if values:  # O^T = V^T P^T: A = V^T [16 channels x 16 tokens], pairs of adjacent tokens
+            kt, tt, cc = (t % 32) // 16, t % 16, c % 16
+            q, e = (tt % 8) // 2, tt % 2
+            lane = (cc % 8) * 4 + q
+            pair = (kt * (head_dim // 16) + c // 16) * 4 + cc // 8 + 2 * (tt // 8)
+        else:  # S = Q K^T: B = K^T [16 channels (k) x 8 tokens (n)], pairs of adjacent channels
             j, r = (t % 32) // 8, t % 8
             cc = c % 16
             h, q, e = cc // 8, (cc % 8) // 2, cc % 2

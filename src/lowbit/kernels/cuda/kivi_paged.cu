@@ -22,7 +22,7 @@ namespace {
 constexpr int D = 128;       // head dim
 constexpr int P = 128;       // tokens per page
 constexpr int THREADS = 128; // 4 warps
-constexpr int MAXROWS = 16;
+constexpr int MAXROWS = 8;  // query heads per KV head x query tokens: the n8 side of the P V product
 
 template <int BITS>
 struct Lay {
@@ -108,42 +108,107 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
 
+template <int BITS>
+__device__ __forceinline__ int page_code(const uint8_t* pg, int t, int c, bool values) {
+  // the scalar inverse of lowbit.quant.kivi.fragment_index
+  using L = Lay<BITS>;
+  int w = t / 32, lane, pair, e;
+  if (values) {  // A fragments of V^T [16 channels x 16 tokens]
+    int kt = (t % 32) / 16, tt = t % 16, th = tt / 8, q = (tt % 8) / 2, cc = c % 16;
+    e = tt % 2; lane = (cc % 8) * 4 + q; pair = (kt * (D / 16) + c / 16) * 4 + (cc / 8) + 2 * th;
+  } else {
+    int j = (t % 32) / 8, r = t % 8, cc = c % 16, hh = cc / 8, q = (cc % 8) / 2;
+    e = cc % 2; lane = r * 4 + q; pair = (j * (D / 16) + c / 16) * 2 + hh;
+  }
+  int wd = pair / L::PPW, i = pair % L::PPW;
+  int word = w * (32 * L::WPT) + (wd / 4) * 128 + lane * 4 + (wd % 4);
+  uint32_t x = reinterpret_cast<const uint32_t*>(pg + (values ? L::CODE : 0))[word];
+  return (x >> (BITS * i + 16 * e)) & ((1 << BITS) - 1);
+}
+
 // ------------------------------------------------------------------------------------------------ main
 
-template <int BITS, int STAGES, typename T>
+template <int BITS, bool MIXED, typename T>
+__device__ __forceinline__ void value_product(float (&acc)[D / 16][4], const uint32_t (&pb)[2][2],
+                                              const uint32_t (&words)[Lay<BITS>::WPT], const __half* vsc,
+                                              const __half* vzr, int warp, int g, int qd, int page, const Seq& sq,
+                                              const T* rv, __half2 k1024) {
+  // O^T += V^T P^T over one warp's 32 tokens of a page (A = dequantized value codes, B = probabilities)
+  using L = Lay<BITS>;
+  const int n_kept = sq.total - sq.n_sink, n_res_v = n_kept - sq.n_qv;
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt) {
+    const int t0 = warp * 32 + kt * 16 + qd * 2;  // in-page token of a0a1 / a2a3; a4..a7 at t0 + 8
+#pragma unroll
+    for (int vg = 0; vg < D / 32; ++vg) {
+      const __half2 s0 = *reinterpret_cast<const __half2*>(vsc + vg * P + t0);
+      const __half2 s1 = *reinterpret_cast<const __half2*>(vsc + vg * P + t0 + 8);
+      const __half2 z0 = *reinterpret_cast<const __half2*>(vzr + vg * P + t0);
+      const __half2 z1 = *reinterpret_cast<const __half2*>(vzr + vg * P + t0 + 8);
+#pragma unroll
+      for (int m2 = 0; m2 < 2; ++m2) {
+        const int m = vg * 2 + m2;
+        const int p = (kt * (D / 16) + m) * 4;
+        uint32_t af[4];  // a01: (ch g, t0), a23: (ch g+8, t0), a45: (ch g, t0+8), a67: (ch g+8, t0+8)
+#pragma unroll
+        for (int w4 = 0; w4 < 4; ++w4) {
+          const __half2 c = codes2<BITS>(words[(p + w4) / L::PPW], (p + w4) % L::PPW);
+          __half2 v = __hfma2(__hsub2(c, k1024), w4 < 2 ? s0 : s1, w4 < 2 ? z0 : z1);
+          if (MIXED) {
+            const int ch = m * 16 + g + (w4 & 1) * 8;
+            const int k = page * P + t0 + (w4 >> 1) * 8;  // quantized index of the pair's first token
+            const int last = max(n_res_v - 1, 0);
+            const float x0 = to_f(rv[(long long)min(max(k - sq.n_qv, 0), last) * D + ch]);
+            const float x1 = to_f(rv[(long long)min(max(k + 1 - sq.n_qv, 0), last) * D + ch]);
+            const float f0 = k < sq.n_qv ? __low2float(v) : (k < n_kept ? x0 : 0.f);
+            const float f1 = k + 1 < sq.n_qv ? __high2float(v) : (k + 1 < n_kept ? x1 : 0.f);
+            v = __floats2half2_rn(f0, f1);
+          }
+          af[w4] = h2u(v);
+        }
+        mma16816(acc[m], af, pb[kt][0], pb[kt][1]);
+      }
+    }
+  }
+}
+
+template <int BITS, int STAGES, bool FOLD, typename T>
 __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq, uint8_t* smem) {
   using L = Lay<BITS>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, qd = lane % 4;
-  const int full = min(sq.n_qk, sq.n_qv) / P;
-  const int p0 = split * a.pages_per_split, p1 = min(full, p0 + a.pages_per_split);
+  const int kpages = (sq.n_qk + P - 1) / P;  // pages holding quantized keys (the last may be partial)
+  const int p0 = split * a.pages_per_split, p1 = min(kpages, p0 + a.pages_per_split);
   const long long part = ((long long)(b * a.hkv + h) * (a.splits + 1) + split) * a.rows;
+  const T* rv = reinterpret_cast<const T*>(a.res_v) + b * a.rv_sb + h * a.rv_sh;
+  const int n_kept = sq.total - sq.n_sink;  // tokens after the sinks
 
-  // Q as A fragments (rows = query head within the group x query token), pre-scaled by softmax scale * log2 e
-  uint32_t qa[D / 16][4];
+  // S = Q K^T with Q as the A operand: row g (rows g + 8 are zero), columns 2q.. and 2q+8.. of each 16-channel chunk,
+  // pre-scaled by softmax scale * log2 e
+  uint32_t qa[D / 16][2];
   {
     const T* q = reinterpret_cast<const T*>(a.q);
 #pragma unroll
     for (int kc = 0; kc < D / 16; ++kc) {
 #pragma unroll
-      for (int half = 0; half < 4; ++half) {  // a0a1: (g, c), a2a3: (g+8, c), a4a5: (g, c+8), a6a7: (g+8, c+8)
-        int row = g + (half & 1) * 8, c = kc * 16 + qd * 2 + (half >> 1) * 8;
+      for (int hf = 0; hf < 2; ++hf) {
+        const int c = kc * 16 + qd * 2 + hf * 8;
         float x0 = 0.f, x1 = 0.f;
-        if (row < a.rows) {
-          int gi = row / a.nq, qi = row % a.nq;
+        if (g < a.rows) {
+          const int gi = g / a.nq, qi = g % a.nq;
           const T* src = q + b * a.q_sb + (long long)(h * a.gqa + gi) * a.q_sh + (long long)qi * a.q_st + c;
           x0 = to_f(src[0]) * a.scale_log2;
           x1 = to_f(src[1]) * a.scale_log2;
         }
-        qa[kc][half] = h2u(__floats2half2_rn(x0, x1));
+        qa[kc][hf] = h2u(__floats2half2_rn(x0, x1));
       }
     }
   }
-
-  float acc[D / 8][4];
+  // O^T = V^T P^T: acc[m] holds channels m*16 + g (0, 1) and m*16 + g + 8 (2, 3) of rows 2q and 2q + 1
+  float acc[D / 16][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8
+  for (int i = 0; i < D / 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m_row = -INFINITY, l_row = 0.f;  // row g
   const __half2 k1024 = __half2half2(__ushort_as_half(0x6400));
 
   auto issue = [&](int page, int stage) {
@@ -152,7 +217,6 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
 #pragma unroll
     for (int off = threadIdx.x * 16; off < L::BYTES; off += THREADS * 16) cp_async16(dst + off, src + off);
   };
-
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (p0 + st < p1) issue(p0 + st, st);
@@ -165,8 +229,9 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
     __syncthreads();
     const uint8_t* pg = smem + (it % STAGES) * L::BYTES;
     const int page = p0 + it;
+    const int k0 = page * P + warp * 32;  // quantized index of this warp's first token
 
-    // ---- scores for this warp's 32 tokens: 4 n-tiles of 8 tokens
+    // ---- scores of row g for this warp's 32 tokens: 4 n-tiles of 8 tokens (c0, c1: tokens 2q, 2q + 1)
     float sc[4][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
@@ -175,92 +240,91 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       uint32_t words[L::WPT];
 #pragma unroll
       for (int v = 0; v < L::WPT / 4; ++v) {
-        uint4 x = kw[v * 32];
+        const uint4 x = kw[v * 32];
         words[4 * v] = x.x; words[4 * v + 1] = x.y; words[4 * v + 2] = x.z; words[4 * v + 3] = x.w;
       }
       const __half2* ksc = reinterpret_cast<const __half2*>(pg + L::KS + warp * D * 2);
       const __half2* kzr = reinterpret_cast<const __half2*>(pg + L::KZ + warp * D * 2);
+      float bias[4] = {0.f, 0.f, 0.f, 0.f};  // FOLD: sum_c q_c z_c - 1024 sum_c q_c s_c of row g
+      const uint32_t neg1024 = 0xE400E400u;   // half2(-1024, -1024)
 #pragma unroll
       for (int kc = 0; kc < D / 16; ++kc) {
-        __half2 s0 = ksc[(kc * 16 + qd * 2) / 2], s1 = ksc[(kc * 16 + 8 + qd * 2) / 2];
-        __half2 z0 = kzr[(kc * 16 + qd * 2) / 2], z1 = kzr[(kc * 16 + 8 + qd * 2) / 2];
+        const __half2 s0 = ksc[kc * 8 + qd], s1 = ksc[kc * 8 + 4 + qd];
+        const __half2 z0 = kzr[kc * 8 + qd], z1 = kzr[kc * 8 + 4 + qd];
+        const uint32_t af[4] = {qa[kc][0], 0u, qa[kc][1], 0u};
+        if (FOLD) {  // scales into Q, codes straight from lop3 (1024 + c), offsets and zeros as a bias
+          const uint32_t as[4] = {h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][0]), s0)), 0u,
+                                  h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][1]), s1)), 0u};
+          mma16816(bias, af, h2u(z0), h2u(z1));
+          mma16816(bias, as, neg1024, neg1024);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int p = (j * (D / 16) + kc) * 2;
-          __half2 c0 = codes2<BITS>(words[p / L::PPW], p % L::PPW);
-          __half2 c1 = codes2<BITS>(words[(p + 1) / L::PPW], (p + 1) % L::PPW);
-          uint32_t b0 = h2u(__hfma2(__hsub2(c0, k1024), s0, z0));
-          uint32_t b1 = h2u(__hfma2(__hsub2(c1, k1024), s1, z1));
-          mma16816(sc[j], qa[kc], b0, b1);
+          for (int j = 0; j < 4; ++j) {
+            const int p = (j * (D / 16) + kc) * 2;
+            mma16816(sc[j], as, h2u(codes2<BITS>(words[p / L::PPW], p % L::PPW)),
+                     h2u(codes2<BITS>(words[(p + 1) / L::PPW], (p + 1) % L::PPW)));
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int p = (j * (D / 16) + kc) * 2;
+            const __half2 c0 = codes2<BITS>(words[p / L::PPW], p % L::PPW);
+            const __half2 c1 = codes2<BITS>(words[(p + 1) / L::PPW], (p + 1) % L::PPW);
+            mma16816(sc[j], af, h2u(__hfma2(__hsub2(c0, k1024), s0, z0)), h2u(__hfma2(__hsub2(c1, k1024), s1, z1)));
+          }
         }
       }
+      if (FOLD) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) { sc[j][0] += bias[0]; sc[j][1] += bias[1]; }
+      }
     }
-    // ---- mask (left padding) and online softmax over rows g (c0, c1) and g + 8 (c2, c3)
-    const int pos0 = sq.n_sink + page * P + warp * 32;
-    if (pos0 < sq.start) {
+    // ---- mask (left padding, keys past n_qk in the last page), online softmax of row g
+    const int pos0 = sq.n_sink + k0;
+    if (pos0 < sq.start || k0 + 32 > sq.n_qk) {
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (pos0 + j * 8 + qd * 2 + (e & 1) < sq.start) sc[j][e] = -INFINITY;
+        for (int e = 0; e < 2; ++e) {
+          const int t = j * 8 + qd * 2 + e;
+          if (pos0 + t < sq.start || k0 + t >= sq.n_qk) sc[j][e] = -INFINITY;
+        }
     }
-    float mx0 = m0, mx1 = m1;
+    float mx = m_row;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) mx = fmaxf(mx, fmaxf(sc[j][0], sc[j][1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    const float base = mx == -INFINITY ? 0.f : mx;
+    const float r = exp2f(m_row - base);
+    m_row = mx;
+    l_row *= r;
+    const float ra = __shfl_sync(0xffffffff, r, (2 * qd) * 4), rb = __shfl_sync(0xffffffff, r, (2 * qd + 1) * 4);
+#pragma unroll
+    for (int i = 0; i < D / 16; ++i) { acc[i][0] *= ra; acc[i][1] *= rb; acc[i][2] *= ra; acc[i][3] *= rb; }
+    uint32_t pb[2][2];  // P^T as B fragments of the two 16-token k-chunks: tokens 2q.. (0) and 2q+8.. (1) of row g
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][1]));
-      mx1 = fmaxf(mx1, fmaxf(sc[j][2], sc[j][3]));
+      const float e0 = exp2f(sc[j][0] - base), e1 = exp2f(sc[j][1] - base);
+      l_row += e0 + e1;
+      pb[j / 2][j & 1] = h2u(__floats2half2_rn(e0, e1));
     }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-    const float base0 = mx0 == -INFINITY ? 0.f : mx0, base1 = mx1 == -INFINITY ? 0.f : mx1;
-    const float r0 = exp2f(m0 - base0), r1 = exp2f(m1 - base1);
-    m0 = mx0; m1 = mx1;
-    l0 *= r0; l1 *= r1;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) { acc[i][0] *= r0; acc[i][1] *= r0; acc[i][2] *= r1; acc[i][3] *= r1; }
-    uint32_t pa[2][4];  // P as A fragments for the two 16-token k-chunks
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float e0 = exp2f(sc[j][0] - base0), e1 = exp2f(sc[j][1] - base0);
-      float e2 = exp2f(sc[j][2] - base1), e3 = exp2f(sc[j][3] - base1);
-      l0 += e0 + e1; l1 += e2 + e3;
-      pa[j / 2][(j & 1) * 2] = h2u(__floats2half2_rn(e0, e1));      // a0a1 (j even) / a4a5 (j odd)
-      pa[j / 2][(j & 1) * 2 + 1] = h2u(__floats2half2_rn(e2, e3));  // a2a3 / a6a7
-    }
-    // ---- O += P V over this warp's 32 tokens
+    // ---- O^T += V^T P^T over this warp's 32 tokens
     {
       const uint4* vw = reinterpret_cast<const uint4*>(pg + L::CODE) + warp * (L::WPT / 4) * 32 + lane;
       uint32_t words[L::WPT];
 #pragma unroll
       for (int v = 0; v < L::WPT / 4; ++v) {
-        uint4 x = vw[v * 32];
+        const uint4 x = vw[v * 32];
         words[4 * v] = x.x; words[4 * v + 1] = x.y; words[4 * v + 2] = x.z; words[4 * v + 3] = x.w;
       }
       const __half* vsc = reinterpret_cast<const __half*>(pg + L::VS);
       const __half* vzr = reinterpret_cast<const __half*>(pg + L::VZ);
-#pragma unroll
-      for (int kt = 0; kt < 2; ++kt) {
-        const int t0 = warp * 32 + kt * 16 + qd * 2;
-#pragma unroll
-        for (int vg = 0; vg < D / 32; ++vg) {
-          __half2 s0 = *reinterpret_cast<const __half2*>(vsc + vg * P + t0);
-          __half2 s1 = *reinterpret_cast<const __half2*>(vsc + vg * P + t0 + 8);
-          __half2 z0 = *reinterpret_cast<const __half2*>(vzr + vg * P + t0);
-          __half2 z1 = *reinterpret_cast<const __half2*>(vzr + vg * P + t0 + 8);
-#pragma unroll
-          for (int n4 = 0; n4 < 4; ++n4) {
-            const int nt = vg * 4 + n4;
-            const int p = (kt * (D / 8) + nt) * 2;
-            __half2 c0 = codes2<BITS>(words[p / L::PPW], p % L::PPW);
-            __half2 c1 = codes2<BITS>(words[(p + 1) / L::PPW], (p + 1) % L::PPW);
-            uint32_t b0 = h2u(__hfma2(__hsub2(c0, k1024), s0, z0));
-            uint32_t b1 = h2u(__hfma2(__hsub2(c1, k1024), s1, z1));
-            mma16816(acc[nt], pa[kt], b0, b1);
-          }
-        }
-      }
+      // values past n_qv (only in the last page or two) are still in the residual: that slab takes the MIXED
+      // copy of the loop, which loads them unconditionally (clamped index, all in flight at once) and selects
+      if (k0 + 32 <= sq.n_qv)
+        value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024);
+      else
+        value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024);
     }
     __syncthreads();
   }
@@ -268,27 +332,26 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
 
   // ---- merge the 4 warps (shared memory), write this split's partial
   __syncthreads();
-  l0 += __shfl_xor_sync(0xffffffff, l0, 1); l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffff, l1, 1); l1 += __shfl_xor_sync(0xffffffff, l1, 2);
-  float* wm = reinterpret_cast<float*>(smem);             // [4 warps][16 rows] max
-  float* wl = wm + 4 * MAXROWS;                           // [4][16] sums
-  float* wacc = wl + 4 * MAXROWS;                         // [4][16][D]
-  if (qd == 0) { wm[warp * MAXROWS + g] = m0; wm[warp * MAXROWS + g + 8] = m1; wl[warp * MAXROWS + g] = l0; wl[warp * MAXROWS + g + 8] = l1; }
+  l_row += __shfl_xor_sync(0xffffffff, l_row, 1);
+  l_row += __shfl_xor_sync(0xffffffff, l_row, 2);
+  float* wm = reinterpret_cast<float*>(smem);  // [4 warps][8 rows] max
+  float* wl = wm + 4 * MAXROWS;                // [4][8] sums
+  float* wacc = wl + 4 * MAXROWS;              // [4][8][D]
+  if (qd == 0) { wm[warp * MAXROWS + g] = m_row; wl[warp * MAXROWS + g] = l_row; }
 #pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt) {
-    float* dst = wacc + (warp * MAXROWS) * D + nt * 8 + qd * 2;
-    dst[g * D] = acc[nt][0]; dst[g * D + 1] = acc[nt][1];
-    dst[(g + 8) * D] = acc[nt][2]; dst[(g + 8) * D + 1] = acc[nt][3];
+  for (int m = 0; m < D / 16; ++m) {
+    float* dst = wacc + (warp * MAXROWS + 2 * qd) * D + m * 16 + g;
+    dst[0] = acc[m][0]; dst[D] = acc[m][1]; dst[8] = acc[m][2]; dst[D + 8] = acc[m][3];
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < a.rows * D; idx += THREADS) {
-    int row = idx / D, d = idx % D;
+    const int row = idx / D, d = idx % D;
     float M = -INFINITY;
     for (int w = 0; w < 4; ++w) M = fmaxf(M, wm[w * MAXROWS + row]);
     float s = 0.f, lsum = 0.f;
     if (M != -INFINITY) {
       for (int w = 0; w < 4; ++w) {
-        float f = exp2f(wm[w * MAXROWS + row] - M);
+        const float f = exp2f(wm[w * MAXROWS + row] - M);
         s += f * wacc[(w * MAXROWS + row) * D + d];
         lsum += f * wl[w * MAXROWS + row];
       }
@@ -299,24 +362,6 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
 }
 
 // ------------------------------------------------------------------------------------------------ tail
-
-template <int BITS>
-__device__ __forceinline__ int page_code(const uint8_t* pg, int t, int c, bool values) {
-  // the scalar inverse of lowbit.quant.kivi.fragment_index
-  using L = Lay<BITS>;
-  int w = t / 32, lane, pair, e;
-  if (values) {
-    int kt = (t % 32) / 16, tt = t % 16, hh = tt / 8, q = (tt % 8) / 2;
-    e = tt % 2; lane = (c % 8) * 4 + q; pair = (kt * (D / 8) + c / 8) * 2 + hh;
-  } else {
-    int j = (t % 32) / 8, r = t % 8, cc = c % 16, hh = cc / 8, q = (cc % 8) / 2;
-    e = cc % 2; lane = r * 4 + q; pair = (j * (D / 16) + c / 16) * 2 + hh;
-  }
-  int wd = pair / L::PPW, i = pair % L::PPW;
-  int word = w * (32 * L::WPT) + (wd / 4) * 128 + lane * 4 + (wd % 4);
-  uint32_t x = reinterpret_cast<const uint32_t*>(pg + (values ? L::CODE : 0))[word];
-  return (x >> (BITS * i + 16 * e)) & ((1 << BITS) - 1);
-}
 
 constexpr int KPAD = D + 2;  // half row stride of the staged tail chunk (conflict-free column reads)
 
@@ -339,7 +384,7 @@ __device__ __forceinline__ float tail_elem(const Args& a, int b, int h, const Se
 
 template <int BITS, typename T>
 __device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* smem) {
-  const int first = min(sq.n_qk, sq.n_qv) / P * P;  // quantized index of the first token after the full pages
+  const int first = sq.n_qk;  // the tail: sinks, then the tokens whose keys are still full precision
   const int n_all = sq.n_sink + (sq.total - sq.n_sink - first);
   float* qs = reinterpret_cast<float*>(smem);        // [rows][D] scaled queries
   float* sc = qs + MAXROWS * D;                      // [rows][128] scores, then probabilities, of a chunk
@@ -417,13 +462,13 @@ __device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* s
   }
 }
 
-template <int BITS, int STAGES, typename T>
-__global__ void __launch_bounds__(THREADS) kivi_paged_kernel(Args a) {
+template <int BITS, int STAGES, bool FOLD, typename T>
+__global__ void __launch_bounds__(THREADS, 4) kivi_paged_kernel(Args a) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int b = blockIdx.x / a.hkv, h = blockIdx.x % a.hkv;
   const Seq sq = load_seq(a, b);
   if ((int)blockIdx.y == a.splits) tail_part<BITS, T>(a, b, h, sq, smem);
-  else paged_part<BITS, STAGES, T>(a, b, h, blockIdx.y, sq, smem);
+  else paged_part<BITS, STAGES, FOLD, T>(a, b, h, blockIdx.y, sq, smem);
 }
 
 template <typename T>
@@ -446,7 +491,7 @@ __global__ void combine_kernel(Args a) {
   o[b * a.o_sb + (long long)qi * a.o_st + (long long)(h * a.gqa + gi) * a.o_sh + d] = from_f<T>(num / den);
 }
 
-template <int BITS, int STAGES, typename T>
+template <int BITS, int STAGES, bool FOLD, typename T>
 int launch(const Args& a, cudaStream_t stream) {
   using L = Lay<BITS>;
   size_t main_smem = (size_t)STAGES * L::BYTES;
@@ -454,7 +499,7 @@ int launch(const Args& a, cudaStream_t stream) {
   size_t tail_smem = (size_t)(MAXROWS * D + MAXROWS * 128 + 4 * MAXROWS) * sizeof(float) + 128 * KPAD * sizeof(__half);
   size_t smem = main_smem > merge_smem ? main_smem : merge_smem;
   if (tail_smem > smem) smem = tail_smem;
-  auto kern = kivi_paged_kernel<BITS, STAGES, T>;
+  auto kern = kivi_paged_kernel<BITS, STAGES, FOLD, T>;
   cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return (int)err;
   dim3 grid(a.batch * a.hkv, a.splits + 1);
@@ -468,7 +513,7 @@ int launch(const Args& a, cudaStream_t stream) {
 }  // namespace
 
 extern "C" int lowbit_kivi_paged_decode(
-    int bits, int is_bf16, int stages,
+    int bits, int is_bf16, int stages, int variant,
     const void* pool, long long stride_block, long long stride_head, const int* table, int max_pages,
     const void* q, long long q_sb, long long q_sh, long long q_st,
     int batch, int hq, int hkv, int nq, float scale_log2,
@@ -490,9 +535,16 @@ extern "C" int lowbit_kivi_paged_decode(
   a.out = out; a.o_sb = o_sb; a.o_st = o_st; a.o_sh = o_sh;
   if (a.rows > MAXROWS || a.rows < 1) return -1;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  if (bits == 2 && stages == 3) return is_bf16 ? launch<2, 3, __nv_bfloat16>(a, s) : launch<2, 3, __half>(a, s);
-  if (bits == 2 && stages == 2) return is_bf16 ? launch<2, 2, __nv_bfloat16>(a, s) : launch<2, 2, __half>(a, s);
-  if (bits == 4 && stages == 3) return is_bf16 ? launch<4, 3, __nv_bfloat16>(a, s) : launch<4, 3, __half>(a, s);
-  if (bits == 4 && stages == 2) return is_bf16 ? launch<4, 2, __nv_bfloat16>(a, s) : launch<4, 2, __half>(a, s);
+  const bool fold = variant & 1;
+#define LOWBIT_LAUNCH(B, S) \
+  if (bits == B && stages == S) { \
+    if (fold) return is_bf16 ? launch<B, S, true, __nv_bfloat16>(a, s) : launch<B, S, true, __half>(a, s); \
+    return is_bf16 ? launch<B, S, false, __nv_bfloat16>(a, s) : launch<B, S, false, __half>(a, s); \
+  }
+  LOWBIT_LAUNCH(2, 3)
+  LOWBIT_LAUNCH(2, 2)
+  LOWBIT_LAUNCH(4, 3)
+  LOWBIT_LAUNCH(4, 2)
+#undef LOWBIT_LAUNCH
   return -2;
 }
