@@ -35,6 +35,11 @@ struct Lay {
   static constexpr int VZ = VS + (D / 32) * P * 2;
   static constexpr int BYTES = VZ + (D / 32) * P * 2;
   static constexpr unsigned MASK = BITS == 2 ? 0x00030003u : 0x000f000fu;
+  // one warp's share of a page (its 32 tokens), staged in the warp's own shared-memory ring
+  static constexpr int SLAB_CODE = CODE / 4;                         // key (or value) codes of 32 tokens
+  static constexpr int S_KS = 2 * SLAB_CODE, S_KZ = S_KS + D * 2;     // key scale / zero of the slab's group [D]
+  static constexpr int S_VS = S_KZ + D * 2, S_VZ = S_VS + (D / 32) * 32 * 2;  // value scale / zero [D/32][32]
+  static constexpr int SLAB = S_VZ + (D / 32) * 32 * 2;              // 3072 (2-bit) / 5120 (4-bit) bytes
 };
 
 struct Args {
@@ -133,18 +138,19 @@ __device__ __forceinline__ void value_product(float (&acc)[D / 16][4], const uin
                                               const uint32_t (&words)[Lay<BITS>::WPT], const __half* vsc,
                                               const __half* vzr, int warp, int g, int qd, int page, const Seq& sq,
                                               const T* rv, __half2 k1024) {
+  // vsc / vzr: the slab's value scales / zeros, [D/32 groups][32 tokens]
   // O^T += V^T P^T over one warp's 32 tokens of a page (A = dequantized value codes, B = probabilities)
   using L = Lay<BITS>;
   const int n_kept = sq.total - sq.n_sink, n_res_v = n_kept - sq.n_qv;
 #pragma unroll
   for (int kt = 0; kt < 2; ++kt) {
-    const int t0 = warp * 32 + kt * 16 + qd * 2;  // in-page token of a0a1 / a2a3; a4..a7 at t0 + 8
+    const int tl = kt * 16 + qd * 2, t0 = warp * 32 + tl;  // slab / page token of a0a1 / a2a3; a4..a7 at +8
 #pragma unroll
     for (int vg = 0; vg < D / 32; ++vg) {
-      const __half2 s0 = *reinterpret_cast<const __half2*>(vsc + vg * P + t0);
-      const __half2 s1 = *reinterpret_cast<const __half2*>(vsc + vg * P + t0 + 8);
-      const __half2 z0 = *reinterpret_cast<const __half2*>(vzr + vg * P + t0);
-      const __half2 z1 = *reinterpret_cast<const __half2*>(vzr + vg * P + t0 + 8);
+      const __half2 s0 = *reinterpret_cast<const __half2*>(vsc + vg * 32 + tl);
+      const __half2 s1 = *reinterpret_cast<const __half2*>(vsc + vg * 32 + tl + 8);
+      const __half2 z0 = *reinterpret_cast<const __half2*>(vzr + vg * 32 + tl);
+      const __half2 z1 = *reinterpret_cast<const __half2*>(vzr + vg * 32 + tl + 8);
 #pragma unroll
       for (int m2 = 0; m2 < 2; ++m2) {
         const int m = vg * 2 + m2;
@@ -211,11 +217,26 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
   float m_row = -INFINITY, l_row = 0.f;  // row g
   const __half2 k1024 = __half2half2(__ushort_as_half(0x6400));
 
+  // each warp stages its own 32-token slab of every page (codes, scales, zeros) in a private ring:
+  // no block-wide barrier inside the loop, warps drift independently
+  uint8_t* ring = smem + warp * STAGES * L::SLAB;
   auto issue = [&](int page, int stage) {
     const uint8_t* src = page_ptr(a, b, h, page);
-    uint8_t* dst = smem + stage * L::BYTES;
+    uint8_t* dst = ring + stage * L::SLAB;
 #pragma unroll
-    for (int off = threadIdx.x * 16; off < L::BYTES; off += THREADS * 16) cp_async16(dst + off, src + off);
+    for (int ci = lane; ci < L::SLAB / 16; ci += 32) {
+      const int off = ci * 16;
+      int from;
+      if (off < L::SLAB_CODE) from = warp * L::SLAB_CODE + off;                                // key codes
+      else if (off < L::S_KS) from = L::CODE + warp * L::SLAB_CODE + (off - L::SLAB_CODE);   // value codes
+      else if (off < L::S_KZ) from = L::KS + warp * D * 2 + (off - L::S_KS);                 // key scale
+      else if (off < L::S_VS) from = L::KZ + warp * D * 2 + (off - L::S_KZ);                 // key zero
+      else {  // value scale / zero: 64 bytes (32 tokens) of each of the D/32 groups
+        const int j = off < L::S_VZ ? off - L::S_VS : off - L::S_VZ;
+        from = (off < L::S_VZ ? L::VS : L::VZ) + (j / 64) * P * 2 + warp * 64 + j % 64;
+      }
+      cp_async16(dst + off, src + from);
+    }
   };
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
@@ -226,8 +247,8 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
     if (p0 + it + STAGES - 1 < p1) issue(p0 + it + STAGES - 1, (it + STAGES - 1) % STAGES);
     cp_commit();
     cp_wait<STAGES - 1>();
-    __syncthreads();
-    const uint8_t* pg = smem + (it % STAGES) * L::BYTES;
+    __syncwarp();
+    const uint8_t* sl = ring + (it % STAGES) * L::SLAB;
     const int page = p0 + it;
     const int k0 = page * P + warp * 32;  // quantized index of this warp's first token
 
@@ -236,15 +257,15 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
 #pragma unroll
     for (int j = 0; j < 4; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
     {
-      const uint4* kw = reinterpret_cast<const uint4*>(pg) + warp * (L::WPT / 4) * 32 + lane;
+      const uint4* kw = reinterpret_cast<const uint4*>(sl) + lane;
       uint32_t words[L::WPT];
 #pragma unroll
       for (int v = 0; v < L::WPT / 4; ++v) {
         const uint4 x = kw[v * 32];
         words[4 * v] = x.x; words[4 * v + 1] = x.y; words[4 * v + 2] = x.z; words[4 * v + 3] = x.w;
       }
-      const __half2* ksc = reinterpret_cast<const __half2*>(pg + L::KS + warp * D * 2);
-      const __half2* kzr = reinterpret_cast<const __half2*>(pg + L::KZ + warp * D * 2);
+      const __half2* ksc = reinterpret_cast<const __half2*>(sl + L::S_KS);
+      const __half2* kzr = reinterpret_cast<const __half2*>(sl + L::S_KZ);
       float bias[4] = {0.f, 0.f, 0.f, 0.f};  // FOLD: sum_c q_c z_c - 1024 sum_c q_c s_c of row g
       const uint32_t neg1024 = 0xE400E400u;   // half2(-1024, -1024)
 #pragma unroll
@@ -310,15 +331,15 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
     }
     // ---- O^T += V^T P^T over this warp's 32 tokens
     {
-      const uint4* vw = reinterpret_cast<const uint4*>(pg + L::CODE) + warp * (L::WPT / 4) * 32 + lane;
+      const uint4* vw = reinterpret_cast<const uint4*>(sl + L::SLAB_CODE) + lane;
       uint32_t words[L::WPT];
 #pragma unroll
       for (int v = 0; v < L::WPT / 4; ++v) {
         const uint4 x = vw[v * 32];
         words[4 * v] = x.x; words[4 * v + 1] = x.y; words[4 * v + 2] = x.z; words[4 * v + 3] = x.w;
       }
-      const __half* vsc = reinterpret_cast<const __half*>(pg + L::VS);
-      const __half* vzr = reinterpret_cast<const __half*>(pg + L::VZ);
+      const __half* vsc = reinterpret_cast<const __half*>(sl + L::S_VS);
+      const __half* vzr = reinterpret_cast<const __half*>(sl + L::S_VZ);
       // values past n_qv (only in the last page or two) are still in the residual: that slab takes the MIXED
       // copy of the loop, which loads them unconditionally (clamped index, all in flight at once) and selects
       if (k0 + 32 <= sq.n_qv)
@@ -326,7 +347,7 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       else
         value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024);
     }
-    __syncthreads();
+    __syncwarp();  // this stage is refilled next iteration
   }
   cp_wait<0>();
 
@@ -494,7 +515,7 @@ __global__ void combine_kernel(Args a) {
 template <int BITS, int STAGES, bool FOLD, typename T>
 int launch(const Args& a, cudaStream_t stream) {
   using L = Lay<BITS>;
-  size_t main_smem = (size_t)STAGES * L::BYTES;
+  size_t main_smem = (size_t)4 * STAGES * L::SLAB;
   size_t merge_smem = (size_t)(8 * MAXROWS + 4 * MAXROWS * D) * sizeof(float);
   size_t tail_smem = (size_t)(MAXROWS * D + MAXROWS * 128 + 4 * MAXROWS) * sizeof(float) + 128 * KPAD * sizeof(__half);
   size_t smem = main_smem > merge_smem ? main_smem : merge_smem;
