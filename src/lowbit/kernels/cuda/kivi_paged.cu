@@ -178,6 +178,42 @@ __device__ __forceinline__ void value_product(float (&acc)[D / 16][4], const uin
   }
 }
 
+template <int BITS>
+__device__ __forceinline__ void value_product_folded(float (&acc)[D / 16][4], float (&zs)[4], const uint32_t (&pb)[2][2],
+                                                     const uint32_t (&words)[Lay<BITS>::WPT], const __half* vsc,
+                                                     const __half* vzr, int g, int qd) {
+  // value scales folded into P (B = P^T * s, per 32-channel group), codes straight from lop3 (1024 + c) into A;
+  // zs accumulates, for row g, sum_t p_t z_t (columns 0-3: groups) and sum_t p_t s_t (columns 4-7) with one
+  // extra MMA per 16 tokens (A = P, B = [z | s]); the merge adds z-sums minus 1024 x s-sums.
+  using L = Lay<BITS>;
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt) {
+    const int tl = kt * 16 + qd * 2;
+    {
+      const __half* src = g < 4 ? vzr + g * 32 : vsc + (g - 4) * 32;  // B = [z | s]: column g
+      const uint32_t b0 = *reinterpret_cast<const uint32_t*>(src + tl), b1 = *reinterpret_cast<const uint32_t*>(src + tl + 8);
+      const uint32_t ap[4] = {pb[kt][0], 0u, pb[kt][1], 0u};  // A = P: row g, tokens 2q.. and 2q+8..
+      mma16816(zs, ap, b0, b1);
+    }
+#pragma unroll
+    for (int vg = 0; vg < D / 32; ++vg) {
+      const __half2 s0 = *reinterpret_cast<const __half2*>(vsc + vg * 32 + tl);
+      const __half2 s1 = *reinterpret_cast<const __half2*>(vsc + vg * 32 + tl + 8);
+      const uint32_t b0 = h2u(__hmul2(*reinterpret_cast<const __half2*>(&pb[kt][0]), s0));
+      const uint32_t b1 = h2u(__hmul2(*reinterpret_cast<const __half2*>(&pb[kt][1]), s1));
+#pragma unroll
+      for (int m2 = 0; m2 < 2; ++m2) {
+        const int m = vg * 2 + m2;
+        const int p = (kt * (D / 16) + m) * 4;
+        uint32_t af[4];
+#pragma unroll
+        for (int w4 = 0; w4 < 4; ++w4) af[w4] = h2u(codes2<BITS>(words[(p + w4) / L::PPW], (p + w4) % L::PPW));
+        mma16816(acc[m], af, b0, b1);
+      }
+    }
+  }
+}
+
 template <int BITS, int STAGES, bool FOLD, typename T>
 __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq, uint8_t* smem) {
   using L = Lay<BITS>;
@@ -215,6 +251,7 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
 #pragma unroll
   for (int i = 0; i < D / 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m_row = -INFINITY, l_row = 0.f;  // row g
+  float zs[4] = {0.f, 0.f, 0.f, 0.f};     // FOLD: row g's sums of p z (groups 2q, 2q+1) or p s (q >= 2)
   const __half2 k1024 = __half2half2(__ushort_as_half(0x6400));
 
   // each warp stages its own 32-token slab of every page (codes, scales, zeros) in a private ring:
@@ -319,6 +356,7 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
     const float r = exp2f(m_row - base);
     m_row = mx;
     l_row *= r;
+    zs[0] *= r; zs[1] *= r;
     const float ra = __shfl_sync(0xffffffff, r, (2 * qd) * 4), rb = __shfl_sync(0xffffffff, r, (2 * qd + 1) * 4);
 #pragma unroll
     for (int i = 0; i < D / 16; ++i) { acc[i][0] *= ra; acc[i][1] *= rb; acc[i][2] *= ra; acc[i][3] *= rb; }
@@ -342,10 +380,12 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       const __half* vzr = reinterpret_cast<const __half*>(sl + L::S_VZ);
       // values past n_qv (only in the last page or two) are still in the residual: that slab takes the MIXED
       // copy of the loop, which loads them unconditionally (clamped index, all in flight at once) and selects
-      if (k0 + 32 <= sq.n_qv)
-        value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024);
-      else
+      if (k0 + 32 <= sq.n_qv) {
+        if (FOLD) value_product_folded<BITS>(acc, zs, pb, words, vsc, vzr, g, qd);
+        else value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024);
+      } else {
         value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024);
+      }
     }
     __syncwarp();  // this stage is refilled next iteration
   }
@@ -357,8 +397,11 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
   l_row += __shfl_xor_sync(0xffffffff, l_row, 2);
   float* wm = reinterpret_cast<float*>(smem);  // [4 warps][8 rows] max
   float* wl = wm + 4 * MAXROWS;                // [4][8] sums
-  float* wacc = wl + 4 * MAXROWS;              // [4][8][D]
+  float* wzs = wl + 4 * MAXROWS;               // [4][8][8]: per row, p z sums of groups 0-3, p s sums 4-7
+  float* wacc = wzs + 4 * MAXROWS * 8;         // [4][8][D]
   if (qd == 0) { wm[warp * MAXROWS + g] = m_row; wl[warp * MAXROWS + g] = l_row; }
+  wzs[(warp * MAXROWS + g) * 8 + qd * 2] = zs[0];
+  wzs[(warp * MAXROWS + g) * 8 + qd * 2 + 1] = zs[1];
 #pragma unroll
   for (int m = 0; m < D / 16; ++m) {
     float* dst = wacc + (warp * MAXROWS + 2 * qd) * D + m * 16 + g;
@@ -373,7 +416,8 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
     if (M != -INFINITY) {
       for (int w = 0; w < 4; ++w) {
         const float f = exp2f(wm[w * MAXROWS + row] - M);
-        s += f * wacc[(w * MAXROWS + row) * D + d];
+        const float* z = wzs + (w * MAXROWS + row) * 8;
+        s += f * (wacc[(w * MAXROWS + row) * D + d] + z[d / 32] - 1024.f * z[4 + d / 32]);
         lsum += f * wl[w * MAXROWS + row];
       }
     }
@@ -516,7 +560,7 @@ template <int BITS, int STAGES, bool FOLD, typename T>
 int launch(const Args& a, cudaStream_t stream) {
   using L = Lay<BITS>;
   size_t main_smem = (size_t)4 * STAGES * L::SLAB;
-  size_t merge_smem = (size_t)(8 * MAXROWS + 4 * MAXROWS * D) * sizeof(float);
+  size_t merge_smem = (size_t)(8 * MAXROWS + 32 * MAXROWS + 4 * MAXROWS * D) * sizeof(float);
   size_t tail_smem = (size_t)(MAXROWS * D + MAXROWS * 128 + 4 * MAXROWS) * sizeof(float) + 128 * KPAD * sizeof(__half);
   size_t smem = main_smem > merge_smem ? main_smem : merge_smem;
   if (tail_smem > smem) smem = tail_smem;
