@@ -181,16 +181,16 @@ __device__ __forceinline__ void value_product(float (&acc)[D / 16][4], const uin
 template <int BITS>
 __device__ __forceinline__ void value_product_folded(float (&acc)[D / 16][4], float (&zs)[4], const uint32_t (&pb)[2][2],
                                                      const uint32_t (&words)[Lay<BITS>::WPT], const __half* vsc,
-                                                     const __half* vzr, int g, int qd) {
-  // value scales folded into P (B = P^T * s, per 32-channel group), codes straight from lop3 (1024 + c) into A;
-  // zs accumulates, for row g, sum_t p_t z_t (columns 0-3: groups) and sum_t p_t s_t (columns 4-7) with one
-  // extra MMA per 16 tokens (A = P, B = [z | s]); the merge adds z-sums minus 1024 x s-sums.
+                                                     const __half* vzr, int g, int qd, __half2 k1024) {
+  // value scales folded into P (B = P^T * s, per 32-channel group), exact codes in A (lop3 magic, minus 1024:
+  // no offset left to cancel against the rounded P * s); zs accumulates, for row g, sum_t p_t z_t of each group
+  // (columns 0-3) with one extra MMA per 16 tokens (A = P, B = z); the merge adds them.
   using L = Lay<BITS>;
 #pragma unroll
   for (int kt = 0; kt < 2; ++kt) {
     const int tl = kt * 16 + qd * 2;
     {
-      const __half* src = g < 4 ? vzr + g * 32 : vsc + (g - 4) * 32;  // B = [z | s]: column g
+      const __half* src = vzr + (g & 3) * 32;  // B = z: column g < 4 (columns 4-7 repeat them, unused)
       const uint32_t b0 = *reinterpret_cast<const uint32_t*>(src + tl), b1 = *reinterpret_cast<const uint32_t*>(src + tl + 8);
       const uint32_t ap[4] = {pb[kt][0], 0u, pb[kt][1], 0u};  // A = P: row g, tokens 2q.. and 2q+8..
       mma16816(zs, ap, b0, b1);
@@ -207,7 +207,7 @@ __device__ __forceinline__ void value_product_folded(float (&acc)[D / 16][4], fl
         const int p = (kt * (D / 16) + m) * 4;
         uint32_t af[4];
 #pragma unroll
-        for (int w4 = 0; w4 < 4; ++w4) af[w4] = h2u(codes2<BITS>(words[(p + w4) / L::PPW], (p + w4) % L::PPW));
+        for (int w4 = 0; w4 < 4; ++w4) af[w4] = h2u(__hsub2(codes2<BITS>(words[(p + w4) / L::PPW], (p + w4) % L::PPW), k1024));
         mma16816(acc[m], af, b0, b1);
       }
     }
@@ -381,7 +381,7 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       // values past n_qv (only in the last page or two) are still in the residual: that slab takes the MIXED
       // copy of the loop, which loads them unconditionally (clamped index, all in flight at once) and selects
       if (k0 + 32 <= sq.n_qv) {
-        if (FOLD) value_product_folded<BITS>(acc, zs, pb, words, vsc, vzr, g, qd);
+        if (FOLD) value_product_folded<BITS>(acc, zs, pb, words, vsc, vzr, g, qd, k1024);
         else value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024);
       } else {
         value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024);
@@ -397,7 +397,7 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
   l_row += __shfl_xor_sync(0xffffffff, l_row, 2);
   float* wm = reinterpret_cast<float*>(smem);  // [4 warps][8 rows] max
   float* wl = wm + 4 * MAXROWS;                // [4][8] sums
-  float* wzs = wl + 4 * MAXROWS;               // [4][8][8]: per row, p z sums of groups 0-3, p s sums 4-7
+  float* wzs = wl + 4 * MAXROWS;               // [4][8][8]: per row, FOLD's p z sums of groups 0-3
   float* wacc = wzs + 4 * MAXROWS * 8;         // [4][8][D]
   if (qd == 0) { wm[warp * MAXROWS + g] = m_row; wl[warp * MAXROWS + g] = l_row; }
   wzs[(warp * MAXROWS + g) * 8 + qd * 2] = zs[0];
@@ -417,7 +417,7 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       for (int w = 0; w < 4; ++w) {
         const float f = exp2f(wm[w * MAXROWS + row] - M);
         const float* z = wzs + (w * MAXROWS + row) * 8;
-        s += f * (wacc[(w * MAXROWS + row) * D + d] + z[d / 32] - 1024.f * z[4 + d / 32]);
+        s += f * (wacc[(w * MAXROWS + row) * D + d] + (FOLD ? z[d / 32] : 0.f));
         lsum += f * wl[w * MAXROWS + row];
       }
     }
