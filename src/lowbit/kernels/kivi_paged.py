@@ -10,6 +10,7 @@ sequence and head for the sinks and the tail) and the log-sum-exp merge.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from dataclasses import dataclass
 
@@ -54,8 +55,28 @@ def supported(query: torch.Tensor, bits: int, head_dim: int, group: int, hkv: in
             and query.dtype in (torch.float16, torch.bfloat16))
 
 
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+@functools.lru_cache(maxsize=16)
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_I, _L, _P, _F = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_float
+_ARGTYPES = [_I, _I, _I, _I, _P, _L, _L, _P, _I, _P, _L, _L, _L, _I, _I, _I, _I, _F, _P, _I, _I, _I, _I, _P,
+             _P, _P, _L, _L, _P, _L, _L, _P, _L, _L, _P, _P, _I, _I, _P, _L, _L, _L, _P]
+
+
+@functools.lru_cache(maxsize=1)
+def _launcher():
+    """The C entry point, with its argument types declared once (plain ints convert fast)."""
+    from lowbit.kernels.cuda_build import load
+
+    fn = load("kivi_paged").lowbit_kivi_paged_decode
+    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    return fn
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int]:
@@ -66,6 +87,7 @@ def _strides(t: torch.Tensor | None) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
+@functools.lru_cache(maxsize=4096)
 def choose_splits(batch_heads: int, pages: int, sms: int, per_sm: int = 4) -> tuple[int, int]:
     """(splits, pages per split): the split count that finishes soonest when programs run in waves of the GPU's
     resident slots, each costing its pages plus a fixed start-up and merge worth about 3 pages."""
@@ -91,9 +113,7 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
 
     ``start [B]`` (int32, optional): the first unpadded position of each sequence (left padding).
     """
-    from lowbit.kernels.cuda_build import load
-
-    lib = load("kivi_paged")
+    launch = _launcher()
     b, hq, nq, d = query.shape
     pool = cache.pool
     hkv = pool.shape[-2]
@@ -111,15 +131,15 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
         max_pages = table.shape[1]
     else:
         max_pages = pool.shape[1]
-    props = torch.cuda.get_device_properties(query.device)
     pages = cache.key_pages if cache.seq is None else -(-int(cache.seq[:, 1].max()) // PAGE_TOKENS)
     if splits is None:
-        splits, per = choose_splits(b * hkv, pages, props.multi_processor_count)
+        splits, per = choose_splits(b * hkv, pages, _sms(query.device.index or 0))
     else:
         per = math.ceil(pages / splits) if splits else 1
     rows = hq // hkv * nq
-    part_acc = torch.empty(b * hkv * (splits + 1) * rows * d, dtype=torch.float32, device=query.device)
-    part_ml = torch.empty(b * hkv * (splits + 1) * rows * 2, dtype=torch.float32, device=query.device)
+    n_part = b * hkv * (splits + 1) * rows
+    work = torch.empty(n_part * (d + 2), dtype=torch.float32, device=query.device)  # partial outputs, then (max, sum)
+    part_acc, part_ml = work[: n_part * d], work[n_part * d :]
     if out is None:
         out = torch.empty(b, nq, hq, d, dtype=query.dtype, device=query.device)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -129,20 +149,19 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     seq = None if cache.seq is None else cache.seq.to(device=query.device, dtype=torch.int32).contiguous()
     start = None if start is None else start.to(device=query.device, dtype=torch.int32).contiguous()
     stages = stages or (3 if cache.bits == 2 else 2)
-    L, I = ctypes.c_longlong, ctypes.c_int
     if variant not in VARIANTS:
         raise ValueError(f"unknown paged kernel variant '{variant}': allowed are {', '.join(VARIANTS)}")
-    rc = lib.lowbit_kivi_paged_decode(
-        I(cache.bits), I(query.dtype == torch.bfloat16), I(stages), I(VARIANTS[variant]),
-        _ptr(pool), L(pool.stride(-3)), L(pool.stride(-2)), _ptr(table), I(max_pages),
-        _ptr(query), L(query.stride(0)), L(query.stride(1)), L(query.stride(2)),
-        I(b), I(hq), I(hkv), I(nq), ctypes.c_float(scale * LOG2E),
-        _ptr(seq), I(cache.n_sink), I(cache.n_qk), I(cache.n_qv), I(cache.total), _ptr(start),
-        _ptr(cache.sink_k), _ptr(cache.sink_v), L(sk_sb), L(sk_sh),
-        _ptr(cache.res_k), L(rk_sb), L(rk_sh), _ptr(cache.res_v), L(rv_sb), L(rv_sh),
-        _ptr(part_acc), _ptr(part_ml), I(splits), I(per),
-        _ptr(out), L(out.stride(0)), L(out.stride(1)), L(out.stride(2)),
-        ctypes.c_void_p(torch.cuda.current_stream(query.device).cuda_stream),
+    rc = launch(
+        cache.bits, int(query.dtype == torch.bfloat16), stages, VARIANTS[variant],
+        _ptr(pool), pool.stride(-3), pool.stride(-2), _ptr(table), max_pages,
+        _ptr(query), query.stride(0), query.stride(1), query.stride(2),
+        b, hq, hkv, nq, scale * LOG2E,
+        _ptr(seq), cache.n_sink, cache.n_qk, cache.n_qv, cache.total, _ptr(start),
+        _ptr(cache.sink_k), _ptr(cache.sink_v), sk_sb, sk_sh,
+        _ptr(cache.res_k), rk_sb, rk_sh, _ptr(cache.res_v), rv_sb, rv_sh,
+        _ptr(part_acc), _ptr(part_ml), splits, per,
+        _ptr(out), out.stride(0), out.stride(1), out.stride(2),
+        torch.cuda.current_stream(query.device).cuda_stream,
     )
     if rc != 0:
         raise RuntimeError(f"paged KIVI decode kernel failed to launch (code {rc})")

@@ -565,8 +565,15 @@ int launch(const Args& a, cudaStream_t stream) {
   size_t smem = main_smem > merge_smem ? main_smem : merge_smem;
   if (tail_smem > smem) smem = tail_smem;
   auto kern = kivi_paged_kernel<BITS, STAGES, FOLD, T>;
-  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  static int configured = -1;  // the device whose shared-memory limit was raised for this instantiation
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return (int)err;
+  if (configured != dev) {
+    err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return (int)err;
+    configured = dev;
+  }
   dim3 grid(a.batch * a.hkv, a.splits + 1);
   kern<<<grid, THREADS, smem, stream>>>(a);
   err = cudaGetLastError();
