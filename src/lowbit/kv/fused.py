@@ -147,30 +147,39 @@ class FusedKiviCache(KiviCache):
             layer.reserve(tokens)
 
 
-def decode_parts(layer: KiviLayer, key_states: torch.Tensor | None = None,
-                 value_states: torch.Tensor | None = None) -> KiviParts:
-    """The parts the decode kernel reads after ``update()`` stored the newest token.
+def decode_split(layer: KiviLayer, key_states: torch.Tensor,
+                 value_states: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """``(quantized keys to use, residual keys, residual values)`` a decode kernel reads after ``update()`` stored
+    the newest token.
 
-    KIVI attends the current token with its exact states. When that token's key was just flushed
-    into the quantized keys (the residual is empty), the kernel reads one quantized key less and takes
-    the exact key from `key_states` instead, as :meth:`KiviLayer.update` does. When the storage dtype
-    differs from the states' dtype (e.g. fp16 storage of an fp32 model), the newest residual key and
-    value are replaced by the exact states too (a copy of at most R tokens, off the fast path).
+    KIVI attends the current token with its exact states. When that token's key was just flushed into the
+    quantized keys (the key residual is empty), the kernel reads one quantized key less and takes the exact key
+    from `key_states` instead, as :meth:`KiviLayer.update` does. When the storage dtype differs from the states'
+    dtype (e.g. fp16 storage of an fp32 model), the newest residual key and value are replaced by the exact
+    states too (a copy of at most R tokens, off the fast path).
     """
     n_res_k = 0 if layer.res_k is None else layer.res_k.shape[-2]
     n_res_v = 0 if layer.res_v is None else layer.res_v.shape[-2]
-    if key_states is None:
-        return layer.parts()
     exact = key_states.dtype == layer.storage_dtype
     cur_k = key_states[:, :, -1:]
+    n_qk, res_k, res_v = layer.n_qk, layer.res_k, layer.res_v
     if n_res_k == 0 and layer.n_qk > 0:
-        parts = layer.parts(n_qk=layer.n_qk - 1, res_k=cur_k.to(layer.storage_dtype) if exact else cur_k)
+        n_qk, res_k = layer.n_qk - 1, cur_k.to(layer.storage_dtype) if exact else cur_k
     elif not exact and n_res_k:
-        parts = layer.parts(res_k=torch.cat([layer.res_k[:, :, :-1].to(cur_k.dtype), cur_k], dim=2))
-    else:
-        parts = layer.parts()
+        res_k = torch.cat([layer.res_k[:, :, :-1].to(cur_k.dtype), cur_k], dim=2)
     if not exact and value_states is not None and n_res_v:
-        parts.res_v = torch.cat([layer.res_v[:, :, :-1].to(value_states.dtype), value_states[:, :, -1:]], dim=2)
+        res_v = torch.cat([layer.res_v[:, :, :-1].to(value_states.dtype), value_states[:, :, -1:]], dim=2)
+    return n_qk, res_k, res_v
+
+
+def decode_parts(layer: KiviLayer, key_states: torch.Tensor | None = None,
+                 value_states: torch.Tensor | None = None) -> KiviParts:
+    """The :class:`KiviParts` the decode kernel reads after ``update()`` stored the newest token (see :func:`decode_split`)."""
+    if key_states is None:
+        return layer.parts()
+    n_qk, res_k, res_v = decode_split(layer, key_states, value_states)
+    parts = layer.parts(n_qk=n_qk, res_k=res_k)
+    parts.res_v = res_v
     return parts
 
 

@@ -81,6 +81,16 @@ class KiviLayer(DynamicLayer):
     def _pack_values(self, v: torch.Tensor):
         return quantize_values(v, self.bits, self.group)
 
+    def _flush_keys(self, k: torch.Tensor) -> None:
+        """Quantize and store keys leaving the residual (a whole number of groups)."""
+        for name, t in zip(("qk_packed", "qk_scale", "qk_zero"), self._pack_keys(k)):
+            self._append(name, t)
+
+    def _flush_values(self, v: torch.Tensor) -> None:
+        """Quantize and store values leaving the residual."""
+        for name, t in zip(("qv_packed", "qv_scale", "qv_zero"), self._pack_values(v)):
+            self._append(name, t)
+
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Store new tokens: sinks first, then the residual, flushed on the format's schedule."""
         k = key_states.detach().to(self.storage_dtype)  # a cache is for inference: no autograd through codes
@@ -97,14 +107,12 @@ class KiviLayer(DynamicLayer):
         self._append("res_v", v)
         n_flush = self.format.key_flush(self.res_k.shape[-2])
         if n_flush:
-            for name, t in zip(("qk_packed", "qk_scale", "qk_zero"), self._pack_keys(self.res_k[..., :n_flush, :])):
-                self._append(name, t)
+            self._flush_keys(self.res_k[..., :n_flush, :])
             self.n_qk += n_flush
             self._drop_front("res_k", n_flush)
         n_flush = self.format.value_flush(self.res_v.shape[-2])
         if n_flush:
-            for name, t in zip(("qv_packed", "qv_scale", "qv_zero"), self._pack_values(self.res_v[..., :n_flush, :])):
-                self._append(name, t)
+            self._flush_values(self.res_v[..., :n_flush, :])
             self.n_qv += n_flush
             self._drop_front("res_v", n_flush)
 
@@ -258,11 +266,26 @@ class KiviCache(Cache):
 # ------------------------------------------------------------------------------ registration
 
 
+KERNELS = ("triton", "paged", "reference")
+
+
 def _make_cache(part: ParsedSpec, ctx: CacheContext, store) -> KiviCache:
+    """``kernel=triton`` (default): on CUDA with the model, the fused cache and the Triton decode kernel;
+    ``kernel=paged``: paged storage (any device), read on CUDA by the paged CUDA kernel; ``kernel=reference``:
+    the PyTorch path everywhere."""
     o = part.options
     options = dict(bits=o["bits"], group=o["group"], residual=o["residual"], sinks=o["sinks"])
     model = ctx.model
-    if model is not None and ctx.kernels and next(model.parameters()).is_cuda:
+    on_cuda = model is not None and ctx.kernels and next(model.parameters()).is_cuda
+    if o["kernel"] == "paged":
+        from lowbit.kv.paged import PagedKiviCache
+
+        if on_cuda:
+            from lowbit.kv.attention import use_lowbit_attention
+
+            use_lowbit_attention(model)
+        return PagedKiviCache(ctx.config, **options, fused=on_cuda)
+    if on_cuda and o["kernel"] == "triton":
         from lowbit.kv.attention import use_lowbit_attention
         from lowbit.kv.fused import FusedKiviCache
 
@@ -276,10 +299,14 @@ def _format(o: dict) -> KiviFormat:
 
 
 def _method_nbytes(o: dict, shape: KVShape, n: int, store) -> int:
-    return shape.layers * _format(o).nbytes(n, shape.kv_heads, shape.head_dim, shape.store_bytes)
+    fmt = _format(o)
+    nbytes = fmt.paged_nbytes if o.get("kernel") == "paged" else fmt.nbytes
+    return shape.layers * nbytes(n, shape.kv_heads, shape.head_dim, shape.store_bytes)
 
 
 def _method_peak_nbytes(o: dict, shape: KVShape, n: int, store) -> int:
+    if o.get("kernel") == "paged":  # whole pages: the size drops at a key flush as for the plain layout
+        return max(_method_nbytes(o, shape, m, store) for m in range(max(0, n - o["residual"] - 1), n + 1))
     return shape.layers * _format(o).peak_nbytes(n, shape.kv_heads, shape.head_dim, shape.store_bytes)
 
 
@@ -290,6 +317,8 @@ def _validate(part: ParsedSpec) -> None:
             f"'{part.text}': residual ({o['residual']}) must be a multiple of group ({o['group']}), "
             f"and group a multiple of {8 // o['bits']} for {o['bits']}-bit packing"
         )
+    if o.get("kernel") == "paged" and (o["bits"] not in (2, 4) or o["group"] != 32 or o["residual"] % 128):
+        raise SpecError(f"'{part.text}': kernel=paged holds bits 2 or 4 with group 32 and a residual multiple of 128")
 
 
 KIVI = register_kv_method(KVMethod(
@@ -300,6 +329,8 @@ KIVI = register_kv_method(KVMethod(
             "group": Param(int, 32, aliases=("group_size", "g"), check=lambda g: g > 0, allowed="a positive integer"),
             "residual": Param(int, 128, aliases=("residual_length", "r"), check=lambda r: r > 0, allowed="a positive multiple of group"),
             "sinks": Param(int, 0, check=lambda s: s >= 0, allowed="an integer >= 0"),
+            "kernel": Param(str, "triton", check=lambda k: k in KERNELS, allowed=f"one of {', '.join(KERNELS)}",
+                            help="decode path on CUDA: triton (contiguous), paged (CUDA C++ over pages), reference"),
         },
         "KIVI: keys per-channel, values per-token, full-precision residual window",
     ),

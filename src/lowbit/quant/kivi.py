@@ -104,6 +104,14 @@ class KiviFormat:
         n = max(0, int(n_tokens))
         return max(self.nbytes(m, kv_heads, head_dim, store_bytes, batch) for m in range(max(0, n - self.residual - 1), n + 1))
 
+    def paged_nbytes(self, n_tokens: int, kv_heads: int, head_dim: int, store_bytes: int = 2, batch: int = 1) -> int:
+        """Bytes one layer holds after `n_tokens` tokens in the paged layout (:class:`PageLayout`): whole pages
+        for the quantized tokens (scales included), plus sinks and residual."""
+        c = self.counts(max(0, int(n_tokens)))
+        pages = -(-max(c.quantized_keys, c.quantized_values) // PAGE_TOKENS)
+        full = (2 * c.sinks + c.residual_keys + c.residual_values) * kv_heads * head_dim * store_bytes
+        return batch * (pages * kv_heads * PageLayout(self.bits, head_dim).nbytes + full)
+
     def bits_per_element(self, n_tokens: int, head_dim: int, store_bytes: int = 2) -> float:
         """Average stored bits per K/V element after `n_tokens` tokens, every overhead counted."""
         if n_tokens <= 0:
