@@ -171,8 +171,8 @@ def test_bad_specs(spec, match):
 
 def test_spec_aliases_and_defaults():
     (p,) = parse_kv_spec("kivi:bits=4,g=64,r=128,sinks=4")
-    assert p.options == {"bits": 4, "group": 64, "residual": 128, "sinks": 4}
-    assert parse_kv_spec("kivi")[0].options == {"bits": 2, "group": 32, "residual": 128, "sinks": 0}
+    assert p.options == {"bits": 4, "group": 64, "residual": 128, "sinks": 4, "kernel": "triton"}
+    assert parse_kv_spec("kivi")[0].options == {"bits": 2, "group": 32, "residual": 128, "sinks": 0, "kernel": "triton"}
 
 
 def test_forward_and_generate_on_gqa_model(tiny_llama):

@@ -23,11 +23,12 @@ def app():
 
 def test_serve_command_passes_options(app, monkeypatch):
     seen = {}
-    monkeypatch.setattr(serve_cli, "serve", lambda *a: seen.setdefault("args", a))
+    monkeypatch.setattr(serve_cli, "serve", lambda *a, **k: seen.update(args=a, kwargs=k))
     r = CliRunner().invoke(app, ["serve", "--kv", "kivi:bits=2", "--kv-budget-mb", "8", "--port", "9001", "--max-queue", "3",
-                                 "--max-batch", "5"], env={"LOWBIT_API_KEY": "from-env"})
+                                 "--max-batch", "5", "--drain-timeout-s", "7"], env={"LOWBIT_API_KEY": "from-env"})
     assert r.exit_code == 0, r.output
     assert seen["args"] == ("smollm2", "kivi:bits=2", None, 8.0, 9001, "127.0.0.1", "from-env", 3, 5)
+    assert seen["kwargs"] == {"drain_timeout": 7.0}
 
 
 @pytest.mark.parametrize("argv", [["serve", "--kv", "kivi:bits=3"], ["serve", "--kv-budget-mb", "0"],

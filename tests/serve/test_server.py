@@ -238,7 +238,7 @@ def test_queue_full_gives_429(smollm2, start_server):
         assert _eventually(lambda: _metrics(srv.url)["lowbit_queue_depth"] == 1)
         with pytest.raises(openai.RateLimitError) as exc:
             _client(srv).completions.create(model="smollm2", prompt="Hi", max_tokens=2)
-        assert exc.value.status_code == 429
+        assert exc.value.status_code == 429 and int(exc.value.response.headers["retry-after"]) >= 1
     t.join(timeout=120)  # closing the long stream let the queued one run
     assert queued["r"].status_code == 200
 
@@ -290,3 +290,17 @@ def test_engine_failure_fails_one_request_only(fp16_server, smollm2, monkeypatch
     ok = httpx.post(fp16_server.url + "/v1/completions", json=body, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 6
     assert fp16_server.engine.alive
+
+
+def test_real_tokenizer_inputs_from_issue_18(fp16_server):
+    """A lone surrogate is a 400 naming its position (the tokenizer would raise); a temperature of 1e-39 samples the
+    argmax; NUL, emoji and CJK are served."""
+    url = fp16_server.url
+    r = httpx.post(url + "/v1/completions", content=b'{"prompt": "a\\ud800b", "max_tokens": 2}', timeout=60)
+    assert r.status_code == 400 and "at character 1" in r.json()["error"]["message"]
+    body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4}
+    greedy = httpx.post(url + "/v1/completions", json={**body, "temperature": 0}, timeout=60).json()
+    tiny = httpx.post(url + "/v1/completions", json={**body, "temperature": 1e-39, "seed": 5}, timeout=60)
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+    out = _client(fp16_server).completions.create(model="smollm2", prompt="NUL \x00 emoji 😀 漢字", max_tokens=3)
+    assert out.usage.completion_tokens >= 1

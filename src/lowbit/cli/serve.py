@@ -21,10 +21,12 @@ def serve_command(
     api_key: Optional[str] = typer.Option(None, envvar=API_KEY_ENV, help="require 'Authorization: Bearer KEY' (all but /health)"),
     max_queue: int = typer.Option(64, help="requests that may wait for admission; more get 429"),
     max_batch: int = typer.Option(32, help="most sequences decoded together"),
+    drain_timeout_s: float = typer.Option(60.0, help="on Ctrl-C/SIGTERM, seconds queued and running requests get to "
+                                                     "finish before the rest is answered 503 (a second Ctrl-C: now)"),
 ):
     """Serve an OpenAI-compatible API (completions, chat, SSE streaming) with continuous batching over compressed KV caches."""
     try:
-        serve(model, kv, wa, kv_budget_mb, port, host, api_key, max_queue, max_batch)
+        serve(model, kv, wa, kv_budget_mb, port, host, api_key, max_queue, max_batch, drain_timeout=drain_timeout_s)
     except SpecError as exc:
         _fail_plain(str(exc))
     except FileNotFoundError as exc:  # ModelNotFoundError

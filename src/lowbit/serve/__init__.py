@@ -25,6 +25,7 @@ _EXPORTS = {
     "EngineError": "lowbit.serve.engine",
     "QueueFullError": "lowbit.serve.engine",
     "Request": "lowbit.serve.engine",
+    "LowbitServer": "lowbit.serve.server",
     "SamplingParams": "lowbit.serve.sampling",
     "KVSizer": "lowbit.serve.sizing",
     "create_app": "lowbit.serve.api",

@@ -87,7 +87,10 @@ class BatchedCache(Cache):
         if q_len != 1:
             raise ValueError("BatchedCache decodes one token per request per step")
         if batch == 1 and not self.failed:
-            return self.caches[0].update(key_states, value_states, layer_idx, *args, **kwargs)
+            try:
+                return self.caches[0].update(key_states, value_states, layer_idx, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the request's own cache failed, not the model
+                self.failed[0] = exc
         total = self.past_length + q_len
         keys = key_states.new_zeros(batch, key_states.shape[1], total, key_states.shape[-1])
         values = value_states.new_zeros(batch, value_states.shape[1], total, value_states.shape[-1])

@@ -16,112 +16,46 @@ Every loop iteration:
 
 A request's events go to its ``sink`` (a callable, called from the engine thread): ``{"type":
 "delta", "text"}``, then one ``{"type": "done", ...}`` or ``{"type": "error", ...}``. An exception
-while prefilling, sampling or updating one request's cache fails that request only.
+while prefilling, sampling or updating one request's cache fails that request only. When the batched
+forward itself raises (a model fault, e.g. CUDA out of memory), memory is released, the decode step
+size is halved, and each request of that step has its cache recomputed alone from its prompt and the
+tokens it has generated (a request part of more than ``MAX_FAULTS`` faults fails); the others go on.
+
+Shutdown (:meth:`Engine.shutdown`): stop accepting (new requests get :class:`EngineClosedError`), let
+queued and running requests finish for up to `timeout` seconds, then fail what is left with code
+``shutting_down`` and stop the thread.
 """
 
 from __future__ import annotations
 
-import itertools
+import gc
+import logging
 import queue
 import threading
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from lowbit.kv.registry import cache_nbytes, make_cache, parse_kv_spec
 from lowbit.serve.batching import BatchedCache, decode_inputs
 from lowbit.serve.metrics import Metrics
+from lowbit.serve.request import (  # noqa: F401 - re-exported: the engine's public names
+    BudgetError,
+    Completion,
+    ContextLengthError,
+    EngineClosedError,
+    EngineError,
+    QueueFullError,
+    Request,
+)
 from lowbit.serve.sampling import SamplingParams, TextTracker, sample_token
 from lowbit.serve.sizing import KVSizer
 
 MB = 1 << 20
-
-
-class EngineError(Exception):
-    """A request the engine refuses; `status` and `code` say how the API should answer."""
-
-    status = 400
-    code = "invalid_request"
-    type = "invalid_request_error"
-
-
-class QueueFullError(EngineError):
-    status, code, type = 429, "queue_full", "rate_limit_error"
-
-
-class EngineClosedError(EngineError):
-    status, code, type = 503, "shutting_down", "server_error"
-
-
-class BudgetError(EngineError):
-    code = "kv_budget_exceeded"
-
-
-class ContextLengthError(EngineError):
-    code = "context_length_exceeded"
-
-
-_ids = itertools.count()
-
-
-class Request:
-    """One sequence: its prompt ids, sampling parameters, and where its events go."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[dict], None] | None = None,
-                 request_id: str | None = None):
-        if not prompt_ids:
-            raise ContextLengthError("the prompt is empty: give at least one token")
-        self.id = request_id or f"req-{next(_ids)}-{uuid.uuid4().hex[:8]}"
-        self.prompt_ids = [int(t) for t in prompt_ids]
-        self.params = params
-        self.sink = sink or (lambda event: None)
-        self.arrival = time.perf_counter()
-        self.status = "new"  # waiting -> running -> finished
-        self.cancelled = threading.Event()
-        self.done = threading.Event()
-        self.cache = None
-        self.cache_factory: Callable[[], object] | None = None  # default: the engine's KV method
-        self.reserved = 0
-        self.admitted = False
-        self.generator: torch.Generator | None = None
-        self.tracker: TextTracker | None = None
-        self.next_token: int | None = None
-        self.n_generated = 0
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self._wake: Callable[[], None] | None = None
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def cache_length(self) -> int:
-        return self.cache.get_seq_length() if self.cache is not None else 0
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request (its cache is freed at the next loop iteration)."""
-        if not self.done.is_set():
-            self.cancelled.set()
-            if self._wake:
-                self._wake()
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    deltas: list[str]
-    error: str | None = None
-    token_ids: list[int] | None = None
+MAX_FAULTS = 2  # model faults a request may be part of (each time its cache is recomputed) before it fails
+RECOVER_AFTER_STEPS = 20  # fault-free decode forwards before the step size doubles back towards max_batch
+log = logging.getLogger("lowbit.serve")
 
 
 class Engine:
@@ -153,6 +87,8 @@ class Engine:
         self.sizer = KVSizer(self.kv, model.config, self.dtype)
         self.budget = int(kv_budget_mb * MB)
         self.max_batch, self.max_queue, self.prefill_per_step = max_batch, max_queue, prefill_per_step
+        self.step_size = max_batch  # sequences per decode forward; halved by a model fault, then regrows
+        self._clean_steps = 0
         self.metrics = metrics or Metrics()
         self.metrics.set("kv_budget_bytes", self.budget)
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
@@ -181,27 +117,43 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._waiting and not self._running
+
     def reserve_for(self, prompt_tokens: int, max_tokens: int) -> int:
         """KV bytes admission reserves for a request (its cache's peak up to prompt + max_tokens)."""
         return self.sizer.peak_bytes(prompt_tokens + max_tokens)
 
-    def submit(self, req: Request) -> Request:
-        """Queue a request; raises an :class:`EngineError` (400/429/503) when it cannot be taken."""
-        total = req.prompt_tokens + req.params.max_tokens
-        if req.prompt_tokens >= self.max_context or total > self.max_context:
+    def check_request(self, prompt_tokens: int, max_tokens: int) -> int:
+        """The bytes to reserve for a request, or the 400 it gets (context, KV budget); no engine work."""
+        total = prompt_tokens + max_tokens
+        if prompt_tokens >= self.max_context or total > self.max_context:
             raise ContextLengthError(
                 f"this model's maximum context length is {self.max_context} tokens, but {total} were requested "
-                f"({req.prompt_tokens} in the prompt, {req.params.max_tokens} for the completion)"
-            )
-        req.reserved = self.reserve_for(req.prompt_tokens, req.params.max_tokens)
-        if req.reserved > self.budget:
+                f"({prompt_tokens} in the prompt, {max_tokens} for the completion)",
+                param="prompt" if prompt_tokens >= self.max_context else "max_tokens")
+        reserved = self.reserve_for(prompt_tokens, max_tokens)
+        if reserved > self.budget:
+            prompt_alone = self.reserve_for(prompt_tokens, 1) > self.budget
             raise BudgetError(
-                f"this request needs up to {req.reserved / MB:.2f} MB of KV cache ({self.kv}, {total} tokens) but the "
-                f"server's whole KV budget is {self.budget / MB:.2f} MB: shorten the prompt or max_tokens"
-            )
+                f"this request needs up to {reserved / MB:.2f} MB of KV cache ({self.kv}, {prompt_tokens} prompt + "
+                f"{max_tokens} completion tokens) but the server's whole KV budget is {self.budget / MB:.2f} MB: "
+                + ("the prompt alone does not fit, shorten it" if prompt_alone else "lower max_tokens"),
+                param="prompt" if prompt_alone else "max_tokens")
+        return reserved
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request; raises an :class:`EngineError` (400/429/503) when it cannot be taken."""
+        req.reserved = self.check_request(req.prompt_tokens, req.params.max_tokens)
         with self._cond:
             if not self._accepting:
-                raise EngineClosedError("the server is shutting down")
+                raise EngineClosedError("the server is shutting down; retry on a running server")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
             req._wake = self._wake
@@ -233,34 +185,39 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cond:
-            running = list(self._running)
             return {
                 "waiting": len(self._waiting),
-                "running": len(running),
+                "running": len(self._running),
                 "kv_bytes_reserved": self._reserved,
                 "kv_budget_bytes": self.budget,
             }
 
-    def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
-        """Stop taking requests; with `drain`, let queued and running ones finish (up to `timeout` s)."""
+    def stop_accepting(self) -> None:
+        """From now on :meth:`submit` raises :class:`EngineClosedError` (503); queued and running requests go on."""
         with self._cond:
             self._accepting = False
-            if not drain:
-                for r in list(self._waiting) + list(self._running):
-                    r.cancelled.set()
             self._cond.notify_all()
-        deadline = time.monotonic() + timeout
-        while self.alive and time.monotonic() < deadline:
-            with self._cond:
-                if not self._waiting and not self._running:
-                    break
+
+    def shutdown(self, drain: bool = True, timeout: float = 60.0, join_timeout: float = 30.0) -> int:
+        """Stop taking requests; with `drain`, let queued and running ones finish (up to `timeout` s); then fail
+        what is left (code ``shutting_down``) and stop the engine thread. Returns how many requests were failed."""
+        self.stop_accepting()
+        deadline = time.monotonic() + (timeout if drain else 0.0)
+        while self.alive and time.monotonic() < deadline and not self.idle:
             time.sleep(0.02)
         with self._cond:
+            left = len(self._waiting) + len(self._running)
             self._stop = True
-            self._abort = bool(self._waiting or self._running)
+            self._abort = left > 0
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=join_timeout)
+        with self._cond:  # the thread is gone or stuck in a forward: answer the rest from here
+            rest = list(self._waiting) + list(self._running)
+        for r in rest:
+            self._finish(r, "error", error="the server shut down before this request finished", code="shutting_down")
+        self._update_gauges()
+        return left
 
     # ------------------------------------------------------------------ engine thread
     def _wake(self) -> None:
@@ -275,6 +232,7 @@ class Engine:
                         return
                 except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                     self.loop_errors += 1
+                    log.exception("internal error in the decode loop; failing the running requests")
                     for r in list(self._running):
                         self._finish(r, "error", error=f"internal error in the decode loop: {exc!r}")
                     time.sleep(0.01)
@@ -316,10 +274,21 @@ class Engine:
         for r in admitted:
             self._prefill(r)
         batch = [r for r in self._running if r.status == "running"]
-        if batch:
-            self._decode(batch)
+        for i in range(0, len(batch), self.step_size):
+            self._decode(batch[i : i + self.step_size])
         self._update_gauges()
         return True
+
+    def _new_cache(self, r: Request):
+        return r.cache_factory() if r.cache_factory else make_cache(self.kv, self.model.config, self.model, kernels=False)
+
+    def _prefill_logits(self, r: Request, ids: list[int]) -> torch.Tensor:
+        """A fresh cache for `r` filled with `ids` (batch 1); the logits of the next token."""
+        r.cache = self._new_cache(r)
+        t = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=t, attention_mask=torch.ones_like(t), past_key_values=r.cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[0, -1]
 
     def _prefill(self, r: Request) -> None:
         try:
@@ -329,38 +298,73 @@ class Engine:
             if r.cancelled.is_set():
                 self._finish(r, "cancelled")
                 return
-            r.cache = r.cache_factory() if r.cache_factory else make_cache(self.kv, self.model.config, self.model, kernels=False)
             r.generator = r.params.make_generator()
             r.tracker = TextTracker(self.tokenizer, r.params.stop)
-            ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=r.cache,
-                             use_cache=True, logits_to_keep=1)
+            logits = self._prefill_logits(r, r.prompt_ids)
             self.metrics.inc("prompt_tokens_total", r.prompt_tokens)
-            self._accept(r, out.logits[0, -1])
+            self._accept(r, logits)
         except Exception as exc:  # noqa: BLE001 - this request only
+            self._release_memory()
+            log.error("request %s failed in prefill (%d prompt tokens): %s", r.id, r.prompt_tokens, repr(exc))
             self._finish(r, "error", error=f"prefill failed: {exc!r}")
 
     def _decode(self, batch: list[Request]) -> None:
+        batch = [r for r in batch if r.status == "running"]
+        if not batch:
+            return
         bc = BatchedCache([r.cache for r in batch], self.num_layers)
         inputs = decode_inputs([r.next_token for r in batch], bc.positions, bc.kv_lengths, self.device)
         try:
             out = self.model(**inputs, past_key_values=bc, use_cache=True)
-        except Exception as exc:  # noqa: BLE001 - the forward itself failed: these requests fail, the loop goes on
-            for r in batch:
-                self._finish(r, "error", error=f"decode step failed: {exc!r}")
+        except Exception as exc:  # noqa: BLE001 - a model fault: recover these requests, the loop goes on
+            self._model_fault(batch, exc)
             return
+        self._clean_steps += 1
+        if self.step_size < self.max_batch and self._clean_steps >= RECOVER_AFTER_STEPS:
+            self.step_size, self._clean_steps = min(self.max_batch, 2 * self.step_size), 0
         self.metrics.inc("decode_steps_total")
         self.metrics.inc("decode_step_sequences_total", len(batch))
         self.metrics.set_max("running_sequences_peak", len(batch))
         logits = out.logits[:, -1, :]
         for b, r in enumerate(batch):
+            if r.status == "finished":  # failed from another thread meanwhile (shutdown past its join timeout)
+                continue
             if b in bc.failed:
+                log.error("request %s failed: its KV cache update raised %s", r.id, repr(bc.failed[b]))
                 self._finish(r, "error", error=f"KV cache update failed: {bc.failed[b]!r}")
                 continue
             try:
                 self._accept(r, logits[b])
             except Exception as exc:  # noqa: BLE001
+                log.error("request %s failed in sampling: %s", r.id, repr(exc))
                 self._finish(r, "error", error=f"sampling failed: {exc!r}")
+
+    def _model_fault(self, batch: list[Request], exc: Exception) -> None:
+        """The batched forward raised: release memory, halve the step size, and recompute each request alone
+        (its caches may hold this step's token in some layers only); a request in too many faults fails."""
+        self.metrics.inc("model_faults_total")
+        self._release_memory()
+        self.step_size, self._clean_steps = max(1, min(self.step_size, len(batch)) // 2), 0
+        log.error("decode step over %d requests raised %s; recomputing them one at a time (step size now %d)",
+                  len(batch), repr(exc), self.step_size)
+        for r in batch:
+            r.cache = None
+            r.faults += 1
+            if r.faults > MAX_FAULTS:
+                self._finish(r, "error", error=f"the model failed {r.faults} times while decoding this request: {exc!r}")
+                continue
+            try:  # prompt + every generated token (the last one not fed yet): the logits this step was computing
+                logits = self._prefill_logits(r, r.prompt_ids + list(r.tracker.ids))
+                self._accept(r, logits)
+            except Exception as again:  # noqa: BLE001 - it fails alone: this request only
+                self._release_memory()
+                log.error("request %s failed: recomputing its cache raised %s", r.id, repr(again))
+                self._finish(r, "error", error=f"the model failed on this request: {again!r}")
+
+    def _release_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _accept(self, r: Request, logits: torch.Tensor) -> None:
         """Sample the next token of `r`, advance its text, emit, and finish it when it is done."""
@@ -394,13 +398,15 @@ class Engine:
             r.cancelled.set()
 
     def _finish(self, r: Request, reason: str, error: str | None = None, code: str | None = None) -> None:
-        if r.status == "finished":
-            return
+        with self._cond:  # claimed once, whichever thread gets here first
+            if r.status == "finished":
+                return
+            r.status = "finished"
         if reason in ("stop", "length") and r.tracker is not None:
             tail = r.tracker.flush()
             if tail:
                 self._emit(r, {"type": "delta", "text": tail})
-        r.status, r.finish_reason, r.error = "finished", reason, error
+        r.finish_reason, r.error = reason, error
         r.cache = None  # the request's KV cache is freed here
         with self._cond:
             if r in self._running:
@@ -424,8 +430,9 @@ class Engine:
             reserved, waiting = self._reserved, len(self._waiting)
         in_use = 0
         for r in running:
-            if r.cache is not None:
-                in_use += cache_nbytes(r.cache)[0]
+            cache = r.cache
+            if cache is not None:
+                in_use += cache_nbytes(cache)[0]
         self.metrics.set("running_sequences", len(running))
         self.metrics.set_max("running_sequences_peak", len(running))
         self.metrics.set("kv_bytes_in_use", in_use)

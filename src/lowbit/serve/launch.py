@@ -70,10 +70,12 @@ def serve(
     *,
     prefill_per_step: int = 1,
     log_level: str = "info",
+    drain_timeout: float = 60.0,
 ) -> None:
     """Load the model and serve the OpenAI-compatible API until interrupted (blocking).
 
-    `api_key` falls back to $LOWBIT_API_KEY; with neither set, no key is required.
+    `api_key` falls back to $LOWBIT_API_KEY; with neither set, no key is required. On Ctrl-C / SIGTERM,
+    queued and running requests get up to `drain_timeout` s to finish (docs/SERVE.md, "Graceful shutdown").
     Raises :class:`~lowbit.spec.SpecError` for a bad ``--kv``/``--wa`` spec or limits.
     """
     from lowbit.serve.api import create_app
@@ -81,6 +83,8 @@ def serve(
     from lowbit.serve.server import run_server
 
     check_limits(kv, kv_budget_mb, max_queue, max_batch)
+    if drain_timeout < 0:
+        raise SpecError(f"--drain-timeout-s must be >= 0, got {drain_timeout}")
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     m, tok = load_for_serving(model, wa)
@@ -89,4 +93,5 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without an API key", file=sys.stderr)
     print(f"lowbit serve: {model} kv={engine.kv} budget={kv_budget_mb:g} MB on http://{host}:{port}/v1", file=sys.stderr)
-    run_server(create_app(engine, api_key=api_key), host=host, port=port, log_level=log_level)
+    run_server(create_app(engine, api_key=api_key, drain_timeout=drain_timeout), host=host, port=port,
+               log_level=log_level)

@@ -59,6 +59,7 @@ class Metrics:
             (f"{p}_sequences_finished_total", "counter", "Sequences that left the engine, by reason"),
             (f"{p}_decode_steps_total", "counter", "Batched decode forwards"),
             (f"{p}_decode_step_sequences_total", "counter", "Sum over decode steps of the sequences in the batch"),
+            (f"{p}_model_faults_total", "counter", "Decode forwards that raised (their requests were recomputed)"),
             (f"{p}_queue_depth", "gauge", "Requests waiting for admission"),
             (f"{p}_running_sequences", "gauge", "Sequences in the running batch"),
             (f"{p}_running_sequences_peak", "gauge", "Most sequences ever running at once"),

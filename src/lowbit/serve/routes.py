@@ -12,9 +12,10 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request as HTTPRequest
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lowbit.serve.engine import MB, Engine, EngineError, Request
+from lowbit.serve.request import RETRY_AFTER_DRAINING_S
 from lowbit.serve.sampling import SamplingParams
 from lowbit.serve.schemas import (
     DEFAULT_CHAT_MAX_TOKENS,
@@ -42,20 +43,18 @@ class ApiContext:
                            param="model", code="model_not_found")
         return body
 
-    def check_context(self, n_prompt: int, max_tokens: int | None) -> None:
+    def params(self, body: CommonBody, n_prompt: int, max_tokens: int | None, default: int,
+               prompt_param: str = "prompt") -> SamplingParams:
+        """Sampling parameters, after the context check (400 ``context_length_exceeded`` naming the culprit)."""
         limit = self.engine.max_context
         if n_prompt >= limit or (max_tokens is not None and n_prompt + max_tokens > limit):
             asked = n_prompt + (max_tokens or 0)
             raise ApiError(400, f"this model's maximum context length is {limit} tokens, but you requested {asked} "
                                 f"tokens ({n_prompt} in the prompt, {max_tokens or 0} for the completion)",
-                           param="messages" if max_tokens is None else "max_tokens", code="context_length_exceeded")
-
-    def params(self, body: CommonBody, n_prompt: int, max_tokens: int | None, default: int) -> SamplingParams:
-        self.check_context(n_prompt, max_tokens)
+                           param=prompt_param if n_prompt >= limit else "max_tokens", code="context_length_exceeded")
         if max_tokens is None:
-            max_tokens = max(1, min(default, self.engine.max_context - n_prompt))
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=body.stop_list(), seed=body.seed, ignore_eos=body.ignore_eos)
+            max_tokens = max(1, min(default, limit - n_prompt))
+        return SamplingParams(max_tokens=max_tokens, **body.sampling())
 
     def submit(self, ids: list[int], params: SamplingParams) -> tuple[Request, Bridge]:
         bridge = Bridge(asyncio.get_running_loop())
@@ -63,7 +62,8 @@ class ApiContext:
         try:
             self.engine.submit(req)
         except EngineError as exc:
-            raise ApiError(exc.status, str(exc), exc.type, None, exc.code) from None
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+            raise ApiError(exc.status, str(exc), exc.type, exc.param, exc.code, headers) from None
         return req, bridge
 
     async def prompt_ids(self, body: CompletionBody) -> list[int]:
@@ -72,15 +72,21 @@ class ApiContext:
             p = p[0]
         if isinstance(p, str):
             if not p:
-                raise ApiError(400, "the prompt is empty", param="prompt")
-            ids = await asyncio.to_thread(lambda: self.tok(p).input_ids)
+                raise ApiError(400, "the prompt is empty", param="prompt", code="invalid_value")
+            try:
+                ids = await asyncio.to_thread(lambda: self.tok(p).input_ids)
+            except Exception as exc:  # noqa: BLE001 - what the tokenizer cannot encode is the client's input
+                raise ApiError(400, f"the tokenizer could not encode the prompt: {exc}", param="prompt",
+                               code="invalid_value") from None
             return list(ids)
         if isinstance(p, list) and all(isinstance(t, int) for t in p):
             if not p:
-                raise ApiError(400, "the prompt is empty", param="prompt")
+                raise ApiError(400, "the prompt is empty", param="prompt", code="invalid_value")
             vocab = len(self.tok)
-            if any(t < 0 or t >= vocab for t in p):
-                raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            bad = next((i for i, t in enumerate(p) if t < 0 or t >= vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"prompt token ids must be in [0, {vocab}): prompt[{bad}] is {p[bad]}", param="prompt",
+                               code="invalid_value")
             return list(p)
         raise ApiError(400, "only one prompt per request is supported (a string or a list of token ids)",
                        param="prompt", code="unsupported_parameter")
@@ -98,7 +104,8 @@ class ApiContext:
         try:
             return await asyncio.to_thread(apply)
         except Exception as exc:  # noqa: BLE001 - templates raise on odd role orders
-            raise ApiError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+            raise ApiError(400, f"the chat template rejected these messages: {exc}", param="messages",
+                           code="invalid_value") from None
 
 
 def completions_router(ctx: ApiContext) -> APIRouter:
@@ -117,7 +124,7 @@ def completions_router(ctx: ApiContext) -> APIRouter:
                     "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
 
         if body.stream:
-            return SSEResponse(stream_events(req, bridge, chunk, body.include_usage(), None), on_close=req.cancel)
+            return SSEResponse(stream_events(req, bridge, chunk, body.include_usage(), None), req, request)
         ev = await collect(request, req, bridge)
         out = chunk(ev["text"], finish_reason(ev["finish_reason"]))
         out["usage"] = usage(ev)
@@ -134,7 +141,7 @@ def chat_router(ctx: ApiContext) -> APIRouter:
         body = await ctx.body(request, ChatBody)
         ids = await ctx.chat_ids(body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = ctx.params(body, len(ids), max_tokens, DEFAULT_CHAT_MAX_TOKENS)
+        params = ctx.params(body, len(ids), max_tokens, DEFAULT_CHAT_MAX_TOKENS, "messages")
         req, bridge = ctx.submit(ids, params)
         rid, now, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.engine.model_name
 
@@ -146,7 +153,7 @@ def chat_router(ctx: ApiContext) -> APIRouter:
         if body.stream:
             first = chunk("", None)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            return SSEResponse(stream_events(req, bridge, chunk, body.include_usage(), first), on_close=req.cancel)
+            return SSEResponse(stream_events(req, bridge, chunk, body.include_usage(), first), req, request)
         ev = await collect(request, req, bridge)
         return {
             "id": rid, "object": "chat.completion", "created": now, "model": name,
@@ -162,9 +169,14 @@ def info_router(engine: Engine, created: int) -> APIRouter:
     """``/health`` (no key needed), ``/metrics`` (Prometheus text) and ``/v1/models``."""
     router = APIRouter()
 
-    @router.get("/health")
+    @router.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        return {"status": "ok" if engine.alive else "starting", "model": engine.model_name, "kv": engine.kv, **engine.stats()}
+        """200 while serving; 503 with Retry-After once shutting down (new requests are refused then)."""
+        body = {"model": engine.model_name, "kv": engine.kv, **engine.stats()}
+        if not engine.accepting:
+            return JSONResponse({"status": "draining", **body}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_DRAINING_S)})
+        return {"status": "ok" if engine.alive else "starting", **body}
 
     @router.get("/metrics")
     async def metrics_endpoint():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 
@@ -21,11 +22,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.temperature < math.inf:  # also rejects NaN
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:
@@ -39,19 +40,31 @@ class SamplingParams:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a [vocab] logits row."""
-    logits = logits.float()
+    """One token id from a [vocab] logits row.
+
+    Greedy: argmax. Otherwise, in float64: z = (logits - max) / temperature, which is finite (<= 0, the
+    top token at 0) for any temperature > 0, however small; p = softmax(z), cut to the top-p nucleus; then the
+    exponential race: one Exp(1) draw E_i per vocabulary entry, token = argmax over the nucleus of p_i / E_i,
+    which is distributed as p (restricted to the nucleus). Every call draws exactly ``vocab`` numbers, keyed
+    by token id rather than by rank, so a request's random stream depends only on its seed and its token
+    count, and a perturbation of the logits changes the token only where it moves a decision boundary (the
+    top-p cut, or a near-tie in the race) -- never by reordering tokens of nearly equal probability.
+    """
     if params.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1).cpu()
+        return int(torch.argmax(logits.float()))
+    z = logits.detach().to("cpu", torch.float64)
+    z = (z - z.max()) / params.temperature
+    probs = torch.softmax(z, dim=-1)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
     if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_p, dim=-1)
-        keep = (cumulative - sorted_p) < params.top_p  # the smallest prefix reaching top_p; the first always stays
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        # a token below (1 - top_p) / vocab has more than top_p of the mass before it: only the rest needs sorting
+        cand = torch.nonzero(probs >= (1.0 - params.top_p) / probs.numel()).squeeze(1)
+        sorted_p, order = torch.sort(probs[cand], descending=True, stable=True)
+        keep_sorted = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < params.top_p  # the smallest prefix reaching top_p
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        keep[cand[order[keep_sorted]]] = True
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+    return int(torch.argmax(probs / noise.clamp_(min=1e-300)))
 
 
 class TextTracker:

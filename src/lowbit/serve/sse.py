@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import anyio
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
 from lowbit.serve.engine import Request
+from lowbit.serve.request import RETRY_AFTER_DRAINING_S
 from lowbit.serve.schemas import ApiError, error_body
+
+log = logging.getLogger("lowbit.serve")
+
+
+def client_name(scope) -> str:
+    host, port = scope.get("client") or ("?", 0)
+    return f"{host}:{port}"
+
+
+def log_disconnect(scope, req: Request, what: str) -> None:
+    """One INFO line when a client goes away before its request finished."""
+    log.info("client %s disconnected %s (%s %s, request %s, %d tokens generated): request cancelled",
+             client_name(scope), what, scope.get("method"), scope.get("path"), req.id, req.n_generated)
 
 
 class Bridge:
@@ -33,9 +48,14 @@ class SSEResponse(StreamingResponse):
     """Server-sent events that also watch for the client going away, whatever the ASGI version; on any
     exit before the request finished (disconnect, cancellation), the request is cancelled."""
 
-    def __init__(self, content, on_close):
+    def __init__(self, content, req: Request, request: HTTPRequest):
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.on_close = on_close
+        self.req, self.scope_of = req, request.scope
+
+    def on_close(self) -> None:
+        if self.req.status != "finished":  # set before the final event is emitted: a finished stream is not a drop
+            self.req.cancel()
+            log_disconnect(self.scope_of, self.req, "mid-stream")
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -111,14 +131,17 @@ async def collect(request: HTTPRequest, req: Request, bridge: Bridge) -> dict:
                 next_check = loop.time() + 0.25
                 if await request.is_disconnected():
                     req.cancel()
+                    log_disconnect(request.scope, req, "while waiting for its completion")
                     raise ApiError(499, "client disconnected", code="client_closed_request") from None
             if ev is None:
                 continue
             if ev["type"] == "delta":
                 parts.append(ev["text"])
             elif ev["type"] == "error":
-                status = 503 if ev.get("code") == "shutting_down" else 500
-                raise ApiError(status, ev["message"], "server_error", None, ev.get("code"))
+                if ev.get("code") == "shutting_down":
+                    raise ApiError(503, ev["message"], "server_error", None, ev["code"],
+                                   {"Retry-After": str(RETRY_AFTER_DRAINING_S)})
+                raise ApiError(500, ev["message"], "server_error", None, ev.get("code"))
             else:
                 ev["text"] = "".join(parts)
                 return ev
