@@ -101,8 +101,11 @@ def test_toy_method_in_lowbit_eval(toy_method, tmp_path):
     assert data["kl_mean"] > 0  # rounding to 3 mantissa bits is lossy, and measured as such
 
 
-EXACT = ["fp16", "kivi:bits=2,group=32,residual=32", "kivi:bits=4,group=32,residual=64,sinks=4", "kivi:bits=8"]
-BOUNDED = ["streaming:budget=0.5", "h2o:budget=0.3,window=8", "kvmerger:budget=0.4+kivi:bits=2", "h2o:budget=0.5+kivi:bits=4,residual=64"]
+EXACT = ["fp16", "kivi:bits=2,group=32,residual=32", "kivi:bits=4,group=32,residual=64,sinks=4", "kivi:bits=8",
+         "2bit", "4bit", "kiviplus:rotate=kv,hi_channels=4,kgroup=16,vgroup=16,residual=32,sinks=3,hi_layers=0",
+         "kiviplus:kbits=4,vbits=2,hi_channels=5,hi_bits=8,residual=64,sinks=5,hi_layers=-1"]
+BOUNDED = ["streaming:budget=0.5", "h2o:budget=0.3,window=8", "kvmerger:budget=0.4+kivi:bits=2", "h2o:budget=0.5+kivi:bits=4,residual=64",
+           "h2o:budget=0.5,heads=shared", "snapkv:budget=0.4,pool=5", "tova:budget=0.3", "kvmerger:budget=0.5,protect=0", "tova:budget=0.5+kivi:bits=2"]
 
 
 @pytest.mark.parametrize("spec", EXACT + BOUNDED)

@@ -11,7 +11,7 @@ from lowbit.kv.budget import BudgetLayer, target_size
 from lowbit.kv.eviction import h2o_policy
 from lowbit.spec import SpecError
 
-METHODS = ["streaming", "h2o", "kvmerger"]
+METHODS = ["streaming", "h2o", "snapkv", "tova", "kvmerger"]
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def test_budget_one_is_exactly_uncompressed(tiny_llama, ids, reference, method):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("budget", [0.5, 0.35])
 def test_budget_never_exceeded_and_sinks_window_kept(tiny_llama, ids, reference, method, budget):
-    spec = f"{method}:budget={budget},slack=8" + (",sinks=4" if method == "h2o" else "")
+    spec = f"{method}:budget={budget},slack=8" + (",sinks=4" if method in ("h2o", "snapkv", "tova") else "")
     cache = make_cache(spec, tiny_llama.config)
     layer0 = cache.layers[0]
     sinks, window = layer0.sinks, layer0.window
@@ -124,7 +124,7 @@ def test_generate_budget_one_matches_and_evicting_runs(tiny_llama, ids, method):
 
 def test_scores_use_the_model_queries(tiny_llama, ids):
     """The accumulated scores equal attention probabilities recomputed from hooked queries."""
-    cache = make_cache("h2o:budget=1.0,obs=4", tiny_llama.config, tiny_llama)  # the model: queries reach the cache
+    cache = make_cache("snapkv:budget=1.0,obs=4", tiny_llama.config, tiny_llama)  # the model: queries reach the cache
     attn = tiny_llama.model.layers[0].self_attn
     captured = {}
 
@@ -148,11 +148,52 @@ def test_scores_use_the_model_queries(tiny_llama, ids):
     expected = p.reshape(1, 2, 2, 30).sum(2)
     assert cache.layers[0].query_source == "queries"
     torch.testing.assert_close(cache.layers[0].scores.double(), expected, rtol=1e-4, atol=1e-5)
+    # H2O: the column sums of the whole causal attention matrix (all 30 queries), computed in chunks of rows
+    full = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(32)
+    causal = torch.arange(30)[None, :] > torch.arange(30)[:, None]
+    colsum = torch.softmax(full.masked_fill(causal, float("-inf")), -1).sum(-2).reshape(1, 2, 2, 30).sum(2)
+    import lowbit.kv.budget as budget
+
+    old, budget.CHUNK_ELEMENTS = budget.CHUNK_ELEMENTS, 4 * 30 * 7  # 7 query rows per chunk: 5 chunks
+    try:
+        h2o = make_cache("h2o:budget=1.0", tiny_llama.config, tiny_llama)
+        with torch.no_grad():
+            tiny_llama(ids[:, :30], past_key_values=h2o, use_cache=True)
+            torch.testing.assert_close(h2o.layers[0].scores.double(), colsum, rtol=1e-4, atol=1e-5)
+            # a decoding step adds its query's attention; TOVA keeps only the last query's
+            tova = make_cache("tova:budget=1.0", tiny_llama.config, tiny_llama)
+            tiny_llama(ids[:, :30], past_key_values=tova, use_cache=True)
+            torch.testing.assert_close(tova.layers[0].scores[..., :30].sum(-1), torch.full((1, 2), 2.0))
+            before = h2o.layers[0].scores.clone()
+            tiny_llama(ids[:, 30:31], past_key_values=h2o, use_cache=True)
+            after = h2o.layers[0].scores
+            assert after.shape[-1] == 31
+            torch.testing.assert_close((after[..., :30] - before).sum(-1) + after[..., 30], torch.full((1, 2), 2.0))
+    finally:
+        budget.CHUNK_ELEMENTS = old
+
+
+@pytest.mark.parametrize("method", ["h2o", "kvmerger", "tova"])
+def test_context_protocol_freezes_after_the_context(tiny_llama, ids, method):
+    """Compress a context to its budget, freeze, then the question and answer are kept outside the budget."""
+    cache = make_cache(f"{method}:budget=0.5,slack=4", tiny_llama.config, tiny_llama)
+    with torch.no_grad():
+        tiny_llama(ids[:, :100], past_key_values=cache, use_cache=True)
+        kept = cache.layers[0].n_kept()
+        assert kept == target_size(100, 0.5, cache.layers[0].sinks, cache.layers[0].window)
+        cache.freeze()
+        tiny_llama(ids[:, 100:110], past_key_values=cache, use_cache=True)  # the question, one chunk
+        for i in range(110, 130):
+            tiny_llama(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            for layer in cache.layers:
+                assert layer.n_kept() == kept + (i + 1 - 100) and layer.get_seq_length() == i + 1
+    assert cache.layers[0].n_compressions == 1
+    assert cache.seconds()["compress"] > 0
 
 
 def test_queries_need_the_attention_route(tiny_llama, ids):
     """Without the model the keys stand in for the queries; a layer waiting for queries that never come says so."""
-    cache = make_cache("h2o:budget=0.5,obs=4", tiny_llama.config)
+    cache = make_cache("h2o:budget=0.5", tiny_llama.config)
     with torch.no_grad():
         tiny_llama(ids[:, :30], past_key_values=cache, use_cache=True)
     assert cache.layers[0].query_source == "keys"
@@ -186,6 +227,11 @@ def test_kivi_composition_reports_fewer_bytes(tiny_llama, ids):
         ("kvmerger:budget=0.5,foo=1", "unknown option 'foo'"),
         ("streaming:window=4", "unknown option 'window'"),
         ("h2o:scores=bogus", "scores"),
+        ("h2o:heads=some", "heads"),
+        ("h2o:obs=4", "unknown option 'obs'"),
+        ("snapkv:pool=0", "pool"),
+        ("kvmerger:protect=0.7", "protect"),
+        ("tova:heads=each", "unknown option 'heads'"),
         ("kivi:bits=4+kvmerger:budget=0.5", "budget method followed by kivi"),
         ("h2o:budget=0.5+kvmerger:budget=0.5", "budget method followed by kivi"),
         ("kvmerger:budget=0.5+kivi:bits=3", "bits"),
@@ -205,5 +251,7 @@ def test_layer_validation():
         BudgetLayer(h2o_policy, budget=1.01)
     with pytest.raises(ValueError, match="scores"):
         BudgetLayer(h2o_policy, budget=0.5, scores_from="attn")
+    with pytest.raises(ValueError, match="scorer"):
+        BudgetLayer(h2o_policy, budget=0.5, scorer="first")
     with pytest.raises(ValueError, match="config"):
         BudgetCache(policy=h2o_policy, budget=0.5)

@@ -6,45 +6,25 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.kv.eviction import h2o_policy, streaming_policy
-from lowbit.kv.merging import GRID, REFINE, find_sets, greedy_walk, make_kvmerger_policy, merge_sets
+from lowbit.kv.eviction import h2o_policy, make_snapkv_policy, streaming_policy, tova_policy
+from lowbit.kv.merging import adjacent_similarity, find_sets, make_kvmerger_policy, merge_sets, protected_mask
 
 
-def ref_walk(keys, tau):
-    """Starts and similarities of the set walk for one row [n, D] and one threshold (python floats)."""
-    n = keys.shape[0]
-    starts, sims = [True], [math.inf]
-    s = keys[0].copy()
-    for t in range(1, n):
-        k = keys[t]
-        sim = float(s @ k) / max(math.sqrt(float(s @ s)) * math.sqrt(float(k @ k)), np.finfo(np.float64).tiny)
-        sims.append(sim)
-        if sim > tau:
-            starts.append(False)
-            s = s + k
-        else:
-            starts.append(True)
-            s = k.copy()
-    return np.array(starts), np.array(sims)
-
-
-def ref_find_sets(keys, m):
+def ref_find_sets(keys, m, protected=None):
+    """Set starts for one row [n, D] by the rules, one token at a time (python floats)."""
     n = keys.shape[0]
     if m >= n:
         return np.ones(n, bool)
-
-    def best(taus):
-        ok = [t for t in taus if ref_walk(keys, t)[0].sum() <= m]
-        return max(ok)
-
-    lo = best(list(GRID))
-    hi = GRID[min(list(GRID).index(lo) + 1, len(GRID) - 1)]
-    tau = best([lo + (hi - lo) * i / REFINE for i in range(REFINE)])
-    starts, sims = ref_walk(keys, tau)
-    need = m - starts.sum()
-    joined = [(sims[i], i) for i in range(n) if not starts[i]]
-    for _, i in sorted(joined)[:need]:
-        starts[i] = True
+    protected = np.zeros(n, bool) if protected is None else protected
+    forced = [t == 0 or protected[t] or protected[t - 1] for t in range(n)]
+    sims = []
+    for t in range(1, n):
+        a, b = keys[t - 1], keys[t]
+        sims.append((float(a @ b) / (math.sqrt(float(a @ a)) * math.sqrt(float(b @ b))), t))
+    free = sorted((s, t) for s, t in sims if not forced[t])[: m - sum(forced)]
+    starts = np.array(forced)
+    for _, t in free:
+        starts[t] = True
     return starts
 
 
@@ -78,26 +58,42 @@ def correlated_keys(R, n, D, seed):
 
 
 @pytest.mark.parametrize("n,m", [(40, 10), (57, 23), (30, 1), (25, 25), (64, 63)])
-def test_sets_match_reference(n, m):
-    keys = correlated_keys(3, n, 8, seed=n * 100 + m).numpy()
-    starts, _ = find_sets(keys, m)
+@pytest.mark.parametrize("protect", [0.0, 0.5])
+def test_sets_match_reference(n, m, protect):
+    keys = correlated_keys(3, n, 8, seed=n * 100 + m)
+    scores = torch.rand(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+    prot = protected_mask(scores, m, protect)
+    starts, tau = find_sets(keys, m, prot)
     assert starts.shape == (3, n)
+    sim = adjacent_similarity(keys)
     for r in range(3):
         assert starts[r].sum() == min(m, n)
         assert starts[r, 0]
-        np.testing.assert_array_equal(starts[r], ref_find_sets(keys[r], m))
+        np.testing.assert_array_equal(starts[r].numpy(), ref_find_sets(keys[r].numpy(), m, prot[r].numpy()))
+        # protected tokens are singleton sets: they start one and so does the token after them
+        p = prot[r].nonzero().flatten()
+        assert starts[r, p].all() and starts[r, (p + 1)[p + 1 < n]].all()
+        assert len(p) == min(int(protect * m), (m - 1) // 2)
+        if m < n:  # every joined token is more similar to its predecessor than the threshold
+            assert (sim[r][~starts[r]] > tau[r]).all()
 
 
-def test_walk_vectorised_over_thresholds_matches_reference():
-    keys = correlated_keys(2, 33, 6, seed=5).numpy()
-    tau = np.array([[-2.0, 0.0, 0.5, 0.9, 2.0], [0.3, 0.6, 0.7, 0.95, 0.99]])
-    starts, sims = greedy_walk(keys, tau)
-    for r in range(2):
-        for j in range(tau.shape[1]):
-            s, sim = ref_walk(keys[r], tau[r, j])
-            np.testing.assert_array_equal(starts[r, j], s)
-            np.testing.assert_allclose(sims[r, j, 1:], sim[1:], rtol=1e-12)
-    assert starts[0, 0].sum() == 1 and starts[0, -1].all()
+def test_protected_heavy_hitters_survive_merging():
+    """With the safeguard, the highest-scoring tokens come out unmerged (their own key and value, exactly)."""
+    B, H, n, D, m = 1, 2, 60, 8, 20
+    keys = correlated_keys(B * H, n, D, seed=11).float().reshape(B, H, n, D)
+    values = torch.randn(B, H, n, D)
+    scores = torch.rand(B, H, n)
+    scores[..., 30:35] = 10.0  # a needle
+    pos = torch.arange(n).expand(B, H, n)
+    k, v, s, p = make_kvmerger_policy(protect=0.5)(keys, values, scores, pos, m)
+    for h in range(H):
+        for t in range(30, 35):
+            j = (p[0, h] == t).nonzero().item()
+            torch.testing.assert_close(k[0, h, j], keys[0, h, t])
+            torch.testing.assert_close(v[0, h, j], values[0, h, t])
+    k0, _, _, p0 = make_kvmerger_policy(protect=0.0)(keys, values, scores, pos, m)
+    assert k0.shape == k.shape
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1.5])
@@ -107,10 +103,10 @@ def test_merge_matches_reference(sigma):
     values = torch.randn(R, n, D, dtype=torch.float64)
     scores = torch.rand(R, n, dtype=torch.float64)
     scores[0, 3] = scores[0, 4] = 5.0  # a tie: the earlier token is the pivot
-    starts, _ = find_sets(keys.numpy(), m)
-    mk, mv, ms, piv = merge_sets(keys, values, scores, torch.from_numpy(starts), sigma)
+    starts, _ = find_sets(keys, m)
+    mk, mv, ms, piv = merge_sets(keys, values, scores, starts, sigma)
     for r in range(R):
-        rk, rv, rs, rp = ref_merge(keys[r].numpy(), values[r].numpy(), scores[r].numpy(), starts[r], sigma)
+        rk, rv, rs, rp = ref_merge(keys[r].numpy(), values[r].numpy(), scores[r].numpy(), starts[r].numpy(), sigma)
         np.testing.assert_array_equal(piv[r].numpy(), rp)
         np.testing.assert_allclose(mk[r].numpy(), rk, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(mv[r].numpy(), rv, rtol=1e-10, atol=1e-12)
@@ -130,7 +126,7 @@ def test_policies_keep_exactly_m_per_head_in_order():
     values = torch.randn(B, H, n, D)
     scores = torch.rand(B, H, n)
     pos = torch.arange(100, 100 + n).expand(B, H, n)
-    for policy in (streaming_policy, h2o_policy, make_kvmerger_policy()):
+    for policy in (streaming_policy, h2o_policy, make_snapkv_policy(7), tova_policy, make_kvmerger_policy(), make_kvmerger_policy(protect=0.0)):
         k, v, s, p = policy(keys, values, scores, pos, m)
         assert k.shape == (B, H, m, D) and v.shape == (B, H, m, D) and p.shape == (B, H, m)
         assert torch.all(p[..., 1:] > p[..., :-1])  # token order kept
@@ -139,3 +135,35 @@ def test_policies_keep_exactly_m_per_head_in_order():
     assert torch.equal(p, pos.gather(-1, top))
     k, v, s, p = streaming_policy(keys, values, scores, pos, m)
     assert torch.equal(p[0, 0], torch.arange(100 + n - m, 100 + n))
+    # shared selections keep the same positions in every head: TOVA always, H2O with heads=shared
+    k, v, s, p = tova_policy(keys, values, scores, pos, m)
+    top = scores.sum(1).topk(m, dim=-1).indices.sort(-1).values
+    assert torch.equal(p, pos.gather(-1, top[:, None].expand(B, H, m)))
+
+
+def test_snapkv_pooling_keeps_the_neighbours_of_a_peak():
+    scores = torch.zeros(1, 1, 30)
+    scores[..., 10] = 5.0
+    scores[..., 20] = 1.0
+    pos = torch.arange(30).expand(1, 1, 30)
+    kv = torch.randn(1, 1, 30, 4)
+    _, _, _, p = make_snapkv_policy(5)(kv, kv, scores, pos, 5)
+    assert p.flatten().tolist() == [8, 9, 10, 11, 12]
+    _, _, _, p = make_snapkv_policy(1)(kv, kv, scores, pos, 2)
+    assert p.flatten().tolist() == [10, 20]
+
+
+def test_h2o_mean_accumulation_removes_the_age_bias():
+    """accumulate=mean ranks by attention per query that could see the state (kvpress's ObservedAttention)."""
+    from lowbit.kv.budget import BudgetLayer
+
+    layer = BudgetLayer(h2o_policy, budget=0.5, sinks=0, window=0, scorer="all", scores_from="keys", accumulate="mean")
+    layer.n_seen, layer.head_dim = 10, 4
+    layer.positions = torch.arange(10).expand(1, 1, 10)
+    layer.scores = torch.tensor([[[9.0, 8, 7, 6, 5, 4, 3, 2.5, 2, 1]]])  # sums; seen by 10, 9, ..., 1 queries
+    keys = torch.randn(1, 1, 10, 4)
+    layer.store.update(keys, keys)
+    layer._compress(keys, keys, 5)
+    # means: 0.9, 0.89, 0.875, 0.857, 0.83, 0.8, 0.75, 0.83, 1.0, 1.0 -> top 5: 8, 9, 0, 1, 2
+    assert layer.positions.flatten().tolist() == [0, 1, 2, 8, 9]
+    torch.testing.assert_close(layer.scores.flatten(), torch.tensor([9.0, 8, 7, 2, 1]))

@@ -8,13 +8,14 @@ from lowbit.spec import SpecError
 from lowbit.wa import WA_METHODS, parse_wa_spec, resolve_config
 
 
-def test_registry_has_the_four_methods():
-    assert set(WA_METHODS) == {"fmpq", "w8a8", "w4a16", "w4a4"}
+def test_registry_has_the_five_methods():
+    assert set(WA_METHODS) == {"fmpq", "w8a8", "w4a16", "w4a8", "w4a4"}
 
 
 def test_fmpq_defaults():
     p = parse_wa_spec("fmpq")
-    assert p.options == {"w": 4, "a": 4, "block": 128, "group": 128, "int8_frac": 0.1, "sym": True, "pad": True}
+    assert p.options == {"w": 4, "a": 4, "block": 128, "group": 128, "int8_frac": 0.1, "sym": True, "pad": True,
+                         "gptq": False, "damp": 0.1, "rotate": "none", "clip": False, "aclip": 1.0}
     cfg = resolve_config("fmpq:w=4,a=4,block=128,int8_frac=0.1")
     assert (cfg.w_bits, cfg.a_bits, cfg.block, cfg.group, cfg.int8_frac, cfg.permute) == (4, 4, 128, 128, 0.1, True)
 
@@ -28,12 +29,18 @@ def test_resolved_baselines():
     assert (w4a4.a_bits, w4a4.int8_frac, w4a4.permute) == (4, 0.0, False)
     w4a8 = resolve_config("fmpq:a=8,int8_frac=0")
     assert w4a8.a_bits == 8 and w4a8.int8_frac == 1.0  # every block INT8
+    plain = resolve_config("w4a8:gptq=true,rotate=hadamard")
+    assert (plain.w_bits, plain.a_bits, plain.int8_frac, plain.permute, plain.gptq, plain.rotate) == (4, 8, 1.0, False, True, "hadamard")
+    assert plain.needs_calibration and not resolve_config("w4a16").needs_calibration
 
 
 @pytest.mark.parametrize(
     "spec, fragment",
     [
-        ("gptq", "allowed methods are fmpq, w8a8, w4a16, w4a4"),
+        ("gptq", "allowed methods are fmpq, w8a8, w4a16, w4a8, w4a4"),
+        ("w4a16:rotate=random", "one of ('none', 'hadamard')"),
+        ("w4a8:gptq=perhaps", "must be bool"),
+        ("w8a8:gptq=true", "allowed options are none"),
         ("fmpq:bits=4", "allowed options are w"),
         ("fmpq:a=3", "one of (4, 8)"),
         ("fmpq:w=2", "one of (4, 8)"),

@@ -11,9 +11,11 @@ import typer
 
 from lowbit.cli.common import _calibration, _fail, _load, _progress, _tokens, _validated, console, err
 
-DEFAULT_COMPARE = ["fp16", "kivi:bits=4", "kivi:bits=2", "kivi:bits=2,sinks=4"]
+DEFAULT_COMPARE = ["fp16", "kivi:bits=4", "4bit", "kivi:bits=2", "kivi:bits=2,sinks=4", "2bit"]
 DEFAULT_LUT = ["silu:segments=16"]
-DEFAULT_WA = ["w8a8", "w4a16", "w4a4", "fmpq:w=4,a=4", "fmpq:w=4,a=8"]
+IMPROVED = "gptq=true,rotate=hadamard,sym=false,clip=true"  # docs/QUALITY.md
+DEFAULT_WA = ["w8a8", "w4a16", "w4a4", "fmpq:w=4,a=4", "fmpq:w=4,a=8", f"w4a16:{IMPROVED}", f"fmpq:w=4,a=8,{IMPROVED}",
+              f"fmpq:w=4,a=4,{IMPROVED},block=32,aclip=0.9,int8_frac=0.5"]
 DEFAULT_WA_KV = ["fmpq:w=4,a=4|kivi:bits=4"]
 DEFAULT_BUDGET_METHODS = "streaming,h2o,kvmerger,kvmerger+kivi:bits=4"
 
@@ -53,6 +55,7 @@ def eval_cmd(
     samples: int = typer.Option(10, help="task samples (seeded)"),
     depth: float = typer.Option(0.5, help="task: where the needle sits in the filler (0..1)"),
     seed: int = typer.Option(0, help="task: seed of the first sample"),
+    compress: str = typer.Option("prompt", help="task: compress the whole 'prompt', or only the 'context' (question appended after, outside the budget)"),
 ):
     """Streaming perplexity / KL / top-1 of one method against the uncompressed model (or a --task)."""
     from lowbit.eval.report import results_table, write_json
@@ -62,7 +65,7 @@ def eval_cmd(
     if task is not None:
         if lut or wa:
             _fail("--task evaluates a KV method: combine it with --kv only")
-        return _run_task(model, kv, task, length, samples, depth, seed, json_out)
+        return _run_task(model, kv, task, length, samples, depth, seed, json_out, compress)
     m, tok = _load(model)
     ids = _tokens(tok, text, prefill + tokens)
     (result,) = _run_variants(m, ids, [variant], prefill, tokens, _calibration(tok, text) if wa else None)
@@ -72,7 +75,7 @@ def eval_cmd(
         console.print(f"wrote {json_out}")
 
 
-def _run_task(model, kv, task, length, samples, depth, seed, json_out):
+def _run_task(model, kv, task, length, samples, depth, seed, json_out, compress="prompt"):
     from rich.table import Table
 
     from lowbit.eval.tasks import TASKS, run_task
@@ -87,7 +90,7 @@ def _run_task(model, kv, task, length, samples, depth, seed, json_out):
     with _progress() as progress:
         bar = progress.add_task(f"{task} · {kv}", total=samples)
         try:
-            result = run_task(m, tok, task, length, samples, kv, depth=depth, seed=seed, progress=lambda: progress.advance(bar))
+            result = run_task(m, tok, task, length, samples, kv, depth=depth, seed=seed, progress=lambda: progress.advance(bar), compress=compress)
         except ValueError as exc:
             _fail(str(exc))
     table = Table(title=f"{model} · {task} · {length} tokens · depth {depth}")
@@ -113,9 +116,13 @@ def compare(
     task: Optional[str] = typer.Option(None, help="budget section: also a retrieval task (passkey or kv-retrieval)"),
     task_length: int = typer.Option(512, help="budget section: task prompt length"),
     task_samples: int = typer.Option(8, help="budget section: task samples"),
+    compress: str = typer.Option("prompt", help="budget section task: compress the 'prompt' or only the 'context'"),
+    peers: Optional[str] = typer.Option(None, help="budget section task: also run a peer library's methods ('kvpress')"),
+    presses: str = typer.Option("tova,observed,snapkv,streaming", help="--peers kvpress: which presses"),
     text: Optional[Path] = typer.Option(None, help="UTF-8 text file (default: bundled WikiText-2 test)"),
     prefill: int = typer.Option(512),
     tokens: int = typer.Option(256),
+    offset: int = typer.Option(0, help="skip this many tokens of the text first (e.g. 160000: WikiText-2's held-out second half)"),
     out: Path = typer.Option(Path("lowbit-report"), help="folder for compare.json and compare.png"),
 ):
     """The main job: evaluate several methods on one model and text; table, JSON and plot.
@@ -136,23 +143,27 @@ def compare(
             _fail(f"--wa-kv '{item}' must be 'WA_SPEC|KV_SPEC', e.g. 'fmpq:w=4,a=4|kivi:bits=4'")
         pairs.append(Variant(kv=k.strip(), wa=w.strip()))
     budget_rows = _budget_specs(budgets, budget_methods) if budgets else []
+    if compress not in ("prompt", "context"):
+        _fail(f"--compress {compress}: allowed protocols are prompt, context")
+    peer_rows = _peer_rows(peers, presses, task, budgets) if peers else None
     kv = list(kv) + [spec for _, _, spec in budget_rows if spec not in kv]
     variants = _validated([Variant(kv=k) for k in kv] + [Variant(lut=spec) for spec in lut if spec] + pairs)
     _validated([Variant(wa=w) for w in wa])
     m, tok = _load(model)
-    ids = _tokens(tok, text, prefill + tokens)
+    ids = _tokens(tok, text, offset + prefill + tokens)[:, offset:]
     calib = _calibration(tok, text) if (wa or pairs) else None
     results = _run_variants(m, ids, variants, prefill, tokens, calib)
-    title = f"{model} · {Path(text or DEFAULT_TEXT).name} · prefill {prefill}, {tokens} streamed tokens"
+    at = f" at token {offset}" if offset else ""
+    title = f"{model} · {Path(text or DEFAULT_TEXT).name}{at} · prefill {prefill}, {tokens} streamed tokens"
     console.print(results_table(results, title=title))
-    meta = {"model": model, "text": str(text or DEFAULT_TEXT), "prefill": prefill, "tokens": tokens}
-    wa_results = _wa_section(m, tok, text, wa, wa_tokens, calib) if wa else []
+    meta = {"model": model, "text": str(text or DEFAULT_TEXT), "offset": offset, "prefill": prefill, "tokens": tokens}
+    wa_results = _wa_section(m, tok, text, wa, wa_tokens, calib, offset) if wa else []
     json_path = write_json(results, out / "compare.json", {**meta, "wa_tokens": wa_tokens, "wa": wa_results})
     kv_rows = [r for r, v in zip(results, variants) if v.kv != "fp16" or not (v.lut or v.wa)]
     console.print(f"wrote {json_path} and {plot_quality_vs_bytes(kv_rows, out / 'compare.png', title)}")
     if budget_rows:
         by_kv = {r.method: r for r in results}
-        rows = _budget_section(m, tok, budget_rows, by_kv, task, task_length, task_samples)
+        rows = _budget_section(m, tok, budget_rows, by_kv, task, task_length, task_samples, compress, peer_rows)
         data = json.loads(json_path.read_text())
         data["meta"]["budget_section"] = rows
         json_path.write_text(json.dumps(data, indent=2))
@@ -175,7 +186,23 @@ def _budget_specs(budgets: str, methods: str) -> list[tuple[str, float, str]]:
     return rows
 
 
-def _budget_section(model, tok, budget_rows, by_kv, task, length, samples) -> list[dict]:
+def _peer_rows(peers: str, presses: str, task, budgets: str):
+    """Validate --peers/--presses; returns (press names, budgets) for the budget section."""
+    from lowbit.eval.tasks.peers import PRESSES, kvpress_available
+
+    if peers != "kvpress":
+        _fail(f"--peers '{peers}': the only peer library is kvpress")
+    if task is None or budgets is None:
+        _fail("--peers compares retrieval accuracy: add --budgets and --task passkey (or kv-retrieval)")
+    names = [p.strip() for p in presses.split(",") if p.strip()]
+    if bad := [p for p in names if p not in PRESSES]:
+        _fail(f"--presses {','.join(bad)}: allowed are {', '.join(PRESSES)}")
+    if not kvpress_available():
+        _fail("kvpress is not installed: pip install --no-deps kvpress==0.5.5 && pip install -e '.[kvpress]'")
+    return names, [float(b) for b in budgets.split(",") if b.strip()]
+
+
+def _budget_section(model, tok, budget_rows, by_kv, task, length, samples, compress="prompt", peers=None) -> list[dict]:
     """Rows for compare-budget.png / JSON: ppl and KL from the streaming results, plus task accuracy."""
     from rich.table import Table
 
@@ -192,11 +219,16 @@ def _budget_section(model, tok, budget_rows, by_kv, task, length, samples) -> li
             for row in rows:
                 bar = progress.add_task(f"{task} · {row['kv']}", total=samples)
                 try:
-                    result = run_task(model, tok, task, length, samples, row["kv"], progress=lambda b=bar: progress.advance(b))
+                    result = run_task(model, tok, task, length, samples, row["kv"], progress=lambda b=bar: progress.advance(b), compress=compress)
                 except ValueError as exc:
                     _fail(str(exc))
                 row["accuracy"] = result.accuracy
-    table = Table(title="KV budget section" + (f" · {task} at {length} tokens, {samples} samples" if task else ""))
+            if peers:
+                from lowbit.eval.tasks.peers import press_rows
+
+                bar = progress.add_task(f"{task} · kvpress", total=samples * len(peers[0]) * len(peers[1]))
+                rows += press_rows(model, tok, task, length, samples, peers[1], peers[0], compress, lambda: progress.advance(bar))
+    table = Table(title="KV budget section" + (f" · {task} at {length} tokens, {samples} samples, compress {compress}" if task else ""))
     for col in ("method", "budget", "ppl", "KL(ref‖m)") + (("accuracy",) if task else ()):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
@@ -206,13 +238,13 @@ def _budget_section(model, tok, budget_rows, by_kv, task, length, samples) -> li
     return rows
 
 
-def _wa_section(model, tok, text, specs, n_tokens, calib) -> list[dict]:
+def _wa_section(model, tok, text, specs, n_tokens, calib, offset: int = 0) -> list[dict]:
     """Full-sequence perplexity and weight bytes for each W/A spec, beside the unquantized model."""
     from rich.table import Table
 
     from lowbit.eval.wa import wa_rows
 
-    ids = _tokens(tok, text, n_tokens)[0]
+    ids = _tokens(tok, text, offset + n_tokens)[0, offset:]
     with _progress() as progress:
         task = progress.add_task("W/A quantizers (full sequences)", total=len(specs) + 1)
         rows = wa_rows(model, ["fp"] + list(specs), ids, calib, window=1024, progress=lambda: progress.advance(task))

@@ -16,7 +16,22 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache
 
-from lowbit.kv.registry import cache_nbytes, make_cache
+from lowbit.kv.registry import KV_PRESETS, KVShape, cache_bytes, cache_nbytes, is_exact, make_cache, parse_kv_spec
+
+BITS_AT = 4096  # the length at which bits per element are also reported (the registry's closed form)
+
+
+def bits_per_element_at(kv: str, config, n_tokens: int = BITS_AT) -> float:
+    """Stored bits per K/V element, every overhead counted, of a one-sequence `kv` cache after `n_tokens` tokens."""
+    shape = KVShape.from_config(config)
+    return 8 * cache_bytes(kv, shape, n_tokens) / (shape.layers * n_tokens * 2 * shape.kv_heads * shape.head_dim)
+
+
+def kv_family(kv: str) -> str:
+    """The line a spec belongs to in the frontier plot: its method (``a+b`` for compositions), or ``preset``."""
+    if all(p.strip().lower() in KV_PRESETS for p in kv.split("+")):
+        return "preset"
+    return "+".join(p.name for p in parse_kv_spec(kv))
 
 
 @dataclass
@@ -123,6 +138,9 @@ def evaluate_kv(
     kl = (p_ref * (reference.logprobs - logprobs)).sum(-1).clamp_min(0.0)
     top1 = (logprobs.argmax(-1) == reference.logprobs.argmax(-1)).float().mean().item()
     kv_bytes, kv_bytes_fp16 = cache_nbytes(cache)
+    extra = {}
+    if cache_factory is None:  # bits at BITS_AT tokens from the registry (exact, or a bound: bytes_exact)
+        extra = {"bits_at_4096": bits_per_element_at(kv, model.config), "bytes_exact": is_exact(kv), "family": kv_family(kv)}
     return EvalResult(
         method=kv,
         ppl=math.exp(nll.mean().item()),
@@ -135,4 +153,5 @@ def evaluate_kv(
         tokens=tokens,
         prefill=prefill,
         tokens_per_s=tokens / seconds,
+        extra=extra,
     )

@@ -3,7 +3,7 @@
 Importing the package registers every method (one module each); see :mod:`lowbit.kv.registry`.
 """
 
-from lowbit.kv import fp16, kivi, eviction, merging  # noqa: F401  (registration order = listing order)
+from lowbit.kv import fp16, kivi, eviction, merging, kivi_plus, hf_quantized  # noqa: F401  (registration order = listing order)
 from lowbit.kv.attention import use_lowbit_attention
 from lowbit.kv.budget import BudgetCache, BudgetLayer
 from lowbit.kv.fused import FusedKiviCache, FusedKiviLayer
@@ -20,6 +20,7 @@ from lowbit.kv.registry import (
     parse_kv_spec,
     peak_cache_bytes,
     register_kv_method,
+    register_kv_preset,
 )
 
 __all__ = [
@@ -40,5 +41,6 @@ __all__ = [
     "parse_kv_spec",
     "peak_cache_bytes",
     "register_kv_method",
+    "register_kv_preset",
     "use_lowbit_attention",
 ]

@@ -25,14 +25,26 @@ offset ``N - kept`` makes every kept state visible to every new query and the ne
 compression (what the current forward attends to), then compresses what is stored for the next forward; all layers
 compress on the same schedule, so the one mask built per forward fits every layer.
 
-**Attention scores** (H2O and KVMerger). Each kept state carries an accumulated attention score (fp32). After a
-multi-token update, the last ``obs`` queries of the chunk score all states (SnapKV-style observation window: no full
-``n x n`` attention matrix is built for long prompts); each decoding step adds the new query's attention
-probabilities. Probabilities are summed over the query heads of a GQA group. The queries (post-RoPE) reach the layer
-explicitly: ``update`` marks the keys it returns (:func:`lowbit.kv.attention.attach`) and lowbit's attention function
-hands the attention call's queries to :meth:`BudgetLayer.observe_queries`, which scores and compresses. This route is
-taken when the cache is built with the model (``make_cache(spec, config, model)`` switches the model to that function);
-without it (or with ``scores=keys``) the keys of the last ``obs`` tokens stand in for the queries, inside ``update``.
+**Attention scores** (every method but StreamingLLM). Each kept state carries an fp32 score (counted in ``nbytes``),
+computed from the attention probabilities that queries give it, summed over the query heads of a GQA group. Which
+queries count is the method's *scorer*:
+
+* ``all`` (H2O, KVMerger): every query ever seen -- the column sums of the prefill's causal attention matrix,
+  computed in chunks of query rows (never the whole ``n x n`` matrix at once), then each decoding step's query
+  added: the accumulated attention of H2O.
+* ``window`` (SnapKV): only the last ``obs`` queries of a multi-token update (the observation window), then each
+  decoding step's query.
+* ``last`` (TOVA): the attention of the most recent query only; each update replaces the scores.
+
+The queries (post-RoPE) reach the layer explicitly: ``update`` marks the keys it returns
+(:func:`lowbit.kv.attention.attach`) and lowbit's attention function hands the attention call's queries to
+:meth:`BudgetLayer.observe_queries`, which scores and compresses. This route is taken when the cache is built with
+the model (``make_cache(spec, config, model)`` switches the model to that function); without it (or with
+``scores=keys``) the keys stand in for the queries, inside ``update``.
+
+**Freezing** (the ``context`` protocol). :meth:`BudgetCache.freeze` stops all further compression: a context is
+prefilled and compressed to its budget, then the question and the answer are appended outside the budget, as
+kvpress does.
 
 **Composition.** ``<budget method>+kivi:...`` stores the kept states through a :class:`~lowbit.kv.kivi.KiviLayer`
 (sinks in fp16, quantized body, full-precision residual); a compression re-quantizes the new kept set.
@@ -41,6 +53,7 @@ without it (or with ``scores=keys``) the keys of the last ``obs`` tokens stand i
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import torch
@@ -55,6 +68,9 @@ from lowbit.spec import MethodSpec, Param, ParsedSpec
 # A policy turns the middle of the kept states into exactly `m` states per head:
 # policy(keys, values, scores, positions, m) -> (keys, values, scores, positions), tensors [B, H, n(, D)].
 Policy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, int], tuple]
+
+SCORERS = ("all", "window", "last")  # which queries score the states (see the module docstring)
+CHUNK_ELEMENTS = 1 << 22  # attention probabilities materialised at once when scoring a long chunk (16 MiB fp32)
 
 
 def validate_budget_options(budget: float, sinks: int = 0, window: int = 0, slack: int = 0, obs: int = 1) -> None:
@@ -135,16 +151,22 @@ class BudgetLayer(DynamicLayer):
         window: int = 32,
         slack: int = 16,
         obs: int = 32,
-        needs_scores: bool = True,
+        scorer: str | None = "window",
         scores_from: str = "queries",
+        accumulate: str = "sum",
         store: str | dict = "plain",
     ):
         super().__init__()
         validate_budget_options(budget, sinks, window, slack, obs)
         if scores_from not in ("queries", "keys"):
             raise ValueError(f"scores={scores_from!r}: allowed values are 'queries' and 'keys'")
+        if scorer is not None and scorer not in SCORERS:
+            raise ValueError(f"scorer={scorer!r}: allowed values are {', '.join(SCORERS)} (or None for no scores)")
         self.policy, self.budget, self.sinks, self.window, self.slack, self.obs = policy, budget, sinks, window, slack, obs
-        self.needs_scores, self.scores_from = needs_scores, scores_from
+        if accumulate not in ("sum", "mean"):
+            raise ValueError(f"accumulate={accumulate!r}: allowed values are 'sum' and 'mean'")
+        self.scorer, self.scores_from, self.accumulate = scorer, scores_from, accumulate
+        self.frozen = False  # freeze(): no more compression (the context protocol)
         self.store_spec = store
         self._clear()
 
@@ -160,6 +182,7 @@ class BudgetLayer(DynamicLayer):
         self.positions = None  # [B, H, kept] int64 token index of each kept state (the pivot for merged ones)
         self.n_seen = 0
         self.n_compressions = 0
+        self.seconds = {"score": 0.0, "compress": 0.0}  # wall time spent scoring and compressing
         self.query_source = None  # "queries" or "keys": what scored the states last
         self._pending = None  # (keys, values, n): stored states awaiting the attention call's queries
         self.keys = self.values = None
@@ -190,19 +213,34 @@ class BudgetLayer(DynamicLayer):
     def target(self, n_seen: int | None = None) -> int:
         return target_size(self.n_seen if n_seen is None else n_seen, self.budget, self.sinks, self.window)
 
+    @property
+    def needs_scores(self) -> bool:
+        return self.scorer is not None
+
     # ----------------------------------------------------------------- scores
-    def _attention_mass(self, q: torch.Tensor, keys: torch.Tensor, n_new: int) -> torch.Tensor:
-        """Attention probabilities of the queries `q` (the last rows of the new chunk) summed per KV head: [B, H, C]."""
+    @staticmethod
+    def attention_mass(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities that the queries `q` [B, Hq, nq, D] (the last nq of the C states in `keys`
+        [B, H, C, D], causal) give each state, summed over the queries and the query heads of each KV head: [B, H, C].
+
+        Computed in chunks of query rows (at most ``CHUNK_ELEMENTS`` probabilities at once), so scoring a whole
+        prefill costs ``nq x C`` work per head but never materialises the ``nq x C`` matrix in one piece."""
         B, Hq, nq, D = q.shape
         H, C = keys.shape[1], keys.shape[-2]
         group = Hq // H
-        qf = q.float().reshape(B, H, group * nq, D)
-        logits = qf @ keys.float().transpose(-1, -2) / math.sqrt(D)  # [B, H, group*nq, C]
-        # query i of the last nq new tokens sits at kept-index C - nq + i and sees indices <= that
-        qpos = torch.arange(C - nq, C, device=keys.device).repeat(group)
-        visible = torch.arange(C, device=keys.device)[None, :] <= qpos[:, None]
-        logits = logits.masked_fill(~visible, float("-inf"))
-        return torch.softmax(logits, dim=-1).sum(dim=-2)
+        kt = keys.float().transpose(-1, -2)  # [B, H, D, C]
+        qf = q.float().reshape(B, H, group, nq, D) / math.sqrt(D)
+        cols = torch.arange(C, device=keys.device)
+        mass = torch.zeros(B, H, C, dtype=torch.float32, device=keys.device)
+        rows = max(1, CHUNK_ELEMENTS // max(1, B * Hq * C))
+        for a in range(0, nq, rows):
+            b = min(nq, a + rows)
+            seen = C - nq + b  # query i of the last nq sits at state index C - nq + i and sees states <= that
+            logits = qf[..., a:b, :].reshape(B, H, group * (b - a), D) @ kt[..., :seen]  # [B, H, group*(b-a), seen]
+            qpos = torch.arange(C - nq + a, seen, device=keys.device).repeat(group)
+            logits.masked_fill_(cols[None, :seen] > qpos[:, None], float("-inf"))
+            mass[..., :seen] += torch.softmax(logits, dim=-1).sum(dim=-2)
+        return mass
 
     # ----------------------------------------------------------------- Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -227,7 +265,7 @@ class BudgetLayer(DynamicLayer):
                 self._pending = (keys, values, n)
                 return attach(keys, self), values
             self.query_source = "keys"
-            self._score(key_states[..., n - min(self.obs, n) :, :], keys, n)
+            self._score(key_states, keys, n)
         self._maybe_compress(keys, values, n)
         return keys, values
 
@@ -238,17 +276,28 @@ class BudgetLayer(DynamicLayer):
         keys, values, n = self._pending
         self._pending = None
         self.query_source = "queries"
-        self._score(query[..., n - min(self.obs, n) :, :], keys, n)
+        self._score(query, keys, n)
         self._maybe_compress(keys, values, n)
 
     def _score(self, q: torch.Tensor, keys: torch.Tensor, n: int) -> None:
-        self.scores += self._attention_mass(q, keys, n)
+        """Add (``last``: set) the attention of the new chunk's scoring queries (`q`: its n queries) to the scores."""
+        t0 = time.perf_counter()
+        if self.scorer == "last":
+            self.scores = self.attention_mass(q[..., -1:, :], keys)
+        else:
+            rows = n if self.scorer == "all" or n == 1 else min(self.obs, n)
+            self.scores += self.attention_mass(q[..., n - rows :, :], keys)
+        self.seconds["score"] += time.perf_counter() - t0
 
     def _maybe_compress(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
         kept, target = keys.shape[-2], self.target()
+        if self.frozen:
+            return
         if kept > target and (n > 1 or kept > target + self.slack):
+            t0 = time.perf_counter()
             self._compress(keys, values, target)
             self.keys, self.values = self.store.full()
+            self.seconds["compress"] += time.perf_counter() - t0
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor, target: int) -> None:
         kept = keys.shape[-2]
@@ -257,7 +306,11 @@ class BudgetLayer(DynamicLayer):
         if m < 0:  # target below sinks + window can only happen when N < sinks + window: nothing to drop
             return
         scores = None if self.scores is None else self.scores[..., lo:hi]
+        if scores is not None and self.accumulate == "mean":  # per query that could see the state (kvpress's H2O)
+            scores = scores / (self.n_seen - self.positions[..., lo:hi]).clamp_min(1)
         mk, mv, ms, mp = self.policy(keys[..., lo:hi, :], values[..., lo:hi, :], scores, self.positions[..., lo:hi], m)
+        if ms is not None and self.accumulate == "mean":  # store sums again (exact for kept states)
+            ms = ms * (self.n_seen - mp).clamp_min(1)
         cat = lambda a, mid: torch.cat([a[..., :lo, :], mid, a[..., hi:, :]], dim=-2)  # noqa: E731
         self.store.replace(cat(keys, mk.to(keys.dtype)), cat(values, mv.to(values.dtype)))
         self.positions = torch.cat([self.positions[..., :lo], mp, self.positions[..., hi:]], dim=-1)
@@ -318,6 +371,15 @@ class BudgetCache(Cache):
         self.name, self.options = name, {k: v for k, v in layer_kwargs.items() if k != "policy"}
         super().__init__(layers=[BudgetLayer(**layer_kwargs) for _ in range(num_layers)])
 
+    def seconds(self) -> dict[str, float]:
+        """Wall time all layers spent scoring states and compressing them."""
+        return {k: sum(layer.seconds[k] for layer in self.layers) for k in ("score", "compress")}
+
+    def freeze(self) -> None:
+        """Stop compressing: every later token is kept, outside the budget (the ``context`` protocol)."""
+        for layer in self.layers:
+            layer.frozen = True
+
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
@@ -332,8 +394,9 @@ class BudgetCache(Cache):
 # ------------------------------------------------------------------------------ registration helpers
 
 
-def budget_params(sinks: int, window: int | None, scored: bool) -> dict[str, Param]:
-    """The options every budget method shares (``window`` None: the method has no recent window)."""
+def budget_params(sinks: int, window: int | None, scorer: str | None) -> dict[str, Param]:
+    """The options every budget method shares (``window`` None: the method has no recent window; ``scorer`` one of
+    :data:`SCORERS`, or None for a method without scores; ``window`` scorers get the ``obs`` option)."""
     params = {
         "budget": Param(float, 0.5, aliases=("b",), check=lambda b: 0.0 < b <= 1.0, allowed="a fraction of the tokens seen in (0, 1]"),
         "sinks": Param(int, sinks, check=lambda s: s >= 0, allowed="an integer >= 0"),
@@ -341,8 +404,12 @@ def budget_params(sinks: int, window: int | None, scored: bool) -> dict[str, Par
     if window is not None:
         params["window"] = Param(int, window, aliases=("recent",), check=lambda w: w >= 0, allowed="an integer >= 0")
     params["slack"] = Param(int, 16, check=lambda s: s >= 0, allowed="an integer >= 0 (states over budget before decoding recompresses)")
-    if scored:
+    if scorer == "window":
         params["obs"] = Param(int, 32, check=lambda o: o >= 1, allowed="an integer >= 1 (prefill queries that score the prompt)")
+    if scorer == "all":
+        params["accumulate"] = Param(str, "sum", check=lambda a: a in ("sum", "mean"),
+                                     allowed="'sum' (H2O) or 'mean' (divided by the queries that saw the state, as kvpress)")
+    if scorer is not None:
         params["scores"] = Param(str, "queries", check=lambda s: s in ("queries", "keys"), allowed="'queries' or 'keys'")
     return params
 
@@ -366,9 +433,14 @@ def max_kept(options: dict, n_tokens: int) -> int:
     return min(n_tokens, target + o["slack"] + 1)
 
 
-def budget_method(name: str, policy: Callable[[dict], Policy], help: str, params: dict[str, Param]) -> KVMethod:
-    """A :class:`~lowbit.kv.registry.KVMethod` for a budget cache whose compression is ``policy(options)``."""
-    scored = "scores" in params
+def budget_method(
+    name: str, policy: Callable[[dict], Policy], help: str, params: dict[str, Param], scorer: str | None = None
+) -> KVMethod:
+    """A :class:`~lowbit.kv.registry.KVMethod` for a budget cache whose compression is ``policy(options)`` and whose
+    states are scored by ``scorer`` (see :data:`SCORERS`; None: no scores)."""
+    scored = scorer is not None
+    if scored != ("scores" in params):
+        raise ValueError(f"{name}: a method with a scorer needs the 'scores' option (budget_params(..., scorer))")
 
     def make(part: ParsedSpec, ctx: CacheContext, store: ParsedSpec | None) -> BudgetCache:
         o = part.options
@@ -377,7 +449,8 @@ def budget_method(name: str, policy: Callable[[dict], Policy], help: str, params
             use_lowbit_attention(ctx.model)
         return BudgetCache(
             ctx.config, name=part.name, policy=policy(o), budget=o["budget"], sinks=o["sinks"], window=o.get("window", 0),
-            slack=o["slack"], obs=o.get("obs", 1), needs_scores=scored, scores_from="queries" if queries else "keys",
+            slack=o["slack"], obs=o.get("obs", 1), scorer=scorer, scores_from="queries" if queries else "keys",
+            accumulate=o.get("accumulate", "sum"),
             store=_store_options(store),
         )
 

@@ -82,6 +82,12 @@ class KVMethod:
 
 
 KV_METHODS: dict[str, KVMethod] = {}
+KV_PRESETS: dict[str, str] = {}  # a preset name (e.g. "2bit") stands for a full spec
+
+
+def register_kv_preset(name: str, spec: str) -> None:
+    """Let `name` stand for `spec` wherever a ``--kv`` spec (or one part of a composition) is accepted."""
+    KV_PRESETS[name] = spec
 
 
 def register_kv_method(method: KVMethod) -> KVMethod:
@@ -91,7 +97,8 @@ def register_kv_method(method: KVMethod) -> KVMethod:
 
 
 def parse_kv_spec(text: str) -> list[ParsedSpec]:
-    """Validate a ``--kv`` spec; raises :class:`SpecError` naming what was wrong and what is allowed."""
+    """Validate a ``--kv`` spec (presets expanded); raises :class:`SpecError` naming what was wrong and what is allowed."""
+    text = "+".join(KV_PRESETS.get(p.strip().lower(), p) for p in text.split("+"))
     parts = parse_spec(text, {name: m.spec for name, m in KV_METHODS.items()}, family="KV method")
     if len(parts) > 1:
         first, store = (KV_METHODS[p.name] for p in parts[:2]) if len(parts) == 2 else (None, None)

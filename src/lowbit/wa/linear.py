@@ -9,6 +9,10 @@ Storage (all persistent buffers, saved by :func:`lowbit.wa.save_quantized`):
 * ``int8_mask`` bool ``[padded_in / block]`` (quantized activations only): INT8 blocks.
 * ``bias``     the original bias, unchanged (when the layer had one).
 
+Under ``rotate=hadamard`` (:mod:`lowbit.wa.rotation`) the layer feeding the MLP output (down_proj) also
+applies an online Hadamard rotation to its input first (``in_rotation``, a structured matrix rebuilt from
+its order and seed, not stored). With ``gptq=true`` the weight codes come from :func:`lowbit.wa.gptq.gptq_quantize`.
+
 Forward: ``x -> x[..., perm] -> zero-pad to padded_in -> per-token per-block quantization -> blocked
 integer matmul with the weight codes -> scales -> + bias``. Padded channels are zero in both operands,
 so they add nothing. Two execution modes give the same quantized function:
@@ -26,6 +30,7 @@ from torch import nn
 
 from lowbit.quant import integer
 from lowbit.wa import core
+from lowbit.wa.gptq import gptq_quantize, rtn_quantize
 from lowbit.wa.methods import UNQUANTIZED, WHOLE_ROW, WAConfig
 
 MODES = ("int", "fake")
@@ -58,10 +63,17 @@ class QuantLinear(nn.Module):
     """Low-bit linear layer; build it with :meth:`from_linear` (or :meth:`empty` before loading)."""
 
     def __init__(self, in_features: int, out_features: int, cfg: WAConfig, has_bias: bool,
-                 bias_dtype: torch.dtype = torch.float32, mode: str = "int"):
+                 bias_dtype: torch.dtype = torch.float32, mode: str = "int", rotated_model: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown QuantLinear mode '{mode}': allowed modes are {MODES}")
+        if cfg.rotate != "none" and not rotated_model:
+            raise ValueError(
+                f"{cfg.spec}: a rotate={cfg.rotate} layer only computes the right function inside a model rotated by "
+                "lowbit.wa.rotation.rotate_model (rotated norms, embedding and down_proj input); quantize the base "
+                "model with quantize_model instead of rebuilding the layers on an unrotated one"
+            )
+        self.in_rotation: torch.Tensor | None = None  # online input rotation (down_proj under rotate=hadamard)
         self.in_features = in_features
         self.out_features = out_features
         self.cfg = cfg
@@ -94,12 +106,17 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: WAConfig, channel_stats: torch.Tensor | None = None,
-                    mode: str = "int") -> "QuantLinear":
-        """Quantize `linear` under `cfg`; `channel_stats` ([in], e.g. calibrated max |x|) drive fmpq."""
+                    mode: str = "int", hessian: torch.Tensor | None = None) -> "QuantLinear":
+        """Quantize `linear` under `cfg`; `channel_stats` ([in], e.g. calibrated max |x|) drive fmpq;
+        `hessian` ([in, in], ``E[x^T x]`` of its calibration inputs) is required by ``gptq=true``."""
         w = linear.weight.detach()
         out_f, in_f = w.shape
         has_bias = linear.bias is not None
-        q = cls(in_f, out_f, cfg, has_bias, linear.bias.dtype if has_bias else torch.float32, mode).to(w.device)
+        if cfg.gptq and (hessian is None or hessian.shape != (in_f, in_f)):
+            raise ValueError(f"{cfg.spec}: gptq=true needs the [{in_f}, {in_f}] Hessian of the layer's calibration inputs")
+        q = cls(in_f, out_f, cfg, has_bias, linear.bias.dtype if has_bias else torch.float32, mode,
+                rotated_model=True).to(w.device)
+        q.in_rotation = getattr(linear, "lowbit_in_rotation", None)
         stats = None
         if channel_stats is not None:
             stats = channel_stats.detach().float().to(w.device)
@@ -114,7 +131,18 @@ class QuantLinear(nn.Module):
             w = w[:, perm]
             if stats is not None:
                 stats = stats[perm]
-        wq, scale, zero = core.quantize_weight(integer.pad_last(w.float(), q.padded_in), cfg.w_bits, q.group, cfg.sym)
+            if hessian is not None:
+                hessian = hessian[perm.cpu()][:, perm.cpu()]
+        if cfg.gptq:
+            h = integer.pad_last(integer.pad_last(hessian.double(), q.padded_in).t(), q.padded_in)  # padding: dead inputs
+            wq, scale, zero = gptq_quantize(integer.pad_last(w.double().cpu(), q.padded_in), h, cfg.w_bits, q.group, cfg.sym,
+                                            damp=cfg.damp, clip=cfg.clip)
+            wq, scale, zero = wq.to(w.device), scale.to(w.device), (zero.to(w.device) if zero is not None else None)
+        elif cfg.clip:
+            wq, scale, zero = rtn_quantize(integer.pad_last(w.double().cpu(), q.padded_in), cfg.w_bits, q.group, cfg.sym, clip=True)
+            wq, scale, zero = wq.to(w.device), scale.to(w.device), (zero.to(w.device) if zero is not None else None)
+        else:
+            wq, scale, zero = core.quantize_weight(integer.pad_last(w.float(), q.padded_in), cfg.w_bits, q.group, cfg.sym)
         q.qweight.copy_(core.pack_weight(wq, cfg.w_bits, cfg.sym))
         q.w_scale.copy_(scale)
         if zero is not None:
@@ -160,27 +188,47 @@ class QuantLinear(nn.Module):
         w_max = (1 << (self.cfg.w_bits - 1)) if self.cfg.sym else (1 << self.cfg.w_bits) - 1
         return integer.int_partial_dtype(min(self.group, self.block), a_max, w_max)
 
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ in_rotation`` when the layer has an online input rotation, else `x`."""
+        if self.in_rotation is None:
+            return x
+        key = ("rot", x.device, x.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.in_rotation.to(x.device, x.dtype)
+        return x @ self._cache[key]
+
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., in] -> [tokens, padded_in]`` float32: permuted and zero-padded."""
-        x2 = x.reshape(-1, self.in_features).float()
+        """``[..., in] -> [tokens, padded_in]`` float32: rotated (if so built), permuted and zero-padded."""
+        x2 = self.rotate_input(x).reshape(-1, self.in_features).float()
         if self.perm is not None:
             x2 = x2.index_select(1, self._cached("perm"))
         return integer.pad_last(x2, self.padded_in)
 
+    def clip_input(self, xp: torch.Tensor) -> torch.Tensor:
+        """``aclip < 1``: each token's INT4 blocks of ``xp [tokens, padded_in]`` clamped to ``aclip * max |x|``."""
+        ratio = getattr(self.cfg, "aclip", 1.0)
+        if ratio >= 1.0 or not self.quantizes_activations:
+            return xp
+        t = xp.shape[0]
+        xb = xp.reshape(t, self.n_blocks, self.block)
+        bound = xb.abs().amax(dim=-1, keepdim=True) * ratio
+        bound = torch.where(self.int8_mask.to(xp.device)[None, :, None], torch.full_like(bound, float("inf")), bound)
+        return torch.maximum(torch.minimum(xb, bound), -bound).reshape(t, -1)
+
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token per-block activation codes and scales of ``x [..., in]``."""
-        return integer.quantize_activation(self.prepare_input(x), self.block, self.int8_mask, self.cfg.a_bits)
+        return integer.quantize_activation(self.clip_input(self.prepare_input(x)), self.block, self.int8_mask, self.cfg.a_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.mode == "int" and self.quantizes_activations:
+        if x.is_cuda and self.mode == "int" and self.quantizes_activations and self.cfg.aclip >= 1.0:
             if supports_kernel(self):  # the Triton W4A8/W4A4 GEMM (same integer semantics)
-                return kernel_forward(self, x)
+                return kernel_forward(self, self.rotate_input(x))
         lead = x.shape[:-1]
         xp = self.prepare_input(x)
         if not self.quantizes_activations:
             y = xp @ self._cached("w_deq").t()
         else:
-            codes, scale = integer.quantize_activation(xp, self.block, self.int8_mask, self.cfg.a_bits)
+            codes, scale = integer.quantize_activation(self.clip_input(xp), self.block, self.int8_mask, self.cfg.a_bits)
             if self.mode == "fake":
                 y = integer.dequantize_activation(codes, scale, self.block) @ self._cached("w_deq").t()
             else:

@@ -9,9 +9,13 @@ the resolved :class:`WAConfig`:
            top ``int8_frac`` of blocks in INT8 and the rest in INT4 (``a=8``: every block INT8, W4A8).
 ``w8a8``   per-output-channel INT8 weights, per-token INT8 activations (one block = the whole row).
 ``w4a16``  weight-only INT4 group-wise; activations stay in floating point.
+``w4a8``   INT4 weights, INT8 per-token per-block activations, no permutation.
 ``w4a4``   plain round-to-nearest W4A4: INT4 weights and INT4 per-token per-block activations, no
            permutation, no INT8 blocks.
 =========  ============================================================================================
+
+Every INT4-weight method also takes ``gptq=true`` (GPTQ error-compensating rounding on the calibration
+tokens, :mod:`lowbit.wa.gptq`) and ``rotate=hadamard`` (QuaRot-style rotation, :mod:`lowbit.wa.rotation`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lowbit.spec import MethodSpec, Param, ParsedSpec, SpecError, parse_spec
+from lowbit.wa.rotation import ROTATIONS
 
 
 def _even(v: int) -> bool:
@@ -30,6 +35,15 @@ _BLOCK = Param(int, 128, aliases=("block_size", "b"), check=_even, allowed=_EVEN
 _GROUP = Param(int, 128, aliases=("group_size", "g"), check=_even, allowed=_EVEN, help="weight group (input channels)")
 _SYM = Param(bool, True, help="symmetric weights (false: asymmetric with an integer zero point)")
 _PAD = Param(bool, True, help="zero-pad input dims that are not a multiple of block/group (false: reject them)")
+_GPTQ = Param(bool, False, help="GPTQ error-compensating weight rounding on the calibration tokens")
+_ROTATE = Param(str, "none", aliases=("rotation",), check=lambda r: r in ROTATIONS, allowed=f"one of {ROTATIONS}",
+                help="hadamard: QuaRot-style rotation fused into the weights (+ one online Hadamard before down_proj)")
+_CLIP = Param(bool, False, help="search each weight group's grid among shrunk ranges (least rounding error)")
+_ACLIP = Param(float, 1.0, check=lambda v: 0.5 <= v <= 1.0, allowed="a ratio in [0.5, 1]",
+               help="INT4 activation blocks are clipped to this fraction of their max |x| before quantization")
+_DAMP = Param(float, 0.1, check=lambda v: 0.0 < v <= 1.0, allowed="a number in (0, 1]",
+              help="GPTQ dampening: damp * mean(diag H) added to the Hessian's diagonal")
+_IMPROVE = {"gptq": _GPTQ, "damp": _DAMP, "rotate": _ROTATE, "clip": _CLIP}
 
 WA_METHODS: dict[str, MethodSpec] = {
     "fmpq": MethodSpec(
@@ -45,13 +59,19 @@ WA_METHODS: dict[str, MethodSpec] = {
             ),
             "sym": _SYM,
             "pad": _PAD,
+            **_IMPROVE,
+            "aclip": _ACLIP,
         },
         "COMET FMPQ: INT4 weights, per-block INT4/INT8 activations with outlier-gathering permutation",
     ),
     "w8a8": MethodSpec("w8a8", {}, "per-channel INT8 weights, per-token INT8 activations"),
-    "w4a16": MethodSpec("w4a16", {"group": _GROUP, "sym": _SYM, "pad": _PAD}, "weight-only INT4, group-wise"),
+    "w4a16": MethodSpec("w4a16", {"group": _GROUP, "sym": _SYM, "pad": _PAD, **_IMPROVE}, "weight-only INT4, group-wise"),
+    "w4a8": MethodSpec(
+        "w4a8", {"block": _BLOCK, "group": _GROUP, "sym": _SYM, "pad": _PAD, **_IMPROVE},
+        "INT4 weights, INT8 per-token per-block activations (no permutation)",
+    ),
     "w4a4": MethodSpec(
-        "w4a4", {"block": _BLOCK, "group": _GROUP, "sym": _SYM, "pad": _PAD},
+        "w4a4", {"block": _BLOCK, "group": _GROUP, "sym": _SYM, "pad": _PAD, **_IMPROVE, "aclip": _ACLIP},
         "round-to-nearest W4A4 (no permutation, no INT8 blocks)",
     ),
 }
@@ -79,6 +99,11 @@ class WAConfig:
     permute: bool
     pad: bool
     spec: str
+    gptq: bool = False  # GPTQ weight rounding (needs calibration tokens)
+    rotate: str = "none"  # "hadamard": the model is rotated before its linears are quantized
+    clip: bool = False  # weight grids searched among shrunk ranges
+    damp: float = 0.1  # GPTQ dampening (fraction of the mean Hessian diagonal)
+    aclip: float = 1.0  # INT4 activation blocks clipped to this fraction of their max |x|
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,8 +118,8 @@ class WAConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Calibration decides the permutation and the INT8 blocks; only fmpq uses it."""
-        return self.permute
+        """Calibration decides the permutation and the INT8 blocks (fmpq) and GPTQ's Hessians."""
+        return self.permute or self.gptq
 
 
 def parse_wa_spec(text: str) -> ParsedSpec:
@@ -119,13 +144,18 @@ def resolve_config(spec: str | ParsedSpec | WAConfig) -> WAConfig:
     part = parse_wa_spec(spec) if isinstance(spec, str) else spec
     o = part.options
     text = part.text
+    extra = {"gptq": o.get("gptq", False), "rotate": o.get("rotate", "none"), "clip": o.get("clip", False),
+             "damp": o.get("damp", 0.1)}
+    aclip = o.get("aclip", 1.0)
     if part.name == "fmpq":
         return WAConfig("fmpq", o["w"], o["a"], o["group"], o["block"], o["int8_frac"] if o["a"] == 4 else 1.0,
-                        o["sym"], True, o["pad"], text)
+                        o["sym"], True, o["pad"], text, **extra, aclip=aclip if o["a"] == 4 else 1.0)
     if part.name == "w8a8":
         return WAConfig("w8a8", 8, 8, WHOLE_ROW, WHOLE_ROW, 1.0, True, False, True, text)
     if part.name == "w4a16":
-        return WAConfig("w4a16", 4, UNQUANTIZED, o["group"], WHOLE_ROW, 0.0, o["sym"], False, o["pad"], text)
+        return WAConfig("w4a16", 4, UNQUANTIZED, o["group"], WHOLE_ROW, 0.0, o["sym"], False, o["pad"], text, **extra)
+    if part.name == "w4a8":
+        return WAConfig("w4a8", 4, 8, o["group"], o["block"], 1.0, o["sym"], False, o["pad"], text, **extra)
     if part.name == "w4a4":
-        return WAConfig("w4a4", 4, 4, o["group"], o["block"], 0.0, o["sym"], False, o["pad"], text)
+        return WAConfig("w4a4", 4, 4, o["group"], o["block"], 0.0, o["sym"], False, o["pad"], text, **extra, aclip=aclip)
     raise SpecError(f"unknown weight/activation method '{part.name}': allowed methods are {', '.join(WA_METHODS)}")

@@ -9,8 +9,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowbit.wa.gptq import HessianAccumulator
 from lowbit.wa.linear import QuantLinear
 from lowbit.wa.methods import WAConfig, resolve_config
+from lowbit.wa.rotation import rotate_model
 
 LayerSelector = str | Callable[[str, nn.Module], bool] | None
 
@@ -75,8 +77,16 @@ def calibration_ids(ids: torch.Tensor, n: int = 8, length: int = 256, seed: int 
     return torch.stack([ids[s : s + length] for s in starts.tolist()])
 
 
+class ChannelStats(dict):
+    """``{linear name: max |x| per input channel}``, remembering the calibration ids it came from (``calib``)
+    and whether the model was rotated (``rotated``): a rotated or GPTQ spec recalibrates from them."""
+
+    calib: torch.Tensor | None = None
+    rotated: bool = False
+
+
 @torch.no_grad()
-def collect_channel_stats(model: nn.Module, names: list[str], calib: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+def collect_channel_stats(model: nn.Module, names: list[str], calib: torch.Tensor, batch_size: int = 4) -> ChannelStats:
     """Per-input-channel max |x| seen by each named linear while `model` runs on `calib` [n, L].
 
     Statistics are collected on the model as given (normally the unquantized one), in one pass.
@@ -105,7 +115,9 @@ def collect_channel_stats(model: nn.Module, names: list[str], calib: torch.Tenso
     finally:
         for h in handles:
             h.remove()
-    return {k: v.cpu() for k, v in stats.items()}
+    out = ChannelStats({k: v.cpu() for k, v in stats.items()})
+    out.calib, out.rotated = calib, bool(getattr(model, "lowbit_rotated", False))
+    return out
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -132,15 +144,26 @@ def quantize_model(
     ``a=8`` it only decides the permutation, identity without it); the other methods ignore it.
     `mode` is ``"int"`` (reference integer matmul) or ``"fake"`` (dequantized float matmul).
     `stats` (from :func:`collect_channel_stats`) may be given instead of `calib` to reuse one
-    calibration pass for several configs. Returns the model, or ``(model, WAReport)`` with
+    calibration pass for several configs (it remembers its calibration ids: ``gptq=true`` takes its Hessians
+    from them, and ``rotate=hadamard``, which first rotates `model` in place with
+    :func:`lowbit.wa.rotation.rotate_model`, recollects the statistics in the rotated basis). Returns the model, or ``(model, WAReport)`` with
     ``return_report=True``; the report is also kept as ``model.lowbit_wa``.
     """
     cfg = resolve_config(wa)
+    if calib is None:
+        calib = getattr(stats, "calib", None)
+    if cfg.rotate == "hadamard":
+        rotate_model(model)
+        if stats is not None and not getattr(stats, "rotated", False):
+            stats = None  # statistics of the unrotated model: recollect them in the rotated basis
     names = select_linears(model, layers)
     if not names:
         raise ValueError(f"no nn.Linear layer matched {layers!r}: nothing to quantize")
-    stats = dict(stats or {}) if cfg.needs_calibration else {}
-    if cfg.needs_calibration and not stats:
+    if cfg.gptq and calib is None:
+        raise ValueError(f"{cfg.spec}: gptq=true needs calibration token ids (calib=LongTensor [n, L]) for its Hessians; "
+                         "use lowbit.wa.calibration_ids(ids, n=8, length=256) on held-out text")
+    stats = dict(stats or {}) if cfg.permute else {}
+    if cfg.permute and not stats:
         if calib is not None:
             stats = collect_channel_stats(model, names, calib, batch_size)
         elif cfg.a_bits == 4:
@@ -151,20 +174,82 @@ def quantize_model(
     missing = [n for n in names if stats and n not in stats]
     if missing:
         raise ValueError(f"no calibration statistics for {missing[:3]}: the calibration pass never reached them")
-    report = WAReport(cfg.spec, cfg, calibrated=bool(stats))
-    for name in names:
-        linear = model.get_submodule(name)
-        q = QuantLinear.from_linear(linear, cfg, stats.get(name), mode=mode)
+    report = WAReport(cfg.spec, cfg, calibrated=bool(stats) or cfg.gptq)
+
+    def replace(name: str, hessian: torch.Tensor | None = None) -> None:
+        q = QuantLinear.from_linear(model.get_submodule(name), cfg, stats.get(name), mode=mode, hessian=hessian)
         _set_module(model, name, q)
         report.layers.append({
             "name": name, "in": q.in_features, "out": q.out_features, "padded_in": q.padded_in,
             "group": q.group, "block": q.block if q.quantizes_activations else 0,
             "blocks": q.n_blocks if q.quantizes_activations else 0, "int8_blocks": q.n_int8_blocks,
         })
+
+    if cfg.gptq:
+        _gptq_sequential(model, names, calib, batch_size, replace)
+    else:
+        for name in names:
+            replace(name)
     report.nbytes = model_nbytes(model)
     report.nbytes_fp16 = fp16_nbytes(model)
     model.lowbit_wa = report
     return (model, report) if return_report else model
+
+
+class _Captured(Exception):
+    pass
+
+
+def _hessians(model: nn.Module, names: list[str], run) -> dict[str, torch.Tensor]:
+    """``E[x^T x]`` of the inputs each named linear sees while ``run()`` executes."""
+    acc = {n: HessianAccumulator(model.get_submodule(n).in_features) for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: acc[n].add(a[0])) for n in names]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: a.hessian for n, a in acc.items()}
+
+
+@torch.no_grad()
+def _gptq_sequential(model: nn.Module, names: list[str], calib: torch.Tensor, batch_size: int, replace) -> None:
+    """GPTQ layer by layer: each decoder layer's Hessians come from its inputs with every earlier layer
+    already quantized; its linears are replaced (``replace(name, hessian)``), then its outputs feed the next.
+    Models without ``model.model.layers`` get one pass over the unquantized model instead."""
+    device = next(model.parameters()).device
+    calib = calib.unsqueeze(0) if calib.dim() == 1 else calib
+    batches = [calib[i : i + batch_size].to(device) for i in range(0, calib.shape[0], batch_size)]
+    prefix = default_layer_prefix(model)
+    if prefix is None:
+        hessians = _hessians(model, names, lambda: [model(b, use_cache=False) for b in batches])
+        for name in names:
+            replace(name, hessians[name])
+        return
+    layers = model.get_submodule(prefix.rstrip("."))
+    inputs = []
+
+    def grab(module, args, kwargs):
+        inputs.append((args, kwargs))
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                model(b, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    for i, layer in enumerate(layers):
+        mine = [n for n in names if n.startswith(f"{prefix}{i}.")]
+        if mine:
+            hessians = _hessians(model, mine, lambda: [layer(*a, **kw) for a, kw in inputs])
+            for name in mine:
+                replace(name, hessians[name])
+        outs = [layer(*a, **kw) for a, kw in inputs]
+        inputs = [((o[0] if isinstance(o, tuple) else o,) + tuple(a[1:]), kw) for o, (a, kw) in zip(outs, inputs)]
 
 
 def set_mode(model: nn.Module, mode: str) -> nn.Module:

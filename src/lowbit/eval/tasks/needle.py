@@ -1,4 +1,11 @@
-"""Passkey and key-value retrieval prompts hidden in WikiText filler, and their evaluation."""
+"""Passkey and key-value retrieval prompts hidden in WikiText filler, and their evaluation under two protocols.
+
+* ``compress="prompt"``: the whole prompt (context and question) is prefilled into the cache, which compresses it
+  to its budget; the answer is generated from what is kept.
+* ``compress="context"``: only the context (everything before the question) is prefilled and compressed; the cache
+  is then frozen (:meth:`lowbit.kv.BudgetCache.freeze`) and the question and the answer are appended outside the
+  budget -- the protocol of kvpress, where a compressed context can be asked any question.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from lowbit.generation import build_inputs
 from lowbit.kv.registry import cache_nbytes, make_cache, parse_kv_spec
 
 TASKS = ("passkey", "kv-retrieval")
+PROTOCOLS = ("prompt", "context")
 MAX_LENGTH = 8192
 _NUMBER = re.compile(r"(?<!\d)\d{5}(?!\d)")
 
@@ -39,6 +47,7 @@ class Sample:
     depth: float
     seed: int
     extra: dict = field(default_factory=dict)
+    question: str = ""  # the prompt's last paragraph; the context protocol appends it after compression
 
 
 @dataclass
@@ -56,6 +65,9 @@ class TaskResult:
     kv_bytes_fp16: float
     prompt_tokens: float
     seconds: float
+    compress: str = "prompt"
+    score_seconds: float = 0.0  # mean per sample: time the budget cache spent scoring states
+    compress_seconds: float = 0.0  # mean per sample: time spent compressing (eviction / merging)
     outputs: list[str] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
 
@@ -130,8 +142,9 @@ def make_sample(
     if task == "passkey":
         key = str(rng.randrange(10000, 100000))
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        prompt, _ = _assemble(tokenizer, rng, length, [(depth, needle)], PASSKEY_INTRO, "What is the pass key? Answer with the 5-digit number only.", path)
-        return Sample(task, prompt, key, depth, seed)
+        question = "What is the pass key? Answer with the 5-digit number only."
+        prompt, _ = _assemble(tokenizer, rng, length, [(depth, needle)], PASSKEY_INTRO, question, path)
+        return Sample(task, prompt, key, depth, seed, question=question)
     if pairs < 1:
         raise ValueError(f"pairs={pairs} must be >= 1")
     words = rng.sample(_words(tokenizer, str(path)), pairs)
@@ -140,7 +153,25 @@ def make_sample(
     needles = [(d, f'The value of the key "{w}" is {v}.') for d, w, v in zip(depths, words, values)]
     question = f'What is the value of the key "{words[0]}"? Answer with the 5-digit number only.'
     prompt, _ = _assemble(tokenizer, rng, length, needles, KV_INTRO, question, path)
-    return Sample(task, prompt, values[0], depth, seed, {"key": words[0], "pairs": dict(zip(words, values))})
+    return Sample(task, prompt, values[0], depth, seed, {"key": words[0], "pairs": dict(zip(words, values))}, question)
+
+
+def prompt_ids(tokenizer, sample: Sample) -> tuple[torch.Tensor, int]:
+    """Token ids [1, n] of the sample's chat-formatted prompt and the index where its question starts (everything
+    before it is the context; the question and the chat template's tail follow)."""
+    ids = build_inputs(tokenizer, sample.prompt)
+    if not sample.question:
+        raise ValueError("this sample has no question to split off")
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}], add_generation_prompt=True, tokenize=False)
+    else:
+        text = sample.prompt
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if enc.input_ids != ids[0].tolist():
+        raise ValueError("the tokenizer does not reproduce the chat template's ids: cannot split off the question")
+    at = text.rindex(sample.question)
+    n_context = next(i for i, (a, _) in enumerate(enc.offset_mapping) if a >= at)
+    return ids, n_context
 
 
 @torch.no_grad()
@@ -157,18 +188,27 @@ def run_task(
     pairs: int = 4,
     path: str | Path = DEFAULT_TEXT,
     progress=None,
+    compress: str = "prompt",
 ) -> TaskResult:
-    """Exact-match accuracy of greedy answers over `samples` seeded samples (seeds seed..seed+samples-1)."""
+    """Exact-match accuracy of greedy answers over `samples` seeded samples (seeds seed..seed+samples-1), with the
+    prompt (``compress="prompt"``) or only the context (``"context"``) compressed; see the module docstring."""
     parse_kv_spec(kv_spec)  # fail early with a SpecError
+    check_protocol(compress)
     if samples < 1:
         raise ValueError(f"samples={samples} must be >= 1")
     device = next(model.parameters()).device
     correct, outputs, answers, nbytes, nbytes16, ntok = 0, [], [], 0.0, 0.0, 0
+    spent = {"score": 0.0, "compress": 0.0}
     t0 = time.perf_counter()
     for i in range(samples):
         s = make_sample(tok, task, length, depth, seed + i, pairs, path)
-        ids = build_inputs(tok, s.prompt).to(device)
+        ids, n_context = prompt_ids(tok, s)
+        ids = ids.to(device)
         cache = make_cache(kv_spec, model.config, model)
+        if compress == "context":
+            model(input_ids=ids[:, :n_context], past_key_values=cache, use_cache=True)
+            if hasattr(cache, "freeze"):
+                cache.freeze()
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -183,6 +223,8 @@ def run_task(
         answers.append(s.answer)
         b, b16 = cache_nbytes(cache)
         nbytes, nbytes16, ntok = nbytes + b, nbytes16 + b16, ntok + ids.shape[1]
+        for k, v in (cache.seconds() if hasattr(cache, "seconds") else {}).items():
+            spent[k] += v
         if progress is not None:
             progress()
     return TaskResult(
@@ -199,4 +241,12 @@ def run_task(
         seconds=time.perf_counter() - t0,
         outputs=outputs,
         answers=answers,
+        compress=compress,
+        score_seconds=spent["score"] / samples,
+        compress_seconds=spent["compress"] / samples,
     )
+
+
+def check_protocol(compress: str) -> None:
+    if compress not in PROTOCOLS:
+        raise ValueError(f"compress={compress!r}: allowed protocols are {', '.join(PROTOCOLS)}")
