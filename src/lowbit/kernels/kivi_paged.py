@@ -108,10 +108,14 @@ def choose_splits(batch_heads: int, pages: int, sms: int, per_sm: int = 4) -> tu
 
 def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float | None = None,
                            start: torch.Tensor | None = None, splits: int | None = None, stages: int | None = None,
-                           out: torch.Tensor | None = None, variant: str = DEFAULT_VARIANT) -> torch.Tensor:
+                           out: torch.Tensor | None = None, variant: str = DEFAULT_VARIANT, ring: bool = False,
+                           key_pages: int | None = None) -> torch.Tensor:
     """Attention of ``query [B, H_q, n_q, D]`` (the newest n_q tokens) over a paged KIVI cache: ``[B, n_q, H_q, D]``.
 
     ``start [B]`` (int32, optional): the first unpadded position of each sequence (left padding).
+    ``ring``: the residuals are rings of ``PAGE_TOKENS`` rows, quantized index k at row ``k % PAGE_TOKENS`` (the
+    serving engine's layout) instead of rows from the quantized count on. ``key_pages``: the most key pages any
+    sequence holds (plans the splits without reading ``seq`` back to the host, as a CUDA graph needs).
     """
     launch = _launcher()
     b, hq, nq, d = query.shape
@@ -131,7 +135,10 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
         max_pages = table.shape[1]
     else:
         max_pages = pool.shape[1]
-    pages = cache.key_pages if cache.seq is None else -(-int(cache.seq[:, 1].max()) // PAGE_TOKENS)
+    if key_pages is not None:
+        pages = key_pages
+    else:
+        pages = cache.key_pages if cache.seq is None else -(-int(cache.seq[:, 1].max()) // PAGE_TOKENS)
     if splits is None:
         splits, per = choose_splits(b * hkv, pages, _sms(query.device.index or 0))
     else:
@@ -152,7 +159,7 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     if variant not in VARIANTS:
         raise ValueError(f"unknown paged kernel variant '{variant}': allowed are {', '.join(VARIANTS)}")
     rc = launch(
-        cache.bits, int(query.dtype == torch.bfloat16), stages, VARIANTS[variant],
+        cache.bits, int(query.dtype == torch.bfloat16), stages, VARIANTS[variant] | (2 if ring else 0),
         _ptr(pool), pool.stride(-3), pool.stride(-2), _ptr(table), max_pages,
         _ptr(query), query.stride(0), query.stride(1), query.stride(2),
         b, hq, hkv, nq, scale * LOG2E,

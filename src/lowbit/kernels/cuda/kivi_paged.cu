@@ -56,6 +56,7 @@ struct Args {
   const void* res_v; long long rv_sb, rv_sh;
   float* part_acc; float* part_ml;                            // [B*Hkv, S+1, rows, D], [B*Hkv, S+1, rows, 2]
   int splits, pages_per_split;
+  int ring;                                                   // 0: residual rows from n_q on; P: a ring indexed by k % P
   void* out; long long o_sb, o_st, o_sh;                      // [B, nq, Hq, D] (elements)
 };
 
@@ -67,6 +68,9 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 struct Seq { int n_sink, n_qk, n_qv, total, start; };
+
+// row of the full-precision residual that holds quantized index k (k >= nq): linear from nq, or a ring of `ring` rows
+__device__ __forceinline__ long long res_row(int ring, int k, int nq) { return ring ? k % ring : k - nq; }
 
 __device__ __forceinline__ Seq load_seq(const Args& a, int b) {
   Seq s;
@@ -137,7 +141,7 @@ template <int BITS, bool MIXED, typename T>
 __device__ __forceinline__ void value_product(float (&acc)[D / 16][4], const uint32_t (&pb)[2][2],
                                               const uint32_t (&words)[Lay<BITS>::WPT], const __half* vsc,
                                               const __half* vzr, int warp, int g, int qd, int page, const Seq& sq,
-                                              const T* rv, __half2 k1024) {
+                                              const T* rv, __half2 k1024, int ring) {
   // vsc / vzr: the slab's value scales / zeros, [D/32 groups][32 tokens]
   // O^T += V^T P^T over one warp's 32 tokens of a page (A = dequantized value codes, B = probabilities)
   using L = Lay<BITS>;
@@ -163,9 +167,9 @@ __device__ __forceinline__ void value_product(float (&acc)[D / 16][4], const uin
           if (MIXED) {
             const int ch = m * 16 + g + (w4 & 1) * 8;
             const int k = page * P + t0 + (w4 >> 1) * 8;  // quantized index of the pair's first token
-            const int last = max(n_res_v - 1, 0);
-            const float x0 = to_f(rv[(long long)min(max(k - sq.n_qv, 0), last) * D + ch]);
-            const float x1 = to_f(rv[(long long)min(max(k + 1 - sq.n_qv, 0), last) * D + ch]);
+            const int lo = sq.n_qv, hi = sq.n_qv + max(n_res_v - 1, 0);  // clamped to the rows held
+            const float x0 = to_f(rv[res_row(ring, min(max(k, lo), hi), sq.n_qv) * D + ch]);
+            const float x1 = to_f(rv[res_row(ring, min(max(k + 1, lo), hi), sq.n_qv) * D + ch]);
             const float f0 = k < sq.n_qv ? __low2float(v) : (k < n_kept ? x0 : 0.f);
             const float f1 = k + 1 < sq.n_qv ? __high2float(v) : (k + 1 < n_kept ? x1 : 0.f);
             v = __floats2half2_rn(f0, f1);
@@ -382,9 +386,9 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       // copy of the loop, which loads them unconditionally (clamped index, all in flight at once) and selects
       if (k0 + 32 <= sq.n_qv) {
         if (FOLD) value_product_folded<BITS>(acc, zs, pb, words, vsc, vzr, g, qd, k1024);
-        else value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024);
+        else value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024, a.ring);
       } else {
-        value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024);
+        value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024, a.ring);
       }
     }
     __syncwarp();  // this stage is refilled next iteration
@@ -438,7 +442,7 @@ __device__ __forceinline__ float tail_elem(const Args& a, int b, int h, const Se
   if (u < sq.n_sink) return to_f(sink[(long long)u * D + c]);
   const int k = first + (u - sq.n_sink);
   const int nq = values ? sq.n_qv : sq.n_qk;
-  if (k >= nq) return to_f(res[(long long)(k - nq) * D + c]);
+  if (k >= nq) return to_f(res[res_row(a.ring, k, nq) * D + c]);
   const uint8_t* pg = page_ptr(a, b, h, k / P);
   const int t = k % P;
   const int si = values ? (c / 32) * P + t : (t / 32) * D + c;
@@ -604,6 +608,7 @@ extern "C" int lowbit_kivi_paged_decode(
   a.sink_k = sink_k; a.sink_v = sink_v; a.sk_sb = sk_sb; a.sk_sh = sk_sh;
   a.res_k = res_k; a.rk_sb = rk_sb; a.rk_sh = rk_sh; a.res_v = res_v; a.rv_sb = rv_sb; a.rv_sh = rv_sh;
   a.part_acc = part_acc; a.part_ml = part_ml; a.splits = splits; a.pages_per_split = pages_per_split;
+  a.ring = (variant & 2) ? P : 0;  // variant bit 1: residuals in a ring of P rows (the serving engine)
   a.out = out; a.o_sb = o_sb; a.o_st = o_st; a.o_sh = o_sh;
   if (a.rows > MAXROWS || a.rows < 1) return -1;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
