@@ -124,12 +124,18 @@ def evaluate_kv(
     reference: ReferenceRun | None = None,
     cache_factory: Callable[[], Cache] | None = None,
     progress=None,
+    kernels: bool | None = None,
 ) -> EvalResult:
-    """Evaluate one KV method (a ``--kv`` spec) with the streaming protocol against the reference."""
+    """Evaluate one KV method (a ``--kv`` spec) with the streaming protocol against the reference.
+
+    `kernels` is :func:`~lowbit.kv.registry.make_cache`'s (None: the model's ``lowbit_kernels`` attribute, set
+    False by :func:`lowbit.eval.device.load_for_quality`, else True)."""
     _validate(ids, prefill, tokens)
     if reference is None:
         reference = reference_run(model, ids, prefill, tokens, progress)
-    cache = cache_factory() if cache_factory is not None else make_cache(kv, model.config, model)
+    if kernels is None:
+        kernels = getattr(model, "lowbit_kernels", True)
+    cache = cache_factory() if cache_factory is not None else make_cache(kv, model.config, model, kernels=kernels)
     t0 = time.perf_counter()
     logprobs = _stream(model, ids, cache, prefill, tokens, progress)
     seconds = time.perf_counter() - t0

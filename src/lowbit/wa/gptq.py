@@ -56,7 +56,8 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, lo: 
 def search_grid(g: torch.Tensor, bits: int, sym: bool, col_weight: torch.Tensor | None = None,
                 ratios: tuple[float, ...] = CLIP_RATIOS):
     """Scale (fp16 ``[rows, 1]``) and integer zero (uint8 or None) for the columns ``g [rows, group]``: the grid
-    of ``quantize_integer(g * r)`` for the ratio ``r`` in `ratios` with the least ``sum_j col_weight_j (g - deq)^2``."""
+    of ``quantize_integer(g * r)`` for the ratio ``r`` in `ratios` with the least ``sum_j col_weight_j (g - deq)^2``
+    (`col_weight` ``[group]`` for every row, or ``[rows, group]``)."""
     zp = ZeroPoint.NONE if sym else ZeroPoint.INT
     lo, hi = qrange(bits, sym)
     g = g.double()
@@ -66,7 +67,10 @@ def search_grid(g: torch.Tensor, bits: int, sym: bool, col_weight: torch.Tensor 
         sd, zd = s.double(), (z.double() if z is not None else None)
         q = _codes(g, sd, zd, lo, hi)
         err = (g - (q - zd if zd is not None else q) * sd) ** 2
-        err = (err * col_weight.double()[None, :] if col_weight is not None else err).sum(1)
+        if col_weight is not None:  # [group] for every row, or [rows, group]
+            cw = col_weight.double().to(g.device)
+            err = err * (cw if cw.dim() == 2 else cw[None, :])
+        err = err.sum(1)
         if best is None:
             best = [err, s, z]
             continue
@@ -105,43 +109,55 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, sym: 
     Returns ``(q int16, scale fp16 [out, n/group], zero uint8 | None)`` in :func:`quantize_integer`'s format.
     `damp` adds ``damp * mean(diag H)`` to the diagonal; dead inputs (zero diagonal, e.g. padding) get weight 0;
     `clip` picks each group's grid with :func:`search_grid` (weighted by ``diag H``).
+
+    Batched: ``w [B, out, n]`` with ``h [B, n, n]`` rounds B independent layers in one pass (GPTQ treats every
+    row on its own, so several layers -- zero-padded to the same number of rows -- share each column step);
+    outputs then carry the leading ``B``. Runs in float64 on `w`'s device (`h` is moved there).
     """
-    out_f, n = w.shape
-    if n % group or h.shape != (n, n):
+    batched = w.dim() == 3
+    W = (w if batched else w[None]).detach().to(torch.float64).clone()
+    nb, out_f, n = W.shape
+    H = (h if batched else h[None]).detach().to(device=W.device, dtype=torch.float64).clone()
+    if n % group or H.shape != (nb, n, n):
         raise ValueError(f"gptq: weight [{out_f}, {n}] needs a multiple of group {group} inputs and a [{n}, {n}] Hessian")
     zp = ZeroPoint.NONE if sym else ZeroPoint.INT
     lo, hi = qrange(bits, sym)
-    W = w.detach().to(torch.float64).clone()
-    H = h.detach().to(torch.float64).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    col_weight = torch.diag(H).clone()
-    W[:, dead] = 0.0
-    H += damp * torch.diag(H).mean() * torch.eye(n, dtype=torch.float64)
+    dev, rows = W.device, nb * out_f
+    diag = H.diagonal(dim1=-2, dim2=-1)  # a view: writing it writes H
+    dead = diag == 0
+    diag[dead] = 1.0
+    col_weight = diag.clone()  # [B, n]
+    W.masked_fill_(dead[:, None, :], 0.0)
+    H += (damp * diag.mean(-1))[:, None, None] * torch.eye(n, dtype=torch.float64, device=dev)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     block = max(group, block // group * group)
-    Q = torch.zeros(out_f, n, dtype=torch.float64)
-    scales = torch.zeros(out_f, n // group, dtype=torch.float16)
-    zeros = torch.zeros(out_f, n // group, dtype=torch.uint8) if not sym else None
+    Q = torch.zeros(nb, out_f, n, dtype=torch.float64, device=dev)
+    scales = torch.zeros(nb, out_f, n // group, dtype=torch.float16, device=dev)
+    zeros = torch.zeros(nb, out_f, n // group, dtype=torch.uint8, device=dev) if not sym else None
     for a in range(0, n, block):
         b = min(n, a + block)
-        W1, E1, U1 = W[:, a:b].clone(), torch.zeros(out_f, b - a, dtype=torch.float64), U[a:b, a:b]
+        W1, E1, U1 = W[..., a:b].clone(), torch.zeros(nb, out_f, b - a, dtype=torch.float64, device=dev), U[:, a:b, a:b]
         for i in range(b - a):
             col = a + i
             if col % group == 0:  # this group's grid, from its columns as updated so far
+                g = W1[..., i : i + group].reshape(rows, group)
                 if clip:
-                    s, z = search_grid(W1[:, i : i + group], bits, sym, col_weight[col : col + group])
+                    s, z = search_grid(g, bits, sym, col_weight[:, col : col + group].repeat_interleave(out_f, dim=0))
                 else:
-                    _, s, z = quantize_integer(W1[:, i : i + group], bits, group, zp)
+                    _, s, z = quantize_integer(g, bits, group, zp)
+                s, z = s.reshape(nb, out_f, 1), (z.reshape(nb, out_f, 1) if z is not None else None)
                 scale, zero = s.double(), (z.double() if z is not None else None)
-                scales[:, col // group] = s[:, 0]
+                scales[..., col // group] = s[..., 0]
                 if zeros is not None:
-                    zeros[:, col // group] = z[:, 0]
-            q = _codes(W1[:, i : i + 1], scale, zero, lo, hi)
-            Q[:, col] = q[:, 0]
+                    zeros[..., col // group] = z[..., 0]
+            q = _codes(W1[..., i : i + 1], scale, zero, lo, hi)
+            Q[..., col] = q[..., 0]
             deq = (q - zero if zero is not None else q) * scale
-            err = (W1[:, i : i + 1] - deq) / U1[i, i]
-            W1[:, i:] -= err @ U1[i : i + 1, i:]
-            E1[:, i] = err[:, 0]
-        W[:, b:] -= E1 @ U[a:b, b:]
-    return Q.to(torch.int16), scales, zeros
+            err = (W1[..., i : i + 1] - deq) / U1[:, i, i][:, None, None]
+            W1[..., i:] -= err @ U1[:, i : i + 1, i:]
+            E1[..., i] = err[..., 0]
+        W[..., b:] -= E1 @ U[:, a:b, b:]
+    Q = Q.to(torch.int16)
+    if not batched:
+        return Q[0], scales[0], (zeros[0] if zeros is not None else None)
+    return Q, scales, zeros

@@ -106,9 +106,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: WAConfig, channel_stats: torch.Tensor | None = None,
-                    mode: str = "int", hessian: torch.Tensor | None = None) -> "QuantLinear":
+                    mode: str = "int", hessian: torch.Tensor | None = None, rounded=None) -> "QuantLinear":
         """Quantize `linear` under `cfg`; `channel_stats` ([in], e.g. calibrated max |x|) drive fmpq;
-        `hessian` ([in, in], ``E[x^T x]`` of its calibration inputs) is required by ``gptq=true``."""
+        `hessian` ([in, in], ``E[x^T x]`` of its calibration inputs) is required by ``gptq=true``; `rounded`:
+        the weight's ``(q, scale, zero)`` already computed by :func:`gptq_linears` (then not recomputed)."""
         w = linear.weight.detach()
         out_f, in_f = w.shape
         has_bias = linear.bias is not None
@@ -133,7 +134,9 @@ class QuantLinear(nn.Module):
                 stats = stats[perm]
             if hessian is not None:
                 hessian = hessian[perm.cpu()][:, perm.cpu()]
-        if cfg.gptq:
+        if rounded is not None:
+            wq, scale, zero = (t.to(w.device) if t is not None else None for t in rounded)
+        elif cfg.gptq:
             h = integer.pad_last(integer.pad_last(hessian.double(), q.padded_in).t(), q.padded_in)  # padding: dead inputs
             wq, scale, zero = gptq_quantize(integer.pad_last(w.double().cpu(), q.padded_in), h, cfg.w_bits, q.group, cfg.sym,
                                             damp=cfg.damp, clip=cfg.clip)
@@ -243,6 +246,32 @@ class QuantLinear(nn.Module):
         extra = f", int8 blocks {self.n_int8_blocks}/{self.n_blocks}" if self.quantizes_activations else ""
         return (f"in={self.in_features}, out={self.out_features}, {self.cfg.method} w{self.cfg.w_bits}{a}, "
                 f"group={self.group}, block={self.block}, padded_in={self.padded_in}{extra}, mode={self.mode}")
+
+
+def gptq_linears(linears: list[nn.Linear], cfg: WAConfig, channel_stats: list, hessians: list[torch.Tensor]) -> list[tuple]:
+    """GPTQ ``(q, scale, zero)`` of several linears, as :meth:`QuantLinear.from_linear` computes them one by one
+    (permuted, zero-padded): those with the same padded input width run as one batched :func:`gptq_quantize`
+    (rows zero-padded to the widest; every row is rounded on its own), in float64 on the weights' device."""
+    prepared = []
+    for linear, stats, hessian in zip(linears, channel_stats, hessians):
+        w = linear.weight.detach()
+        _, _, padded = layout(w.shape[1], cfg)
+        if cfg.permute:
+            perm = outlier_permutation(stats.detach().float()) if stats is not None else torch.arange(w.shape[1])
+            w, hessian = w[:, perm.to(w.device)], hessian[perm.cpu()][:, perm.cpu()]
+        h = integer.pad_last(integer.pad_last(hessian.double(), padded).t(), padded)
+        prepared.append((integer.pad_last(w.double(), padded), h, layout(linear.in_features, cfg)[0]))
+    out: list = [None] * len(linears)
+    for n, group in sorted({(w.shape[1], g) for w, _, g in prepared}):
+        idx = [i for i, (w, _, g) in enumerate(prepared) if (w.shape[1], g) == (n, group)]
+        rows = max(prepared[i][0].shape[0] for i in idx)
+        W = torch.stack([torch.nn.functional.pad(prepared[i][0], (0, 0, 0, rows - prepared[i][0].shape[0])) for i in idx])
+        H = torch.stack([prepared[i][1] for i in idx]).to(W.device)
+        q, scale, zero = gptq_quantize(W, H, cfg.w_bits, group, cfg.sym, damp=cfg.damp, clip=cfg.clip)
+        for j, i in enumerate(idx):
+            r = prepared[i][0].shape[0]
+            out[i] = (q[j, :r], scale[j, :r], zero[j, :r] if zero is not None else None)
+    return out
 
 
 def outlier_permutation(stats: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.wa.gptq import HessianAccumulator
-from lowbit.wa.linear import QuantLinear
+from lowbit.wa.linear import QuantLinear, gptq_linears
 from lowbit.wa.methods import WAConfig, resolve_config
 from lowbit.wa.rotation import rotate_model
 
@@ -176,8 +176,8 @@ def quantize_model(
         raise ValueError(f"no calibration statistics for {missing[:3]}: the calibration pass never reached them")
     report = WAReport(cfg.spec, cfg, calibrated=bool(stats) or cfg.gptq)
 
-    def replace(name: str, hessian: torch.Tensor | None = None) -> None:
-        q = QuantLinear.from_linear(model.get_submodule(name), cfg, stats.get(name), mode=mode, hessian=hessian)
+    def replace(name: str, hessian: torch.Tensor | None = None, rounded=None) -> None:
+        q = QuantLinear.from_linear(model.get_submodule(name), cfg, stats.get(name), mode=mode, hessian=hessian, rounded=rounded)
         _set_module(model, name, q)
         report.layers.append({
             "name": name, "in": q.in_features, "out": q.out_features, "padded_in": q.padded_in,
@@ -185,8 +185,15 @@ def quantize_model(
             "blocks": q.n_blocks if q.quantizes_activations else 0, "int8_blocks": q.n_int8_blocks,
         })
 
+    def replace_all(group: list[str], hessians: dict[str, torch.Tensor]) -> None:
+        """GPTQ-round a decoder layer's linears in one batched pass, then replace them."""
+        mods = [model.get_submodule(n) for n in group]
+        rounded = gptq_linears(mods, cfg, [stats.get(n) for n in group], [hessians[n] for n in group])
+        for name, r in zip(group, rounded):
+            replace(name, hessians[name], r)
+
     if cfg.gptq:
-        _gptq_sequential(model, names, calib, batch_size, replace)
+        _gptq_sequential(model, names, calib, batch_size, replace_all)
     else:
         for name in names:
             replace(name)
@@ -213,18 +220,16 @@ def _hessians(model: nn.Module, names: list[str], run) -> dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def _gptq_sequential(model: nn.Module, names: list[str], calib: torch.Tensor, batch_size: int, replace) -> None:
+def _gptq_sequential(model: nn.Module, names: list[str], calib: torch.Tensor, batch_size: int, replace_all) -> None:
     """GPTQ layer by layer: each decoder layer's Hessians come from its inputs with every earlier layer
-    already quantized; its linears are replaced (``replace(name, hessian)``), then its outputs feed the next.
+    already quantized; its linears are replaced (``replace_all(names, hessians)``), then its outputs feed the next.
     Models without ``model.model.layers`` get one pass over the unquantized model instead."""
     device = next(model.parameters()).device
     calib = calib.unsqueeze(0) if calib.dim() == 1 else calib
     batches = [calib[i : i + batch_size].to(device) for i in range(0, calib.shape[0], batch_size)]
     prefix = default_layer_prefix(model)
     if prefix is None:
-        hessians = _hessians(model, names, lambda: [model(b, use_cache=False) for b in batches])
-        for name in names:
-            replace(name, hessians[name])
+        replace_all(names, _hessians(model, names, lambda: [model(b, use_cache=False) for b in batches]))
         return
     layers = model.get_submodule(prefix.rstrip("."))
     inputs = []
@@ -245,9 +250,7 @@ def _gptq_sequential(model: nn.Module, names: list[str], calib: torch.Tensor, ba
     for i, layer in enumerate(layers):
         mine = [n for n in names if n.startswith(f"{prefix}{i}.")]
         if mine:
-            hessians = _hessians(model, mine, lambda: [layer(*a, **kw) for a, kw in inputs])
-            for name in mine:
-                replace(name, hessians[name])
+            replace_all(mine, _hessians(model, mine, lambda: [layer(*a, **kw) for a, kw in inputs]))
         outs = [layer(*a, **kw) for a, kw in inputs]
         inputs = [((o[0] if isinstance(o, tuple) else o,) + tuple(a[1:]), kw) for o, (a, kw) in zip(outs, inputs)]
 

@@ -122,7 +122,8 @@ def rotate_model(model: nn.Module, seed: int = 0) -> nn.Module:
     cfg = model.config
     hidden, inter = cfg.hidden_size, cfg.intermediate_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
-    q_res, q_mlp, q_head = random_hadamard(hidden, seed), random_hadamard(inter, seed + 1), random_hadamard(head_dim, seed + 2)
+    dev = next(model.parameters()).device  # built on the CPU (seeded), applied where the weights are
+    q_res, q_mlp, q_head = (random_hadamard(n, seed + i).to(dev) for i, n in enumerate((hidden, inter, head_dim)))
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
