@@ -126,7 +126,8 @@ def test_gemm_ref_matches_quantlinear_int(spec):
     codes, scale = quantize_activation_ref(x, ql.block, ql.int8_mask, cfg.a_bits, ql.perm, ql.padded_in)
     c2, s2 = ql.quantize_input(x)
     assert torch.equal(codes.float(), c2) and torch.equal(scale, s2)
-    y = w4a8_gemm_ref(codes, scale, ql.block, ql.qweight, ql.w_scale, ql.group, ql.w_zero, ql.bias)
+    plain = unrepack_weight(ql.qweight, ql.tile)  # QuantLinear stores the kernel's tile-split layout
+    y = w4a8_gemm_ref(codes, scale, ql.block, plain, ql.w_scale, ql.group, ql.w_zero, ql.bias)
     ref = ql(x)
     assert (y - ref).norm() / ref.norm() < 1e-5
 

@@ -8,13 +8,18 @@ same for W4A8 and W4A4, and matches :func:`lowbit.quant.integer.int_matmul`: per
 ``min(block, group)`` channels an exact int32 partial product, scaled by ``a_scale * w_scale`` and
 summed in float32 (dequantizing epilogue inside the K loop), + bias, cast to bf16.
 
-Weight layout. :class:`~lowbit.wa.linear.QuantLinear` stores ``qweight`` uint8 ``[N, K/2]`` with
-channel ``2i`` in the low nibble of byte ``i``. :func:`repack_weight` rearranges it once (cache it)
-into the *half-split* layout: inside each tile of ``TILE`` channels, byte ``j`` holds channel ``j``
-(low nibble) and channel ``j + TILE/2`` (high nibble). Each K step then loads the weight bytes once,
+Weight layout. The kernel reads the *tile-split* layout that :class:`~lowbit.wa.linear.QuantLinear` stores
+(one copy, saved and loaded as is; :mod:`lowbit.kernels.layout`): inside each tile of ``TILE`` channels,
+byte ``j`` holds channel ``j`` (low nibble) and channel ``j + TILE/2`` (high nibble); :func:`repack_weight`
+converts plain-packed weights (channel ``2i`` in the low nibble of byte ``i``). Each K step loads the weight bytes once,
 masks/shifts them into two int8 halves without moving data between lanes, and issues two MMAs
 against the two contiguous halves of the activation tile. Codes keep their storage convention
 (symmetric: ``q + 8``; asymmetric: ``q`` with an integer zero point per group).
+
+Call path. Launch plans (config, grid, split-K) are computed once per shape and device (:data:`PLANS`);
+with a :class:`~lowbit.kernels.layout.BufferPool` (``workspace=``, e.g. :data:`WORKSPACE`) the split-K
+partials and the transient int8 weight come from reused buffers, and ``out=`` takes a preallocated output:
+no allocation, no host synchronisation in the call path (CUDA-graph capturable once warmed up).
 """
 
 from __future__ import annotations
@@ -26,7 +31,22 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.kivi_quant import _rint
-from lowbit.kernels.layout import GemmConfig, default_config, repack_weight, unrepack_weight  # noqa: F401
+from lowbit.kernels.layout import (  # noqa: F401
+    BufferPool,
+    GemmConfig,
+    PlanCache,
+    default_config,
+    repack_weight,
+    unrepack_weight,
+)
+
+PLANS = PlanCache()  # launch plans, one per (M, N, K, tile, device, config)
+WORKSPACE = BufferPool()  # shared workspace of the layers' call path (activation codes, split-K partials, int8 W)
+
+
+def stream_key(device: torch.device) -> int:
+    """Identifies the current stream of `device` (workspace is private to a stream)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def _interpreting() -> bool:
@@ -72,6 +92,7 @@ def quantize_activation(
     perm: torch.Tensor | None = None,
     padded_in: int | None = None,
     blocks_per_program: int = 8,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token, per-block symmetric quantization of ``x [..., K_in]`` (FMPQ / W4A8 activations).
 
@@ -79,6 +100,7 @@ def quantize_activation(
     result zero-padded to ``padded_in``, all in the same pass. Blocks where ``int8_mask`` is set get
     8 bits, the others `low_bits`. Returns int8 codes ``[M, padded_in]`` and float32 scales
     ``[M, padded_in / block]``, equal to :func:`lowbit.quant.integer.quantize_activation` bit for bit.
+    ``out``: preallocated ``(codes, scale)`` of those shapes and dtypes, written and returned.
     """
     k_in = x.shape[-1]
     x2 = x.reshape(-1, k_in)
@@ -91,8 +113,14 @@ def quantize_activation(
     if block & (block - 1):
         raise ValueError(f"block {block} must be a power of two")
     nb = kp // block
-    codes = torch.empty(m, kp, dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, nb, dtype=torch.float32, device=x.device)
+    if out is not None:
+        codes, scale = out
+        if codes.shape != (m, kp) or codes.dtype != torch.int8 or scale.shape != (m, nb) or scale.dtype != torch.float32:
+            raise ValueError(f"out buffers must be int8 [{m}, {kp}] and float32 [{m}, {nb}], got "
+                             f"{codes.dtype} {tuple(codes.shape)} and {scale.dtype} {tuple(scale.shape)}")
+    else:
+        codes = torch.empty(m, kp, dtype=torch.int8, device=x.device)
+        scale = torch.empty(m, nb, dtype=torch.float32, device=x.device)
     if m == 0:
         return codes, scale
     bpp = min(blocks_per_program, triton.next_power_of_2(nb))
@@ -275,11 +303,12 @@ def _i8_gemm_kernel(A, s_am, AS, s_asm, B, s_bn, WS, s_wsn, BIAS, C, s_cm, M, N,
 
 
 def unpack_weight_int8(w_kernel: torch.Tensor, tile: int, group: int, w_zero: torch.Tensor | None = None,
-                       use_asm: bool = True) -> torch.Tensor:
+                       use_asm: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """Half-split packed INT4 weights ``[N, K/2]`` -> int8 ``[N, K]`` (code minus zero point), one launch."""
     n, kh = w_kernel.shape
     k = kh * 2
-    out = torch.empty(n, k, dtype=torch.int8, device=w_kernel.device)
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.int8, device=w_kernel.device)
     bn = 64
     has_zero = w_zero is not None
     _unpack_weight_kernel[(triton.cdiv(n, bn), k // tile)](
@@ -317,12 +346,16 @@ def w4a8_gemm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+    workspace: BufferPool | None = None,
 ) -> torch.Tensor:
     """``y [M, N] = sum_tiles (A_t @ W_t.T) * a_scale * w_scale (+ bias)`` on INT8 tensor cores.
 
     ``a_codes`` int8 ``[M, K]`` (INT4 blocks hold values in [-8, 7]), ``a_scale`` fp32 ``[M, K/block]``,
     ``w_kernel`` uint8 ``[N, K/2]`` from :func:`repack_weight` with ``tile = min(block, group)``,
     ``w_scale`` fp16 ``[N, K/group]``, ``w_zero`` uint8 (asymmetric weights) or None (symmetric).
+    ``out``: a preallocated ``[M, N]`` output of `out_dtype`; ``workspace``: a buffer pool for the split-K
+    partials and the transient int8 weight (fresh allocations without one). The launch plan is cached.
     """
     m, k = a_codes.shape
     n = w_kernel.shape[0]
@@ -333,44 +366,46 @@ def w4a8_gemm(
         raise ValueError(f"K={k}, block={block}, group={group}: need a tile (min of the two) multiple of 32 dividing K")
     if a_codes.dtype != torch.int8:
         raise ValueError(f"activation codes must be int8, got {a_codes.dtype}")
-    cfg = config or default_config(m, n, k)
-    out = torch.empty(m, n, dtype=out_dtype, device=a_codes.device)
+    dev = a_codes.device
+    plan = PLANS.get(m, n, k, tile, dev, _sm_count, config)
+    cfg = plan.config
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=dev)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.device != dev or out.stride(-1) != 1:
+        raise ValueError(f"out must be a row-contiguous {out_dtype} [{m}, {n}] tensor on {dev}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if m == 0:
         return out
     a_codes = a_codes if a_codes.stride(-1) == 1 else a_codes.contiguous()
     has_zero, has_bias = w_zero is not None, bias is not None
     fast = cfg.fast_cvt and tile <= MAX_FAST_TILE
+    sk = stream_key(dev) if workspace is not None else 0
+
+    def buffer(name, shape, dtype):
+        return workspace.get(name, shape, dtype, dev, sk) if workspace is not None else torch.empty(shape, dtype=dtype, device=dev)
+
     if cfg.unpacked:  # compute-bound: a transient int8 copy of W lets both operands stream straight into the MMA
-        w8 = unpack_weight_int8(w_kernel, tile, group, w_zero, cfg.asm)
+        w8 = unpack_weight_int8(w_kernel, tile, group, w_zero, cfg.asm, out=buffer("w8", (n, k), torch.int8))
         a_op, b_op = a_codes, w8
-        tma = cfg.tma and _has_tma(a_codes.device)
+        tma = cfg.tma and _has_tma(dev)
         if tma:
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             a_op, b_op = TensorDescriptor.from_tensor(a_codes, [cfg.bm, tile]), TensorDescriptor.from_tensor(w8, [cfg.bn, tile])
-        _i8_gemm_kernel[(triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)](
+        _i8_gemm_kernel[(plan.tiles_mn,)](
             a_op, a_codes.stride(0), a_scale, a_scale.stride(0), b_op, w8.stride(0), w_scale, w_scale.stride(0),
             bias if has_bias else w_scale, out, out.stride(0), m, n, k,
             BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
             HAS_BIAS=has_bias, FAST_CVT=fast, TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
-    nt = k // tile
-    n_mn = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
-    split = cfg.split_k
-    if split == 0:
-        split = 1
-        target = 2 * _sm_count(a_codes.device)
-        if n_mn < target:
-            split = min(triton.cdiv(target, n_mn), max(1, nt // 2))
-    tps = triton.cdiv(nt, split)
-    split = triton.cdiv(nt, tps)
-    part = torch.empty(split, m, n, dtype=torch.float32, device=a_codes.device) if split > 1 else out
-    _w4a8_gemm_kernel[(n_mn, split)](
+    split = plan.split
+    part = buffer("splitk", (split, m, n), torch.float32) if split > 1 else out
+    _w4a8_gemm_kernel[(plan.tiles_mn, split)](
         a_codes, a_codes.stride(0), a_scale, a_scale.stride(0), w_kernel, w_kernel.stride(0),
         w_scale, w_scale.stride(0), w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,
         bias if has_bias else w_scale, out, out.stride(0), part,
-        m, n, k, tps,
+        m, n, k, plan.tiles_per_split,
         BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
         HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, USE_ASM=cfg.asm and not _interpreting(),
         FAST_CVT=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -22,8 +22,8 @@ import math
 
 import torch
 
+from lowbit.kernels.layout import pack_tiles, unpack_tiles
 from lowbit.quant.affine import ZeroPoint, quantize_integer
-from lowbit.quant.integer import weight_integers
 from lowbit.quant.packing import pack, unpack
 
 
@@ -38,25 +38,44 @@ def weight_codes(q: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
     return (q.to(torch.int16) + offset).to(torch.uint8)
 
 
-def pack_weight(q: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
-    """Pack integer weight values ``[out, in]`` along ``in`` (two 4-bit codes per byte)."""
-    return pack(weight_codes(q, bits, sym), bits, dim=1)
+def pack_weight(q: torch.Tensor, bits: int, sym: bool, tile: int | None = None) -> torch.Tensor:
+    """Pack integer weight values ``[out, in]`` along ``in`` (two 4-bit codes per byte).
+
+    ``tile`` None: the plain layout of :func:`lowbit.quant.pack` (channel ``2i`` in the low nibble of byte
+    ``i``); a tile (4-bit only): the GEMM kernel's tile-split layout (:func:`lowbit.kernels.layout.pack_tiles`:
+    inside each tile, byte ``j`` holds channels ``j`` and ``j + tile/2``), which QuantLinear stores."""
+    codes = weight_codes(q, bits, sym)
+    if tile is not None and bits == 4:
+        return pack_tiles(codes, tile)
+    return pack(codes, bits, dim=1)
 
 
-def unpack_weight(packed: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+def weight_codes_unpacked(packed: torch.Tensor, bits: int, tile: int | None = None) -> torch.Tensor:
+    """Unsigned codes ``[out, in]`` in channel order from either layout of :func:`pack_weight`."""
+    if tile is not None and bits == 4:
+        return unpack_tiles(packed, tile)
+    return unpack(packed, bits, dim=1)
+
+
+def unpack_weight(packed: torch.Tensor, bits: int, sym: bool, tile: int | None = None) -> torch.Tensor:
     """Inverse of :func:`pack_weight`: int16 integer values (signed for sym, unsigned for asym)."""
-    codes = unpack(packed, bits, dim=1).to(torch.int16)
+    codes = weight_codes_unpacked(packed, bits, tile).to(torch.int16)
     return codes - (1 << (bits - 1)) if sym else codes
 
 
-def weight_int(packed: torch.Tensor, zero: torch.Tensor | None, bits: int, sym: bool, group: int) -> torch.Tensor:
+def weight_int(packed: torch.Tensor, zero: torch.Tensor | None, bits: int, sym: bool, group: int,
+               tile: int | None = None) -> torch.Tensor:
     """The signed integers that multiply the weight scale: ``q`` (sym) or ``q - z`` (asym), int16."""
-    return weight_integers(packed, bits, group, None if sym else zero)
+    codes = weight_codes_unpacked(packed, bits, tile).to(torch.int16)
+    if sym:
+        return codes - (1 << (bits - 1))
+    return codes - zero.to(torch.int16).repeat_interleave(group, dim=1)
 
 
-def dequantize_weight(packed, scale, zero, bits: int, sym: bool, group: int, dtype=torch.float32) -> torch.Tensor:
+def dequantize_weight(packed, scale, zero, bits: int, sym: bool, group: int, dtype=torch.float32,
+                      tile: int | None = None) -> torch.Tensor:
     """Float weight ``[out, in_padded]`` the quantized storage stands for."""
-    wi = weight_int(packed, zero, bits, sym, group).float()
+    wi = weight_int(packed, zero, bits, sym, group, tile).float()
     return (wi * scale.float().repeat_interleave(group, dim=1)).to(dtype)
 
 

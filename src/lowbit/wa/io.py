@@ -6,8 +6,14 @@ A checkpoint is a directory holding
   (``qweight``, ``w_scale``, ``w_zero``, ``perm``, ``int8_mask``, ``bias`` as present);
 * ``wa_config.json``: format version, lowbit version, the method spec and its resolved config, the
   base model name, one entry per layer (name, in/out features, padded input, group, block, tensor
-  names, dtypes and shapes) and ``sha256``: the hash of every tensor (name, dtype, shape, bytes, in
+  names, dtypes and shapes, ``input_permuted``: whether a folded producer writes its input permuted,
+  :mod:`lowbit.wa.fold`) and ``sha256``: the hash of every tensor (name, dtype, shape, bytes, in
   sorted name order), and ``config_sha256``: the hash of the spec, config and layer entries.
+
+``qweight`` is stored in the layout the GEMM kernel reads (format version 2: 4-bit codes tile-split,
+:mod:`lowbit.kernels.layout`; version 1 files, plain-packed, are refused: re-quantize). Folded producers
+(gate/up, v_proj rows) are saved already permuted; on loading, the norms whose readers expect a permuted
+input are rebuilt as :class:`~lowbit.wa.fold.PermutedRMSNorm`.
 
 The rest of the model (embeddings, norms, LM head) comes from the base model given to
 :func:`load_quantized`. Any inconsistency (bad hash, missing or extra tensors, shapes that disagree
@@ -24,12 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.wa.fold import restore_norms
 from lowbit.wa.linear import QuantLinear
 from lowbit.wa.methods import WAConfig, resolve_config
 from lowbit.wa.model import WAReport, _set_module, fp16_nbytes, model_nbytes
 
 FORMAT = "lowbit-wa"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tile-split 4-bit qweight (the kernel's layout), input_permuted per layer
 TENSORS_FILE = "wa_quantized.safetensors"
 CONFIG_FILE = "wa_config.json"
 
@@ -84,6 +91,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
         entries.append({
             "name": name, "in": q.in_features, "out": q.out_features, "padded_in": q.padded_in,
             "group": q.group, "block": q.block, "bias_dtype": str(q.bias.dtype) if q.bias is not None else None,
+            "input_permuted": bool(q.input_permuted),
             "tensors": {tname: {"dtype": str(t.dtype), "shape": list(t.shape)} for tname, t in lt.items()},
         })
     path = Path(path)
@@ -109,6 +117,11 @@ def _read_config(path: Path) -> dict:
         raise QuantizedCheckpointError(f"{cfg_path} is unreadable or not valid JSON: {exc}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise QuantizedCheckpointError(f"{cfg_path} is not a {FORMAT} config")
+    if config.get("format_version") == 1:
+        raise QuantizedCheckpointError(
+            f"{cfg_path} has format version 1 (plain-packed 4-bit weights); this lowbit stores the GEMM kernel's "
+            f"tile-split layout (version {FORMAT_VERSION}): quantize the model again and save it"
+        )
     if config.get("format_version") != FORMAT_VERSION:
         raise QuantizedCheckpointError(
             f"{cfg_path} has format version {config.get('format_version')}; this lowbit reads version {FORMAT_VERSION}"
@@ -199,6 +212,9 @@ def load_quantized(path: str | Path, base_model_name_or_model="smollm2", expect_
                     f"({e['in']}, {e['out']}) layer needs {buf.dtype} {tuple(buf.shape)}"
                 )
             buf.copy_(t)
+        q.input_permuted = e.get("input_permuted", False)
+        if not isinstance(q.input_permuted, bool) or (q.input_permuted and q.perm is None):
+            raise QuantizedCheckpointError(f"{path}: layer '{name}': input_permuted must be false or true with a permutation")
         q._cache = {}
         _set_module(model, name, q.to(device))
         report.layers.append({
@@ -206,6 +222,12 @@ def load_quantized(path: str | Path, base_model_name_or_model="smollm2", expect_
             "block": q.block if q.quantizes_activations else 0,
             "blocks": q.n_blocks if q.quantizes_activations else 0, "int8_blocks": q.n_int8_blocks,
         })
+    try:
+        restore_norms(model)
+    except ValueError as exc:
+        raise QuantizedCheckpointError(f"{path}: folded permutations do not fit the base model: {exc}") from None
+    report.inputs = {e["name"]: "folded" if e.get("input_permuted") else "gather"
+                     for e in config["layers"] if f"{e['name']}.perm" in tensors}
     report.nbytes = model_nbytes(model)
     report.nbytes_fp16 = fp16_nbytes(model)
     model.lowbit_wa = report

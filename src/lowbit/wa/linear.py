@@ -3,7 +3,9 @@
 Storage (all persistent buffers, saved by :func:`lowbit.wa.save_quantized`):
 
 * ``qweight``  uint8 ``[out, padded_in * w_bits / 8]``: weight codes along the *permuted, padded* input
-  axis, two 4-bit codes per byte (lowest index in the low nibble, see :mod:`lowbit.quant.packing`).
+  axis. 4-bit codes are stored in the layout the GEMM kernel reads (one copy, saved as is): two per byte,
+  *tile-split* -- inside each tile of ``tile = min(group, block)`` channels, byte ``j`` holds channel ``j``
+  (low nibble) and ``j + tile/2`` (high nibble), see :mod:`lowbit.kernels.layout`. 8-bit: one code per byte.
 * ``w_scale``  float16 ``[out, padded_in / group]``; ``w_zero`` uint8 (asymmetric weights only).
 * ``perm``     int32 ``[in]`` (fmpq only): permuted channel ``j`` is original channel ``perm[j]``.
 * ``int8_mask`` bool ``[padded_in / block]`` (quantized activations only): INT8 blocks.
@@ -13,7 +15,11 @@ Under ``rotate=hadamard`` (:mod:`lowbit.wa.rotation`) the layer feeding the MLP 
 applies an online Hadamard rotation to its input first (``in_rotation``, a structured matrix rebuilt from
 its order and seed, not stored). With ``gptq=true`` the weight codes come from :func:`lowbit.wa.gptq.gptq_quantize`.
 
-Forward: ``x -> x[..., perm] -> zero-pad to padded_in -> per-token per-block quantization -> blocked
+``input_permuted`` (not a buffer; recorded per layer by :func:`lowbit.wa.save_quantized`): the input
+already arrives in ``perm`` order, because :mod:`lowbit.wa.fold` made its producer write it so; the layer
+then does not gather (``perm`` stays as the record of the order).
+
+Forward: ``x -> x[..., perm] (unless input_permuted) -> zero-pad to padded_in -> per-token per-block quantization -> blocked
 integer matmul with the weight codes -> scales -> + bias``. Padded channels are zero in both operands,
 so they add nothing. Two execution modes give the same quantized function:
 
@@ -78,7 +84,10 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.cfg = cfg
         self.group, self.block, self.padded_in = layout(in_features, cfg)
+        self.tile = min(self.group, self.block)  # reduction tile: scales constant on it; the weight layout's unit
         self.mode = mode
+        self.input_permuted = False  # the producer writes the input in perm order: no gather here
+        self.reuse_output = False  # kernel path: write into a per-layer buffer reused per shape (see kernel_forward)
         ng = self.padded_in // self.group
         self.register_buffer("qweight", torch.zeros(out_features, self.padded_in * cfg.w_bits // 8, dtype=torch.uint8))
         self.register_buffer("w_scale", torch.ones(out_features, ng, dtype=torch.float16))
@@ -89,6 +98,7 @@ class QuantLinear(nn.Module):
         )
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if has_bias else None)
         self._cache: dict = {}
+        self._outputs = None  # BufferPool of the kernel path's outputs (reuse_output)
 
     # ---------------------------------------------------------------------------------- building
 
@@ -106,10 +116,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: WAConfig, channel_stats: torch.Tensor | None = None,
-                    mode: str = "int", hessian: torch.Tensor | None = None, rounded=None) -> "QuantLinear":
+                    mode: str = "int", hessian: torch.Tensor | None = None, rounded=None,
+                    perm: torch.Tensor | None = None) -> "QuantLinear":
         """Quantize `linear` under `cfg`; `channel_stats` ([in], e.g. calibrated max |x|) drive fmpq;
         `hessian` ([in, in], ``E[x^T x]`` of its calibration inputs) is required by ``gptq=true``; `rounded`:
-        the weight's ``(q, scale, zero)`` already computed by :func:`gptq_linears` (then not recomputed)."""
+        the weight's ``(q, scale, zero)`` already computed by :func:`gptq_linears` (then not recomputed); `perm`
+        (fmpq): the input permutation to use instead of sorting `channel_stats` (:mod:`lowbit.wa.fold` picks
+        foldable ones)."""
         w = linear.weight.detach()
         out_f, in_f = w.shape
         has_bias = linear.bias is not None
@@ -123,11 +136,13 @@ class QuantLinear(nn.Module):
             stats = channel_stats.detach().float().to(w.device)
             if stats.shape != (in_f,):
                 raise ValueError(f"channel stats of shape {tuple(stats.shape)} for a layer with {in_f} inputs")
+        if perm is not None:
+            if not cfg.permute:
+                raise ValueError(f"{cfg.spec}: this method does not permute input channels; perm must be None")
+            perm = check_permutation(perm, in_f).to(w.device)  # `rounded` must come in this order (gptq_linears(perms=))
         if cfg.permute:
-            if stats is None:
-                perm = torch.arange(in_f, device=w.device)
-            else:
-                perm = outlier_permutation(stats)
+            if perm is None:
+                perm = outlier_permutation(stats) if stats is not None else torch.arange(in_f, device=w.device)
             q.perm.copy_(perm.to(torch.int32))
             w = w[:, perm]
             if stats is not None:
@@ -146,7 +161,7 @@ class QuantLinear(nn.Module):
             wq, scale, zero = wq.to(w.device), scale.to(w.device), (zero.to(w.device) if zero is not None else None)
         else:
             wq, scale, zero = core.quantize_weight(integer.pad_last(w.float(), q.padded_in), cfg.w_bits, q.group, cfg.sym)
-        q.qweight.copy_(core.pack_weight(wq, cfg.w_bits, cfg.sym))
+        q.qweight.copy_(core.pack_weight(wq, cfg.w_bits, cfg.sym, q.tile))
         q.w_scale.copy_(scale)
         if zero is not None:
             q.w_zero.copy_(zero)
@@ -159,27 +174,44 @@ class QuantLinear(nn.Module):
     # ---------------------------------------------------------------------------------- compute
 
     def _apply(self, fn, recurse=True):
-        self._cache = {}
+        self._cache, self._outputs = {}, None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = {}
+        self._cache, self._outputs = {}, None
         return super()._load_from_state_dict(*args, **kwargs)
+
+    @property
+    def gathers_input(self) -> bool:
+        """Whether the forward gathers its input by ``perm`` (False once folded, or without a permutation)."""
+        return self.perm is not None and not self.input_permuted
+
+    @torch.no_grad()
+    def permute_output_rows(self, rows: torch.Tensor) -> None:
+        """Reorder the output features: output ``i`` becomes the old output ``rows[i]`` (weights, scales, zero
+        points and bias move together: exact, the rows are independent)."""
+        rows = check_permutation(rows, self.out_features).to(self.qweight.device)
+        for name in ("qweight", "w_scale", "w_zero", "bias"):
+            t = getattr(self, name)
+            if t is not None:
+                t.copy_(t.index_select(0, rows))
+        self._cache, self._outputs = {}, None
 
     def weight_int(self) -> torch.Tensor:
         """Signed integer weight values ``[out, padded_in]`` (int16) that multiply ``w_scale``."""
-        return core.weight_int(self.qweight, self.w_zero, self.cfg.w_bits, self.cfg.sym, self.group)
+        return core.weight_int(self.qweight, self.w_zero, self.cfg.w_bits, self.cfg.sym, self.group, self.tile)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """Float weight ``[out, padded_in]`` in the permuted, padded input order."""
-        return core.dequantize_weight(self.qweight, self.w_scale, self.w_zero, self.cfg.w_bits, self.cfg.sym, self.group, dtype)
+        return core.dequantize_weight(self.qweight, self.w_scale, self.w_zero, self.cfg.w_bits, self.cfg.sym, self.group,
+                                      dtype, self.tile)
 
     def _cached(self, key: str):
         if key not in self._cache:
             if key == "w_deq":
                 self._cache[key] = self.dequantized_weight(torch.float32)
             elif key == "w_int":  # [tiles, tile, out], contiguous, as integer.int_matmul wants it
-                self._cache[key] = integer.tile_weight(self.weight_int(), min(self.group, self.block), self.partial_dtype)
+                self._cache[key] = integer.tile_weight(self.weight_int(), self.tile, self.partial_dtype)
             elif key == "perm":
                 self._cache[key] = self.perm.long()
         return self._cache[key]
@@ -200,11 +232,21 @@ class QuantLinear(nn.Module):
             self._cache[key] = self.in_rotation.to(x.device, x.dtype)
         return x @ self._cache[key]
 
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., in] -> [tokens, padded_in]`` float32: rotated (if so built), permuted and zero-padded."""
+    def gather(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 [tokens, in]`` in ``perm`` order (the run-time gather that folding removes)."""
+        return x2.index_select(1, self._cached("perm"))
+
+    def prepare_input(self, x: torch.Tensor, arrives_permuted: bool = False) -> torch.Tensor:
+        """``[..., in] -> [tokens, padded_in]`` float32: rotated (if so built), permuted and zero-padded.
+
+        `x` is in the layer's original input order (as :meth:`quantize_input` takes it too) unless
+        ``arrives_permuted`` (the forward passes ``input_permuted``: a folded producer already wrote it in
+        ``perm`` order, so it is not gathered)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input of {x.shape[-1]} features for a layer with {self.in_features} inputs")
         x2 = self.rotate_input(x).reshape(-1, self.in_features).float()
-        if self.perm is not None:
-            x2 = x2.index_select(1, self._cached("perm"))
+        if self.perm is not None and not arrives_permuted:
+            x2 = self.gather(x2)
         return integer.pad_last(x2, self.padded_in)
 
     def clip_input(self, xp: torch.Tensor) -> torch.Tensor:
@@ -227,7 +269,7 @@ class QuantLinear(nn.Module):
             if supports_kernel(self):  # the Triton W4A8/W4A4 GEMM (same integer semantics)
                 return kernel_forward(self, self.rotate_input(x))
         lead = x.shape[:-1]
-        xp = self.prepare_input(x)
+        xp = self.prepare_input(x, arrives_permuted=self.input_permuted)
         if not self.quantizes_activations:
             y = xp @ self._cached("w_deq").t()
         else:
@@ -244,20 +286,24 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         a = f"a{self.cfg.a_bits}" if self.quantizes_activations else f"a{UNQUANTIZED}"
         extra = f", int8 blocks {self.n_int8_blocks}/{self.n_blocks}" if self.quantizes_activations else ""
+        perm = "" if self.perm is None else (", input permuted upstream" if self.input_permuted else ", gathers input")
         return (f"in={self.in_features}, out={self.out_features}, {self.cfg.method} w{self.cfg.w_bits}{a}, "
-                f"group={self.group}, block={self.block}, padded_in={self.padded_in}{extra}, mode={self.mode}")
+                f"group={self.group}, block={self.block}, padded_in={self.padded_in}{extra}{perm}, mode={self.mode}")
 
 
-def gptq_linears(linears: list[nn.Linear], cfg: WAConfig, channel_stats: list, hessians: list[torch.Tensor]) -> list[tuple]:
+def gptq_linears(linears: list[nn.Linear], cfg: WAConfig, channel_stats: list, hessians: list[torch.Tensor],
+                 perms: list | None = None) -> list[tuple]:
     """GPTQ ``(q, scale, zero)`` of several linears, as :meth:`QuantLinear.from_linear` computes them one by one
     (permuted, zero-padded): those with the same padded input width run as one batched :func:`gptq_quantize`
-    (rows zero-padded to the widest; every row is rounded on its own), in float64 on the weights' device."""
+    (rows zero-padded to the widest; every row is rounded on its own), in float64 on the weights' device.
+    `perms` (fmpq): per linear, the input permutation to use instead of sorting its statistics (or None)."""
     prepared = []
-    for linear, stats, hessian in zip(linears, channel_stats, hessians):
+    for linear, stats, hessian, fixed in zip(linears, channel_stats, hessians, perms or [None] * len(linears)):
         w = linear.weight.detach()
         _, _, padded = layout(w.shape[1], cfg)
         if cfg.permute:
             perm = outlier_permutation(stats.detach().float()) if stats is not None else torch.arange(w.shape[1])
+            perm = fixed.long().cpu() if fixed is not None else perm
             w, hessian = w[:, perm.to(w.device)], hessian[perm.cpu()][:, perm.cpu()]
         h = integer.pad_last(integer.pad_last(hessian.double(), padded).t(), padded)
         prepared.append((integer.pad_last(w.double(), padded), h, layout(linear.in_features, cfg)[0]))
@@ -272,6 +318,19 @@ def gptq_linears(linears: list[nn.Linear], cfg: WAConfig, channel_stats: list, h
             r = prepared[i][0].shape[0]
             out[i] = (q[j, :r], scale[j, :r], zero[j, :r] if zero is not None else None)
     return out
+
+
+def check_permutation(perm: torch.Tensor, n: int) -> torch.Tensor:
+    """`perm` as int64 after checking it is a permutation of ``range(n)`` (ValueError naming what is wrong)."""
+    if not isinstance(perm, torch.Tensor) or perm.dim() != 1 or perm.numel() != n:
+        shape = tuple(perm.shape) if isinstance(perm, torch.Tensor) else type(perm).__name__
+        raise ValueError(f"a permutation of {n} channels must be a 1-D tensor of {n} indices, got {shape}")
+    if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+        raise ValueError(f"a permutation must hold integer indices, got {perm.dtype}")
+    p = perm.long()
+    if not torch.equal(torch.sort(p.cpu()).values, torch.arange(n)):
+        raise ValueError(f"not a permutation of range({n}): indices repeat or fall outside [0, {n})")
+    return p
 
 
 def outlier_permutation(stats: torch.Tensor) -> torch.Tensor:
@@ -302,28 +361,49 @@ def supports_kernel(ql: QuantLinear) -> bool:
     """Whether :func:`kernel_forward` can run this layer (W4 with A4/A8, tiles of 32, CUDA and Triton)."""
     from lowbit.kernels import triton_ready
 
-    tile = min(ql.group, ql.block)
     return (
-        ql.cfg.w_bits == 4 and ql.quantizes_activations and ql.cfg.a_bits in (4, 8) and tile % 32 == 0
+        ql.cfg.w_bits == 4 and ql.quantizes_activations and ql.cfg.a_bits in (4, 8) and ql.tile % 32 == 0
         and ql.block & (ql.block - 1) == 0 and triton_ready(ql.qweight)
     )
 
 
+def kernel_inputs(ql: QuantLinear, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(perm int32 or None, int8 mask)`` on `device` as the kernels read them, converted once and cached;
+    ``perm`` is None once the input arrives permuted (folded)."""
+    key = ("kernel_in", str(device))
+    if key not in ql._cache:
+        perm = ql.perm.to(device=device, dtype=torch.int32).contiguous() if ql.gathers_input else None
+        ql._cache[key] = (perm, ql.int8_mask.to(device=device, dtype=torch.int8).contiguous())
+    return ql._cache[key]
+
+
 def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """CUDA forward of a W4A4/W4A8 QuantLinear: fused permute+pad+quantize, then the INT8-tensor-core GEMM.
+    """CUDA forward of a W4A4/W4A8 QuantLinear: fused (permute+)pad+quantize, then the INT8-tensor-core GEMM.
 
     Computes the same function as ``mode="int"`` (equal activation codes; float32 epilogue in a
-    different summation order, then the output dtype).
+    different summation order, then the output dtype). Reads ``qweight`` as stored (no second copy). The
+    call path allocates nothing once warm: the launch plan is cached per shape, the activation codes,
+    scales and split-K partials come from the shared workspace (:data:`lowbit.kernels.gemm.WORKSPACE`),
+    and with ``ql.reuse_output`` the output is a per-layer buffer reused for every call (the caller must be
+    done with one output before the next call: CUDA graphs, decode loops); without it, a fresh tensor.
     """
-    from lowbit.kernels.gemm import quantize_activation, repack_weight, w4a8_gemm
+    from lowbit.kernels.gemm import WORKSPACE, quantize_activation, stream_key, w4a8_gemm
+    from lowbit.kernels.layout import BufferPool
 
-    tile = min(ql.group, ql.block)
-    key = ("triton_w", tile)
-    if key not in ql._cache:
-        ql._cache[key] = repack_weight(ql.qweight, tile)
+    dev = x.device
+    perm, mask = kernel_inputs(ql, dev)
     lead = x.shape[:-1]
-    codes, scale = quantize_activation(x, ql.block, ql.int8_mask, ql.cfg.a_bits, perm=ql.perm, padded_in=ql.padded_in)
+    x2 = x.reshape(-1, x.shape[-1])
+    m, sk = x2.shape[0], stream_key(dev)
+    codes = WORKSPACE.get("a_codes", (m, ql.padded_in), torch.int8, dev, sk)
+    scale = WORKSPACE.get("a_scale", (m, ql.n_blocks), torch.float32, dev, sk)
+    quantize_activation(x2, ql.block, mask, ql.cfg.a_bits, perm=perm, padded_in=ql.padded_in, out=(codes, scale))
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    y = w4a8_gemm(codes, scale, ql.block, ql._cache[key], ql.w_scale, ql.group, w_zero=ql.w_zero, bias=ql.bias,
-                  out_dtype=out_dtype)
+    out = None
+    if ql.reuse_output:
+        if ql._outputs is None:
+            ql._outputs = BufferPool()
+        out = ql._outputs.get("y", (m, ql.out_features), out_dtype, dev, sk)
+    y = w4a8_gemm(codes, scale, ql.block, ql.qweight, ql.w_scale, ql.group, w_zero=ql.w_zero, bias=ql.bias,
+                  out_dtype=out_dtype, out=out, workspace=WORKSPACE)
     return y.reshape(*lead, ql.out_features).to(x.dtype)

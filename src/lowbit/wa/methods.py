@@ -43,6 +43,8 @@ _ACLIP = Param(float, 1.0, check=lambda v: 0.5 <= v <= 1.0, allowed="a ratio in 
                help="INT4 activation blocks are clipped to this fraction of their max |x| before quantization")
 _DAMP = Param(float, 0.1, check=lambda v: 0.0 < v <= 1.0, allowed="a number in (0, 1]",
               help="GPTQ dampening: damp * mean(diag H) added to the Hessian's diagonal")
+_FOLD = Param(bool, True, help="fold the permutations into the producing layers/norms (no per-linear gather; "
+              "o_proj's permutation is then constrained within heads, see docs/FMPQ.md)")
 _IMPROVE = {"gptq": _GPTQ, "damp": _DAMP, "rotate": _ROTATE, "clip": _CLIP}
 
 WA_METHODS: dict[str, MethodSpec] = {
@@ -61,6 +63,7 @@ WA_METHODS: dict[str, MethodSpec] = {
             "pad": _PAD,
             **_IMPROVE,
             "aclip": _ACLIP,
+            "fold": _FOLD,
         },
         "COMET FMPQ: INT4 weights, per-block INT4/INT8 activations with outlier-gathering permutation",
     ),
@@ -104,6 +107,7 @@ class WAConfig:
     clip: bool = False  # weight grids searched among shrunk ranges
     damp: float = 0.1  # GPTQ dampening (fraction of the mean Hessian diagonal)
     aclip: float = 1.0  # INT4 activation blocks clipped to this fraction of their max |x|
+    fold: bool = False  # permutations folded into producers (fmpq: lowbit.wa.fold), not gathered per linear
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,7 +153,8 @@ def resolve_config(spec: str | ParsedSpec | WAConfig) -> WAConfig:
     aclip = o.get("aclip", 1.0)
     if part.name == "fmpq":
         return WAConfig("fmpq", o["w"], o["a"], o["group"], o["block"], o["int8_frac"] if o["a"] == 4 else 1.0,
-                        o["sym"], True, o["pad"], text, **extra, aclip=aclip if o["a"] == 4 else 1.0)
+                        o["sym"], True, o["pad"], text, **extra, aclip=aclip if o["a"] == 4 else 1.0,
+                        fold=o["fold"])
     if part.name == "w8a8":
         return WAConfig("w8a8", 8, 8, WHOLE_ROW, WHOLE_ROW, 1.0, True, False, True, text)
     if part.name == "w4a16":

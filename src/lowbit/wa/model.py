@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lowbit.wa.gptq import HessianAccumulator
-from lowbit.wa.linear import QuantLinear, gptq_linears
+from lowbit.wa.fold import choose_permutations, fold_permutations
+from lowbit.wa.linear import QuantLinear, gptq_linears, layout
 from lowbit.wa.methods import WAConfig, resolve_config
 from lowbit.wa.rotation import rotate_model
 
@@ -27,14 +28,21 @@ class WAReport:
     calibrated: bool = False
     nbytes: int = 0
     nbytes_fp16: int = 0
+    inputs: dict[str, str] = field(default_factory=dict)  # fold=true: how each permuted layer gets its input
+
+    @property
+    def gathers(self) -> list[str]:
+        """The permuted layers that still gather their input at run time (``fold=true``)."""
+        return [n for n, how in self.inputs.items() if how.startswith("gather")]
 
     def summary(self) -> str:
         n8 = sum(l["int8_blocks"] for l in self.layers)
         nb = sum(l["blocks"] for l in self.layers if l["blocks"])
         blocks = f", INT8 blocks {n8}/{nb}" if nb else ""
+        folded = f", permutations folded ({len(self.gathers)} layers still gather)" if self.inputs else ""
         return (f"{self.spec}: {len(self.layers)} linear layers quantized{blocks}, "
                 f"{self.nbytes / 2**20:.1f} MiB (fp16 model {self.nbytes_fp16 / 2**20:.1f} MiB)"
-                + (", calibrated" if self.calibrated else ""))
+                + (", calibrated" if self.calibrated else "") + folded)
 
 
 def default_layer_prefix(model: nn.Module) -> str | None:
@@ -175,9 +183,12 @@ def quantize_model(
     if missing:
         raise ValueError(f"no calibration statistics for {missing[:3]}: the calibration pass never reached them")
     report = WAReport(cfg.spec, cfg, calibrated=bool(stats) or cfg.gptq)
+    fold = cfg.permute and cfg.fold
+    perms = choose_permutations(model, names, stats, lambda n: min(layout(n, cfg)[:2])) if fold and stats else {}
 
     def replace(name: str, hessian: torch.Tensor | None = None, rounded=None) -> None:
-        q = QuantLinear.from_linear(model.get_submodule(name), cfg, stats.get(name), mode=mode, hessian=hessian, rounded=rounded)
+        q = QuantLinear.from_linear(model.get_submodule(name), cfg, stats.get(name), mode=mode, hessian=hessian, rounded=rounded,
+                                    perm=perms.get(name))
         _set_module(model, name, q)
         report.layers.append({
             "name": name, "in": q.in_features, "out": q.out_features, "padded_in": q.padded_in,
@@ -188,7 +199,8 @@ def quantize_model(
     def replace_all(group: list[str], hessians: dict[str, torch.Tensor]) -> None:
         """GPTQ-round a decoder layer's linears in one batched pass, then replace them."""
         mods = [model.get_submodule(n) for n in group]
-        rounded = gptq_linears(mods, cfg, [stats.get(n) for n in group], [hessians[n] for n in group])
+        rounded = gptq_linears(mods, cfg, [stats.get(n) for n in group], [hessians[n] for n in group],
+                               [perms.get(n) for n in group])
         for name, r in zip(group, rounded):
             replace(name, hessians[name], r)
 
@@ -197,6 +209,8 @@ def quantize_model(
     else:
         for name in names:
             replace(name)
+    if fold:
+        report.inputs = fold_permutations(model)
     report.nbytes = model_nbytes(model)
     report.nbytes_fp16 = fp16_nbytes(model)
     model.lowbit_wa = report
