@@ -1,0 +1,159 @@
+"""The GPU linear's Python call path without a GPU: the tile-split layout, launch plans cached per shape, reused
+buffers, and kernel_forward driven through stand-ins for the two Triton launches (PyTorch references)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from lowbit.kernels.layout import (
+    BufferPool,
+    GemmConfig,
+    PlanCache,
+    pack_tiles,
+    plan_gemm,
+    repack_weight,
+    unpack_tiles,
+    unrepack_weight,
+)
+from lowbit.kernels.reference import quantize_activation_ref, w4a8_gemm_ref
+from lowbit.quant import pack
+from lowbit.wa import QuantLinear, resolve_config
+
+
+@pytest.mark.parametrize("tile", [2, 8, 32, 128])
+def test_tile_split_layout_round_trip(tile):
+    codes = torch.randint(0, 16, (5, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(tile))
+    packed = pack_tiles(codes, tile)
+    assert packed.shape == (5, 128) and torch.equal(unpack_tiles(packed, tile), codes)
+    assert torch.equal(packed[:, : tile // 2] & 0xF, codes[:, : tile // 2])  # byte j: channels j and j + tile/2
+    assert torch.equal(packed[:, : tile // 2] >> 4, codes[:, tile // 2 : tile])
+    if tile % 32 == 0:
+        plain = pack(codes, 4, dim=1)
+        assert torch.equal(repack_weight(plain, tile), packed) and torch.equal(unrepack_weight(packed, tile), plain)
+    with pytest.raises(ValueError, match="even number dividing"):
+        pack_tiles(codes, 3)
+    with pytest.raises(ValueError, match="even number dividing"):
+        unpack_tiles(packed, 512)
+
+
+def test_quantlinear_stores_the_kernel_layout():
+    lin = torch.nn.Linear(200, 24)
+    q = QuantLinear.from_linear(lin, resolve_config("fmpq:a=4,block=64,group=32"), torch.rand(200) + 0.1)
+    assert q.tile == 32 and q.qweight.shape == (24, 128)
+    codes = (q.weight_int() + 8).to(torch.uint8)
+    assert torch.equal(q.qweight, pack_tiles(codes, 32))
+
+
+def test_plan_is_computed_once_per_key():
+    calls = []
+
+    def sm(device):
+        calls.append(device)
+        return 132
+
+    cache = PlanCache()
+    a = cache.get(4, 4096, 14336, 128, torch.device("cpu"), sm)
+    assert cache.get(4, 4096, 14336, 128, torch.device("cpu"), sm) is a and len(calls) == 1
+    b = cache.get(5, 4096, 14336, 128, torch.device("cpu"), sm)
+    c = cache.get(4, 4096, 14336, 128, torch.device("meta"), sm)
+    cfg = GemmConfig(32, 64, 4, 3, split_k=2)
+    d = cache.get(4, 4096, 14336, 128, torch.device("cpu"), sm, cfg)
+    assert len(cache) == 4 and len(calls) == 4 and d.config is cfg and d.split == 2
+    assert a == b and c == a  # same plan values for neighbouring shapes, but separate entries
+    assert a.config == GemmConfig(16, 64, 4, 4) and a.tiles_mn == 64 and a.split == 5 and a.tiles_per_split == 23
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 512, 513, 4096])
+def test_plan_matches_the_former_inline_rule(m):
+    n, k, tile, sms = 4096, 14336, 128, 132
+    p = plan_gemm(m, n, k, tile, sms)
+    if m > 512:
+        assert p.config.unpacked and p.split == 1
+        return
+    n_mn = -(-m // p.config.bm) * -(-n // p.config.bn)
+    nt, split = k // tile, 1
+    if n_mn < 2 * sms:
+        split = min(-(-2 * sms // n_mn), max(1, nt // 2))
+    tps = -(-nt // split)
+    assert (p.tiles_mn, p.tiles_per_split, p.split) == (n_mn, tps, -(-nt // tps))
+    with pytest.raises(ValueError, match="bad GEMM shape"):
+        plan_gemm(m, n, k + 1, tile, sms)
+
+
+def test_buffer_pool_reuses_and_grows():
+    pool = BufferPool()
+    a = pool.get("x", (4, 8), torch.int8, "cpu")
+    assert pool.get("x", (4, 8), torch.int8, "cpu").data_ptr() == a.data_ptr()
+    small = pool.get("x", (2, 3), torch.int8, "cpu")
+    assert small.shape == (2, 3) and small.data_ptr() == a.data_ptr() and small.is_contiguous()
+    big = pool.get("x", (16, 8), torch.int8, "cpu")  # grows once, then stays
+    assert pool.get("x", (4, 8), torch.int8, "cpu").data_ptr() == big.data_ptr()
+    assert pool.get("x", (4, 8), torch.float32, "cpu").data_ptr() != big.data_ptr()
+    assert pool.get("x", (4, 8), torch.int8, "cpu", stream=7).data_ptr() != big.data_ptr()
+    assert pool.get("y", (0, 8), torch.int8, "cpu").shape == (0, 8)
+    assert len(pool) == 4 and pool.nbytes() == 128 + 128 + 32 + 1
+    with pytest.raises(ValueError, match="negative"):
+        pool.get("x", (-1, 2), torch.int8, "cpu")
+
+
+@pytest.fixture
+def fake_gemm(monkeypatch):
+    """`lowbit.kernels.gemm` with its launches replaced by the references (writing into the given buffers)."""
+    mod = types.ModuleType("lowbit.kernels.gemm")
+    mod.WORKSPACE, mod.PLANS, mod.calls = BufferPool(), PlanCache(), []
+    mod.stream_key = lambda device: 0
+
+    def quantize_activation(x, block, int8_mask, low_bits=4, perm=None, padded_in=None, out=None):
+        mod.calls.append(("quant", perm))
+        c, s = quantize_activation_ref(x, block, int8_mask.bool(), low_bits, perm, padded_in)
+        out[0].copy_(c)
+        out[1].copy_(s)
+        return out
+
+    def w4a8_gemm(a_codes, a_scale, block, w_kernel, w_scale, group, w_zero=None, bias=None, out_dtype=torch.bfloat16,
+                  config=None, out=None, workspace=None):
+        tile = min(block, group)
+        mod.PLANS.get(a_codes.shape[0], w_kernel.shape[0], a_codes.shape[1], tile, a_codes.device, lambda d: 4, config)
+        mod.calls.append(("gemm", w_kernel.data_ptr()))
+        y = w4a8_gemm_ref(a_codes, a_scale, block, unrepack_weight(w_kernel, tile), w_scale, group, w_zero, bias)
+        if out is None:
+            return y.to(out_dtype)
+        return out.copy_(y)
+
+    mod.quantize_activation, mod.w4a8_gemm = quantize_activation, w4a8_gemm
+    monkeypatch.setitem(sys.modules, "lowbit.kernels.gemm", mod)
+    return mod
+
+
+@pytest.mark.parametrize("spec", ["fmpq:a=4,block=64,group=64,int8_frac=0.25", "fmpq:a=8,block=32,group=64,sym=false"])
+def test_kernel_forward_call_path(fake_gemm, spec):
+    from lowbit.wa.linear import kernel_forward
+
+    lin = torch.nn.Linear(200, 40)
+    q = QuantLinear.from_linear(lin, resolve_config(spec), torch.rand(200) + 0.1)
+    x = torch.randn(3, 7, 200)
+    torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
+    perm_t = fake_gemm.calls[0][1]
+    assert perm_t.dtype == torch.int32 and fake_gemm.calls[1][1] == q.qweight.data_ptr()  # the stored weight, no copy
+    codes = fake_gemm.WORKSPACE.get("a_codes", (21, q.padded_in), torch.int8, "cpu")
+    kernel_forward(q, x)
+    assert fake_gemm.calls[2][1] is perm_t  # converted once, cached
+    assert fake_gemm.WORKSPACE.get("a_codes", (21, q.padded_in), torch.int8, "cpu").data_ptr() == codes.data_ptr()
+    assert len(fake_gemm.PLANS) == 1
+    kernel_forward(q, x[:1])
+    assert len(fake_gemm.PLANS) == 2 and len(fake_gemm.WORKSPACE) == 2  # a new plan; buffers reused (prefix views)
+    # reuse_output: one buffer per layer, the same storage for every call
+    q.reuse_output = True
+    y1 = kernel_forward(q, x)
+    y2 = kernel_forward(q, x)
+    assert y1.data_ptr() == y2.data_ptr()
+    # folded: the input arrives permuted, no gather is requested from the kernel
+    q.input_permuted = True
+    q._cache = {}
+    xp = x[..., q.perm.long()]
+    torch.testing.assert_close(kernel_forward(q, xp), q(xp), rtol=1e-5, atol=1e-5)
+    assert fake_gemm.calls[-2] == ("quant", None)
