@@ -155,7 +155,9 @@ def quantize_model(
     calibration pass for several configs (it remembers its calibration ids: ``gptq=true`` takes its Hessians
     from them, and ``rotate=hadamard``, which first rotates `model` in place with
     :func:`lowbit.wa.rotation.rotate_model`, recollects the statistics in the rotated basis). Returns the model, or ``(model, WAReport)`` with
-    ``return_report=True``; the report is also kept as ``model.lowbit_wa``.
+    ``return_report=True``; the report is also kept as ``model.lowbit_wa``. With ``fmpq:fold=true`` (the
+    default) the permutations are chosen foldable and folded into their producers
+    (:mod:`lowbit.wa.fold`; ``report.inputs`` says how each permuted layer gets its input).
     """
     cfg = resolve_config(wa)
     if calib is None:
