@@ -18,10 +18,11 @@ ALLOWED = {
     "wa": {"quant", "kernels", "spec"},
     "lut": {"quant", "spec"},
     "generation": {"kv"},
+    "engine": {"quant", "kernels", "kv", "wa", "lut", "models", "spec"},
     "eval": {"kv", "wa", "lut", "models", "generation", "spec", "quant"},
-    "serve": {"eval", "kv", "wa", "lut", "models", "generation", "spec", "quant"},
-    "bench": {"serve", "eval", "kv", "wa", "lut", "models", "generation", "kernels", "spec", "quant"},
-    "cli": {"bench", "serve", "eval", "kv", "wa", "lut", "models", "generation", "kernels", "spec", "quant"},
+    "serve": {"engine", "eval", "kv", "wa", "lut", "models", "generation", "spec", "quant"},
+    "bench": {"engine", "serve", "eval", "kv", "wa", "lut", "models", "generation", "kernels", "spec", "quant"},
+    "cli": {"engine", "bench", "serve", "eval", "kv", "wa", "lut", "models", "generation", "kernels", "spec", "quant"},
     "__init__": {"models"},
 }
 assert ALLOWED["__init__"] <= {"models"} and not ALLOWED["models"]

@@ -35,7 +35,7 @@ class KVStore:
         self.rows, self.max_tokens, self.dtype, self.device = rows, max_tokens, dtype, torch.device(device)
         self.max_pages = max(self.pages_for(max_tokens), 1)
         fixed = rows * self.row_bytes()
-        blocks = (int(budget_bytes) - fixed) // self.block_bytes()
+        blocks = (int(budget_bytes) - fixed) // self.block_bytes() - 1  # the scratch block counts in the budget
         if blocks < 1:
             raise PoolFullError(f"a KV budget of {budget_bytes / 2**20:.1f} MiB holds no page: {rows} rows take "
                                 f"{fixed / 2**20:.1f} MiB and one page {self.block_bytes() / 2**20:.2f} MiB")

@@ -1,0 +1,211 @@
+"""KIVI storage operations of the engine's paged store: prompt write, per-step append, decode attention.
+
+Per row (sequence) the store holds sinks, pages and a residual ring of ``P`` rows: the token with quantized
+index ``k`` (position minus sinks) sits at ring row ``k % P`` while it is full precision. The flush schedule is
+KIVI's (:class:`~lowbit.quant.kivi.KiviFormat` with residual ``P``): after token ``k`` arrives, value ``k - P``
+is quantized (per token) into its page, and when ``k + 1`` is a multiple of ``P`` the ring's ``P`` keys are
+quantized (per channel, groups of 32 tokens) into page ``k // P``. Both read ring rows before they are
+overwritten: value ``k - P`` shares ring row ``k % P`` with the new token, so it is flushed first.
+
+On CUDA the append and the key flush are Triton kernels (:mod:`lowbit.engine.kivi_triton`, one program per
+row and head, no host sync, graph-capturable) and attention is the paged CUDA kernel
+(:func:`lowbit.kernels.kivi_paged.paged_decode_attention` with the block table and the ring); the PyTorch path
+here computes the same codes and the float32 attention anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.quant.affine import dequantize_codes, quantize_codes
+from lowbit.quant.kivi import PAGE_GROUP, PAGE_TOKENS, PageLayout, build_pages, fragment_index, pack_page_codes, read_pages
+
+P = PAGE_TOKENS
+
+
+class KiviOps:
+    """The operations for one (bits, head_dim, sinks) configuration on one device."""
+
+    def __init__(self, bits: int, head_dim: int, sinks: int, device):
+        self.bits, self.head_dim, self.sinks = bits, head_dim, sinks
+        self.layout = PageLayout(bits, head_dim)
+        kw, ks = fragment_index(bits, head_dim, values=False)
+        vw, vs = fragment_index(bits, head_dim, values=True)
+        dev = torch.device(device)
+        self.key_word, self.key_shift = kw.to(dev, torch.int32), ks.to(dev, torch.int32)
+        self.value_word, self.value_shift = vw.to(dev, torch.int32), vs.to(dev, torch.int32)
+        self.use_triton = dev.type == "cuda" and _triton_ok()
+        self.use_kernel = dev.type == "cuda" and head_dim == 128 and _paged_kernel_ok()
+
+    # ------------------------------------------------------------------ counts
+    def counts(self, total: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The kernel's per-row counts ``[B, 5]`` (sinks, quantized keys, quantized values, total, start) for
+        attention after token ``total - 1`` arrived. That token attends with its exact key and value, as in
+        :class:`~lowbit.kv.kivi.KiviLayer`: when it completes a page of keys, the page is read for its first
+        ``P - 1`` keys and the newest key comes from the ring (where it still is)."""
+        total = total.to(torch.int32)
+        n_sink = total.clamp(max=self.sinks)
+        rest = total - n_sink
+        out[:, 0] = n_sink
+        out[:, 1] = torch.minimum(rest // P * P, (rest - 1).clamp(min=0))  # the newest key attends exact
+        out[:, 2] = (rest - P).clamp(min=0)
+        out[:, 3] = total
+        out[:, 4] = 0
+        return out
+
+    # ------------------------------------------------------------------ prompt
+    def write_prompt(self, store, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Sinks, whole pages and the ring of one row from a prompt's ``k, v [H, n, D]``."""
+        n = k.shape[-2]
+        c = store.format.counts(n)
+        s, rest = c.sinks, n - c.sinks
+        if s:
+            store.sink_k[layer, row, :, :s] = k[:, :s]
+            store.sink_v[layer, row, :, :s] = v[:, :s]
+        kq, vq = k[:, s:], v[:, s:]
+        pages = -(-max(c.quantized_keys, c.quantized_values) // P)
+        if pages:
+            n_pad = pages * P
+            kc, kscale, kzero = quantize_codes(F.pad(kq[:, : c.quantized_keys], (0, 0, 0, n_pad - c.quantized_keys)),
+                                               self.bits, PAGE_GROUP, dim=-2)
+            vc, vscale, vzero = quantize_codes(vq[:, : c.quantized_values], self.bits, PAGE_GROUP, dim=-1)
+            m = n_pad - c.quantized_values
+            vc, vscale, vzero = (F.pad(x, (0, 0, 0, m)) for x in (vc, vscale, vzero))
+            if c.quantized_keys < n_pad:  # keys of a partial page are not quantized yet: no codes, no scales
+                kc[:, c.quantized_keys :] = 0
+                kscale[:, c.quantized_keys // PAGE_GROUP :] = 0
+                kzero[:, c.quantized_keys // PAGE_GROUP :] = 0
+            built = build_pages(kc[None], kscale[None], kzero[None], vc[None], vscale[None], vzero[None], self.bits)
+            store.pool[layer, store.table[row, :pages].long()] = built[0]
+        lo = max(0, rest - P)  # the ring holds the last P non-sink tokens
+        idx = torch.arange(lo, rest, device=k.device) % P
+        store.ring_k[layer, row, :, idx] = kq[:, lo:rest].to(store.dtype)
+        store.ring_v[layer, row, :, idx] = vq[:, lo:rest].to(store.dtype)
+
+    # ------------------------------------------------------------------ decode step
+    def append(self, store, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Rows 0..B-1 take their new token ``k, v [B, H, D]`` at positions ``pos [B]``: value flush, ring
+        write (or sink), then key flush where a page of keys completes."""
+        if self.use_triton and k.is_cuda:
+            from lowbit.engine import kivi_triton
+
+            kivi_triton.append(self, store, layer, pos, k, v)
+            return
+        self._append_ref(store, layer, pos, k, v)
+
+    def _append_ref(self, store, layer, pos, k, v) -> None:
+        b = k.shape[0]
+        pos = pos.long()
+        s = self.sinks
+        rows = torch.arange(b, device=k.device)
+        sink = pos < s
+        if bool(sink.any()):
+            r, p = rows[sink], pos[sink]
+            store.sink_k[layer, r, :, p] = k[sink].to(store.dtype)
+            store.sink_v[layer, r, :, p] = v[sink].to(store.dtype)
+        kidx = pos - s
+        slot = kidx % P
+        due_v = (~sink) & (kidx >= P)
+        if bool(due_v.any()):
+            r, j = rows[due_v], kidx[due_v] - P
+            old = store.ring_v[layer, r, :, slot[due_v]]  # [n, H, D]
+            codes, scale, zero = quantize_codes(old, self.bits, PAGE_GROUP, dim=-1)
+            blk = store.table[r, (j // P)].long()
+            t = j % P
+            elem = t[:, None] * self.head_dim + torch.arange(self.head_dim, device=k.device)[None, :]  # [n, D]
+            words = self._words(store, layer)
+            lay = self.layout
+            idx = blk[:, None, None] * words.stride(0) + torch.arange(words.shape[1], device=k.device)[None, :, None] \
+                * words.stride(1) + lay.code_bytes // 4 + self.value_word[elem].long()[:, None, :]  # [n, H, D]
+            vals = codes.to(torch.int32) << self.value_shift[elem][:, None, :]
+            words.view(-1).scatter_add_(0, idx.reshape(-1), vals.reshape(-1))  # code bits are zero: add == or
+            halves = store.pool[layer].view(torch.float16)  # [blocks, H, bytes/2]
+            g = torch.arange(self.head_dim // PAGE_GROUP, device=k.device)
+            at = g[None, :] * P + t[:, None]  # [n, G]
+            halves[blk[:, None, None], torch.arange(halves.shape[1], device=k.device)[None, :, None],
+                   lay.value_scale // 2 + at[:, None, :]] = scale
+            halves[blk[:, None, None], torch.arange(halves.shape[1], device=k.device)[None, :, None],
+                   lay.value_zero // 2 + at[:, None, :]] = zero
+        live = ~sink
+        if bool(live.any()):
+            r = rows[live]
+            store.ring_k[layer, r, :, slot[live]] = k[live].to(store.dtype)
+            store.ring_v[layer, r, :, slot[live]] = v[live].to(store.dtype)
+        due_k = live & ((kidx + 1) % P == 0)
+        if bool(due_k.any()):
+            r = rows[due_k]
+            keys = store.ring_k[layer, r]  # [n, H, P, D], ring row t = page token t
+            codes, scale, zero = quantize_codes(keys, self.bits, PAGE_GROUP, dim=-2)  # [n,H,P,D], [n,H,P/32,D]
+            blk = store.table[r, (kidx[due_k] // P)].long()
+            lay, n, h = self.layout, r.shape[0], keys.shape[1]
+            pool = store.pool[layer]
+            pool[blk, :, : lay.code_bytes] = pack_page_codes(codes, self.bits, values=False)
+            pool[blk, :, lay.key_scale : lay.key_zero] = scale.contiguous().view(torch.uint8).reshape(n, h, -1)
+            pool[blk, :, lay.key_zero : lay.value_scale] = zero.contiguous().view(torch.uint8).reshape(n, h, -1)
+
+    @staticmethod
+    def _words(store, layer: int) -> torch.Tensor:
+        return store.pool[layer].view(torch.int32)  # [blocks, H, bytes/4]
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, store, layer: int, q: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode attention of rows 0..B-1 (``q [B, Hq, D]``) over sinks, pages and ring: ``[B, Hq, D]``."""
+        b = q.shape[0]
+        if self.use_kernel and q.dtype in (torch.float16, torch.bfloat16) and q.shape[1] // store.kv_heads <= 8:
+            from lowbit.kernels.kivi_paged import PagedKivi, paged_decode_attention
+
+            view = PagedKivi(self.bits, store.pool[layer], 0, 0, 0, 0, store.sink_k[layer, :b], store.sink_v[layer, :b],
+                             store.ring_k[layer, :b], store.ring_v[layer, :b], table=store.table[:b], seq=store.seq[:b])
+            out = paged_decode_attention(q[:, :, None], view, scale=scale, ring=True, key_pages=store.max_pages)
+            return out[:, 0]
+        return self.attend_ref(store, layer, q, pos, scale)
+
+    def attend_ref(self, store, layer, q, pos, scale) -> torch.Tensor:
+        """Float32 attention over the dequantized tokens of each row (the specification of :meth:`attend`)."""
+        keys, values, valid = self.dequantized(store, layer, q.shape[0], pos)
+        hq, hkv = q.shape[1], keys.shape[1]
+        keys = keys.repeat_interleave(hq // hkv, dim=1)
+        values = values.repeat_interleave(hq // hkv, dim=1)
+        scores = torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), values).to(q.dtype)
+
+    def dequantized(self, store, layer: int, b: int, pos: torch.Tensor):
+        """Keys, values ``[B, H, S + pages*P, D]`` (float32, token order: sinks then quantized index) and the
+        valid mask ``[B, S + pages*P]`` of rows 0..B-1 holding tokens ``0..pos``."""
+        total = pos.long() + 1
+        pages = store.pool[layer][store.table[:b].long()]  # [B, max_pages, H, bytes]
+        kc, ks, kz, vc, vs, vz = read_pages(pages, self.bits, self.head_dim)
+        kq = dequantize_codes(kc, ks, kz, PAGE_GROUP, dim=-2, dtype=torch.float32)
+        vq = dequantize_codes(vc, vs, vz, PAGE_GROUP, dim=-1, dtype=torch.float32)
+        kq, vq = F.pad(kq, (0, 0, 0, P)), F.pad(vq, (0, 0, 0, P))  # the last tokens may lie past the pages
+        n = kq.shape[-2]
+        k_idx = torch.arange(n, device=pos.device)
+        n_sink = total.clamp(max=self.sinks)
+        rest = total - n_sink
+        n_qk, n_qv = torch.minimum(rest // P * P, (rest - 1).clamp(min=0)), (rest - P).clamp(min=0)  # as :meth:`counts`
+        ring_k = store.ring_k[layer, :b].float()[:, :, k_idx % P]
+        ring_v = store.ring_v[layer, :b].float()[:, :, k_idx % P]
+        keys = torch.where((k_idx[None, :] < n_qk[:, None])[:, None, :, None], kq, ring_k)
+        values = torch.where((k_idx[None, :] < n_qv[:, None])[:, None, :, None], vq, ring_v)
+        s = max(self.sinks, 1)
+        keys = torch.cat([store.sink_k[layer, :b].float(), keys], dim=2)
+        values = torch.cat([store.sink_v[layer, :b].float(), values], dim=2)
+        valid = torch.cat([torch.arange(s, device=pos.device)[None, :] < n_sink[:, None],
+                           k_idx[None, :] < rest[:, None]], dim=1)
+        return keys, values, valid
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _paged_kernel_ok() -> bool:
+    from lowbit.kernels.cuda_build import available
+
+    return available("kivi_paged")

@@ -1,0 +1,130 @@
+"""The paged engine on the CPU (PyTorch paths): storage bit-exact against KIVI's own cache, generation equal to
+transformers', exact admission, compact rows, clear errors."""
+
+import pytest
+import torch
+
+from lowbit.engine import PagedEngine, PoolFullError, make_store
+from lowbit.engine.runner import LlamaRunner
+from lowbit.kv.kivi import KiviCache, KiviLayer
+from lowbit.quant.kivi import dequantized_kv
+
+
+def _store(kind, h=2, d=64, rows=2, max_tokens=1024, mb=64, dtype=torch.float32):
+    return make_store(kind, layers=1, kv_heads=h, head_dim=d, rows=rows, max_tokens=max_tokens, budget_bytes=mb << 20,
+                      dtype=dtype, device="cpu")
+
+
+@pytest.mark.parametrize("bits,prompt,steps,sinks", [(2, 300, 200, 0), (2, 5, 270, 4), (4, 140, 130, 0), (4, 128, 3, 2)])
+def test_kivi_store_holds_exactly_what_kivi_cache_holds(bits, prompt, steps, sinks):
+    """Prompt write then appends (row 1; row 0 a second sequence) == KiviLayer, bit for bit, after every step."""
+    g = torch.Generator().manual_seed(bits * 1000 + prompt)
+    h, d = 2, 64
+    store = _store(f"kivi{bits}:sinks={sinks}", h, d)
+    store.reserve(0, 400)
+    store.reserve(1, prompt + steps)
+    ref = KiviLayer(bits=bits, group=32, residual=128, sinks=sinks, storage_dtype=torch.float32)
+    k, v = torch.randn(1, h, prompt, d, generator=g) * 2 + 0.5, torch.randn(1, h, prompt, d, generator=g) * 2
+    store.write_prompt(0, 1, k[0], v[0])
+    ref.update(k, v)
+    for i in range(steps + 1):
+        pos = torch.tensor([i, prompt + i - 1])
+        if i:
+            kn, vn = torch.randn(2, h, d, generator=g) * 3, torch.randn(2, h, d, generator=g)
+            store.begin_step(pos)
+            store.append(0, pos, kn, vn)
+            ref.update(kn[1:2, :, None], vn[1:2, :, None])
+        if i % 37 and i != steps:
+            continue
+        keys, values, valid = store.ops.dequantized(store, 0, 2, pos)
+        want_k, want_v = dequantized_kv(ref.parts(), torch.float32)
+        assert torch.equal(keys[1][:, valid[1]][:, :-1], want_k[0][:, :-1]) and torch.equal(values[1][:, valid[1]], want_v[0]), i
+
+
+def test_fp16_engine_generates_what_transformers_generates(tiny_llama):
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 140, 300)]
+    engine = PagedEngine(tiny_llama, kv="fp16", kv_budget_mb=64, max_batch=4, max_tokens=512)
+    reqs = [engine.add(p, 12) for p in prompts]
+    engine.run()
+    for p, r in zip(prompts, reqs):
+        want = tiny_llama.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+        assert r.output == want
+    assert engine.store.used_blocks == 0 and max(s.batch for s in engine.history) == 3
+
+
+def test_kivi_runner_logits_match_kivi_cache(tiny_llama):
+    """Teacher-forced decode over KIVI-2 pages == transformers with lowbit's KiviCache (reference path)."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 512, (1, 420), generator=g)
+    n0 = 250
+    cfg = tiny_llama.config
+    store = make_store("kivi2:sinks=4", layers=2, kv_heads=2, head_dim=64, rows=1, max_tokens=512, budget_bytes=64 << 20,
+                       dtype=torch.float32, device="cpu")
+    store.reserve(0, 420)
+    runner = LlamaRunner(tiny_llama, store)
+    cache = KiviCache(cfg, bits=2, group=32, residual=128, sinks=4, storage_dtype=torch.float32)
+    with torch.no_grad():
+        want = tiny_llama(ids[:, :n0], past_key_values=cache).logits[0, -1]
+        got = runner.prefill(0, ids[0, :n0])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for t in range(n0, 420):
+            want = tiny_llama(ids[:, t : t + 1], past_key_values=cache).logits[0, -1]
+            got = runner.decode(ids[0, t : t + 1], torch.tensor([t]))[0]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {t}: {m}")
+
+
+def test_admission_is_exact_and_rows_stay_compact(tiny_llama):
+    """A budget with pages for two requests at a time: never more pages than the pool, never more than two
+    running, each output equal to running the request alone."""
+    store_probe = _store("fp16", h=2, d=64, rows=4)
+    page = store_probe.block_bytes() * 2  # 2 layers
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 290, 280, 270)]
+    budget = (2 * 3 * page + page) / 2**20  # 3 pages each (311-340 tokens): two requests, + the scratch block
+    engine = PagedEngine(tiny_llama, kv="fp16", kv_budget_mb=budget, max_batch=4, max_tokens=384)
+    assert engine.store.blocks - 1 == 6
+    reqs = [engine.add(p, 40) for p in prompts]
+    while not engine.idle:
+        stats = engine.step()
+        assert stats.pages_used <= 6 and stats.batch <= 2
+        assert [r.row for r in engine.running] == list(range(len(engine.running)))
+    assert engine.store.used_blocks == 0 and sorted(engine.store.free_blocks) == list(range(1, 7))
+    for p, r in zip(prompts, reqs):
+        alone = PagedEngine(tiny_llama, kv="fp16", kv_budget_mb=8, max_batch=1, max_tokens=384)
+        want = alone.add(p, 40)
+        alone.run()
+        assert r.output == want.output and len(r.output) == 40
+
+
+def test_cancel_frees_pages_and_keeps_the_others(tiny_llama):
+    engine = PagedEngine(tiny_llama, kv="kivi2", kv_budget_mb=16, max_batch=4, max_tokens=512)
+    a, b = engine.add(list(range(1, 200)), 30), engine.add(list(range(3, 150)), 30)
+    engine.step()
+    engine.step()
+    used = engine.store.used_blocks
+    engine.cancel(a)
+    assert engine.store.used_blocks < used and b.row == 0
+    engine.run()
+    assert len(b.output) == 30 and engine.store.used_blocks == 0
+
+
+def test_clear_errors(tiny_llama):
+    with pytest.raises(ValueError, match="allowed are fp16, kivi2, kivi4"):
+        PagedEngine(tiny_llama, kv="kivi3", kv_budget_mb=16)
+    with pytest.raises(PoolFullError, match="holds no page"):
+        PagedEngine(tiny_llama, kv="fp16", kv_budget_mb=0.01)
+    engine = PagedEngine(tiny_llama, kv="kivi2", kv_budget_mb=4, max_batch=2, max_tokens=300)
+    with pytest.raises(PoolFullError, match="max_tokens"):
+        engine.add([1] * 290, 20)
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.add([], 5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.add([1, 2], 0)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.add([1, 2], 3, temperature=-1)
+
+
+def test_pages_for_follows_the_kivi_flush_schedule():
+    store = _store("kivi2:sinks=4")
+    assert [store.pages_for(n) for n in (0, 4, 131, 132, 260, 388)] == [0, 0, 0, 1, 2, 3]
+    assert _store("fp16").pages_for(129) == 2
+    assert store.block_bytes() < _store("fp16").block_bytes() / 4
