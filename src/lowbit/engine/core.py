@@ -117,13 +117,12 @@ class PagedEngine:
             prefilled += 1
         b = len(self.running)
         if b:
-            for r in self.running:
-                self.pos_host[r.row] = r.length - 1
             self.graphs.pos[:b].copy_(self.pos_host[:b], non_blocking=True)
             logits = self.graphs.step(b)
-            tokens = self._sample(logits, self.temps[:b])
+            tokens = self._sample(logits, self.temps[:b], any(r.temperature > 0 for r in self.running))
             self.graphs.tokens[:b] = tokens
-            for r, tok in zip(list(self.running), tokens.tolist()):
+            self.pos_host[:b] += 1
+            for r, tok in zip(list(self.running), tokens.tolist()):  # the step's one host sync
                 self._emit(r, tok)
         stats = StepStats(prefilled, b, time.perf_counter() - t0, self.store.used_blocks, len(self.store.free_blocks))
         self.history.append(stats)
@@ -145,13 +144,14 @@ class PagedEngine:
         ids = torch.tensor(req.prompt, dtype=torch.long, device=self.device)
         logits = self.runner.prefill(row, ids)
         self.temps[row] = req.temperature
-        tok = int(self._sample(logits[None], self.temps[row : row + 1])[0])
+        self.pos_host[row] = len(req.prompt)  # where the first generated token goes in
+        tok = int(self._sample(logits[None], self.temps[row : row + 1], req.temperature > 0)[0])
         self.graphs.tokens[row] = tok
         self._emit(req, tok)
 
-    def _sample(self, logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, temps: torch.Tensor, any_random: bool) -> torch.Tensor:
         greedy = logits.argmax(-1)
-        if not bool((temps > 0).any()):
+        if not any_random:
             return greedy
         probs = torch.softmax(logits.float() / temps.clamp(min=1e-5)[:, None], dim=-1)
         drawn = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
@@ -176,6 +176,7 @@ class PagedEngine:
             self.store.move_row(last.row, row)
             self.graphs.tokens[row] = self.graphs.tokens[last.row]
             self.temps[row] = self.temps[last.row]
+            self.pos_host[row] = self.pos_host[last.row]
             last.row = row
             self.running.remove(last)
             self.running.insert(row, last)
