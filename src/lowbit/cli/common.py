@@ -29,13 +29,18 @@ def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
 
 
-def _load(model_name: str):
+def _load(model_name: str, device: str = "auto"):
+    """``device`` auto: ``load_model``'s defaults; cpu/cuda: float32, TF32 off, reference KV path (lowbit.eval.device)."""
     from lowbit.models import ModelNotFoundError, load_model
 
     with err.status(f"loading {model_name} …"):
         try:
-            return load_model(model_name)
-        except ModelNotFoundError as exc:
+            if device == "auto":
+                return load_model(model_name)
+            from lowbit.eval.device import load_for_quality
+
+            return load_for_quality(model_name, device)
+        except (ModelNotFoundError, ValueError) as exc:
             _fail(str(exc))
 
 

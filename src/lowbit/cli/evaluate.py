@@ -56,6 +56,7 @@ def eval_cmd(
     depth: float = typer.Option(0.5, help="task: where the needle sits in the filler (0..1)"),
     seed: int = typer.Option(0, help="task: seed of the first sample"),
     compress: str = typer.Option("prompt", help="task: compress the whole 'prompt', or only the 'context' (question appended after, outside the budget)"),
+    device: str = typer.Option("auto", help="auto (CUDA in bfloat16 with the Triton kernels when present, else CPU) | cpu | cuda: float32, TF32 off, PyTorch reference KV path (GPU figures match CPU ones)"),
 ):
     """Streaming perplexity / KL / top-1 of one method against the uncompressed model (or a --task)."""
     from lowbit.eval.report import results_table, write_json
@@ -65,8 +66,8 @@ def eval_cmd(
     if task is not None:
         if lut or wa:
             _fail("--task evaluates a KV method: combine it with --kv only")
-        return _run_task(model, kv, task, length, samples, depth, seed, json_out, compress)
-    m, tok = _load(model)
+        return _run_task(model, kv, task, length, samples, depth, seed, json_out, compress, device)
+    m, tok = _load(model, device)
     ids = _tokens(tok, text, prefill + tokens)
     (result,) = _run_variants(m, ids, [variant], prefill, tokens, _calibration(tok, text) if wa else None)
     console.print(results_table([result], title=f"{model}: prefill {prefill}, {tokens} streamed tokens"))
@@ -75,7 +76,7 @@ def eval_cmd(
         console.print(f"wrote {json_out}")
 
 
-def _run_task(model, kv, task, length, samples, depth, seed, json_out, compress="prompt"):
+def _run_task(model, kv, task, length, samples, depth, seed, json_out, compress="prompt", device="auto"):
     from rich.table import Table
 
     from lowbit.eval.tasks import TASKS, run_task
@@ -84,7 +85,7 @@ def _run_task(model, kv, task, length, samples, depth, seed, json_out, compress=
         _fail(f"unknown task '{task}': allowed tasks are {', '.join(TASKS)}")
     if not 0.0 <= depth <= 1.0:
         _fail(f"--depth {depth} must be within 0..1")
-    m, tok = _load(model)
+    m, tok = _load(model, device)
     if length < 64 or length > m.config.max_position_embeddings:
         _fail(f"--length {length} must be within 64..{m.config.max_position_embeddings} (the model's context)")
     with _progress() as progress:
@@ -124,6 +125,7 @@ def compare(
     tokens: int = typer.Option(256),
     offset: int = typer.Option(0, help="skip this many tokens of the text first (e.g. 160000: WikiText-2's held-out second half)"),
     out: Path = typer.Option(Path("lowbit-report"), help="folder for compare.json and compare.png"),
+    device: str = typer.Option("auto", help="auto (CUDA in bfloat16 with the Triton kernels when present, else CPU) | cpu | cuda: float32, TF32 off, PyTorch reference KV path (GPU figures match CPU ones)"),
 ):
     """The main job: evaluate several methods on one model and text; table, JSON and plot.
 
@@ -149,7 +151,7 @@ def compare(
     kv = list(kv) + [spec for _, _, spec in budget_rows if spec not in kv]
     variants = _validated([Variant(kv=k) for k in kv] + [Variant(lut=spec) for spec in lut if spec] + pairs)
     _validated([Variant(wa=w) for w in wa])
-    m, tok = _load(model)
+    m, tok = _load(model, device)
     ids = _tokens(tok, text, offset + prefill + tokens)[:, offset:]
     calib = _calibration(tok, text) if (wa or pairs) else None
     results = _run_variants(m, ids, variants, prefill, tokens, calib)
