@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 
+from lowbit.kv.hf import cache_kwargs
 from lowbit.kv.registry import make_cache
 
 
@@ -32,7 +33,7 @@ def generate_text(
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        past_key_values=make_cache(kv, model.config, model),
+        **cache_kwargs(model, make_cache(kv, model.config, model)),
         pad_token_id=tokenizer.pad_token_id,
     )
     if not stream:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lowbit.cli.common import QUIET_HELP, _quiet, _steps
 from lowbit.lut.functions import FUNCTIONS
 from lowbit.lut.genetic import dense_errors, fit
 
@@ -51,12 +52,15 @@ def fit_cmd(
     population: int = typer.Option(128, "--population", help="GA population"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the table as JSON here"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="save a PNG of f, the LUTs and their errors"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Fit a GA table and the uniform baseline; print their errors, write JSON and optionally a plot."""
+    _quiet(quiet)
     lo, hi = parse_range(range_) if range_ is not None else (None, None)
     try:
-        result = fit(fn, segments=segments, lo=lo, hi=hi, in_bits=in_bits, seed=seed, generations=generations,
-                     population=population, in_scale=in_scale, coef_bits=coef_bits)
+        with _steps(1, "generations") as steps, steps.step(f"GA fit {fn}, {segments} segments", generations) as advance:
+            result = fit(fn, segments=segments, lo=lo, hi=hi, in_bits=in_bits, seed=seed, generations=generations,
+                         population=population, in_scale=in_scale, coef_bits=coef_bits, progress=advance)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     t = result.table

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache
 
+from lowbit.kv.hf import cache_kwargs
 from lowbit.kv.registry import KV_PRESETS, KVShape, cache_bytes, cache_nbytes, is_exact, make_cache, parse_kv_spec
 
 BITS_AT = 4096  # the length at which bits per element are also reported (the registry's closed form)
@@ -97,10 +98,10 @@ def _stream(model, ids: torch.Tensor, cache: Cache, prefill: int, tokens: int, p
     device = next(model.parameters()).device
     ids = ids.to(device)
     out = []
-    logits = model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits[0, -1]
+    logits = model(ids[:, :prefill], **cache_kwargs(model, cache, use_cache=True)).logits[0, -1]
     out.append(torch.log_softmax(logits.float(), -1).cpu())
     for i in range(prefill, prefill + tokens - 1):
-        logits = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(ids[:, i : i + 1], **cache_kwargs(model, cache, use_cache=True)).logits[0, -1]
         out.append(torch.log_softmax(logits.float(), -1).cpu())
         if progress is not None:
             progress()

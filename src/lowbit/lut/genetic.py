@@ -208,8 +208,10 @@ def uniform_fit(fn: str | Callable, segments: int = 8, lo: float | None = None, 
 def fit(fn: str | Callable, segments: int = 8, lo: float | None = None, hi: float | None = None,
         in_bits: int = 8, seed: int = 0, generations: int = 300, population: int = 128,
         in_scale: str = "float", coef_bits: int = 8, polish: bool = True,
-        mean_weight: float = 0.1) -> FitResult:
-    """Fit a GQA-LUT for `fn` (a registry name or a callable with lo/hi) and the uniform baseline."""
+        mean_weight: float = 0.1, progress: Callable[[], None] | None = None) -> FitResult:
+    """Fit a GQA-LUT for `fn` (a registry name or a callable with lo/hi) and the uniform baseline.
+
+    `progress`, when given, is called once per generation."""
     t0 = time.perf_counter()
     prob = _Problem(fn, segments, lo, hi, in_bits, in_scale, coef_bits)
     _check_int("generations", generations, 1, 100_000)
@@ -252,6 +254,8 @@ def fit(fn: str | Callable, segments: int = 8, lo: float | None = None, hi: floa
         child = child + np.where(rng.random((n_child, K)) < p_mut, step, 0)
         pop = np.concatenate([elites, prob.repair(child)], axis=0)
         fit_vals = fitness(pop)
+        if progress is not None:
+            progress()
     best = pop[np.argmin(fit_vals)].copy()
     best_fit = float(fit_vals.min())
     if polish:  # deterministic local search: move one breakpoint by +-1 or +-2 codes

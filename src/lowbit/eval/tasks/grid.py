@@ -118,6 +118,7 @@ def merge_diagnostics(model, tok, samples: int = 3, length: int = 512, log=print
 
     from lowbit.eval.tasks.needle import make_sample, prompt_ids
     from lowbit.kv import make_cache
+    from lowbit.kv.hf import cache_kwargs
     from lowbit.kv.merging import adjacent_similarity, find_sets, protected_mask
 
     specs = [f"{m}:budget={b}{o}" for b in (0.5, 0.25) for m, o in (("h2o", ""), ("kvmerger", ",protect=0.5"), ("kvmerger", ",protect=0"))]
@@ -131,7 +132,7 @@ def merge_diagnostics(model, tok, samples: int = 3, length: int = 512, log=print
         digits = sorted({i + j for i in starts for j in range(5)})
         ref = make_cache("h2o:budget=1.0", model.config, model)
         with torch.no_grad():
-            model(ids, past_key_values=ref, use_cache=True)
+            model(ids, **cache_kwargs(model, ref, use_cache=True))
         for layer in ref.layers:
             sim = adjacent_similarity(layer.keys[0].float())  # [H, n]
             sims.append(sim[:, 5:-32].flatten())  # the middle a budget cache compresses
@@ -143,7 +144,7 @@ def merge_diagnostics(model, tok, samples: int = 3, length: int = 512, log=print
         for spec in specs:
             cache = make_cache(spec, model.config, model)
             with torch.no_grad():
-                model(ids, past_key_values=cache, use_cache=True)
+                model(ids, **cache_kwargs(model, cache, use_cache=True))
             for layer, full in zip(cache.layers, ref.layers):
                 for h in range(layer.positions.shape[1]):
                     for d in digits:

@@ -20,6 +20,7 @@ import torch
 
 from lowbit.eval.data import DEFAULT_TEXT, read_text
 from lowbit.generation import build_inputs
+from lowbit.kv.hf import cache_kwargs
 from lowbit.kv.registry import cache_nbytes, make_cache, parse_kv_spec
 
 TASKS = ("passkey", "kv-retrieval")
@@ -206,7 +207,7 @@ def run_task(
         ids = ids.to(device)
         cache = make_cache(kv_spec, model.config, model)
         if compress == "context":
-            model(input_ids=ids[:, :n_context], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :n_context], **cache_kwargs(model, cache, use_cache=True))
             if hasattr(cache, "freeze"):
                 cache.freeze()
         out = model.generate(
@@ -214,7 +215,7 @@ def run_task(
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
         text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

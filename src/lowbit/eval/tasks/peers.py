@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from lowbit.eval.tasks.needle import TaskResult, check_protocol, extract_answer, make_sample, prompt_ids
+from lowbit.kv.hf import cache_kwargs
 
 # name -> (kvpress class, extra constructor arguments, attention implementation it needs)
 PRESSES = {
@@ -98,7 +99,7 @@ def greedy_after(model, cache, ids: torch.Tensor, start: int, first_logits: torc
     if start < ids.shape[1]:
         q = ids[:, start:]
         position_ids = torch.arange(start, ids.shape[1], device=ids.device)[None]
-        logits = model(input_ids=q, past_key_values=cache, position_ids=position_ids, use_cache=True).logits[:, -1]
+        logits = model(input_ids=q, **cache_kwargs(model, cache, position_ids=position_ids, use_cache=True)).logits[:, -1]
         pos = ids.shape[1]
     out = []
     for _ in range(max_new_tokens):
@@ -107,7 +108,7 @@ def greedy_after(model, cache, ids: torch.Tensor, start: int, first_logits: torc
         if nxt in eos or len(out) == max_new_tokens:
             break
         step = torch.tensor([[nxt]], device=ids.device)
-        logits = model(input_ids=step, past_key_values=cache, position_ids=torch.tensor([[pos]], device=ids.device), use_cache=True).logits[:, -1]
+        logits = model(input_ids=step, **cache_kwargs(model, cache, position_ids=torch.tensor([[pos]], device=ids.device), use_cache=True)).logits[:, -1]
         pos += 1
     return out
 
@@ -136,7 +137,7 @@ def run_press_task(
         cache = DynamicCache(config=model.config)
         with _attention(model, implementation):
             with _kvpress_kwargs(model), p(model):
-                logits = model(input_ids=ids[:, :n_pre], past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(input_ids=ids[:, :n_pre], **cache_kwargs(model, cache, use_cache=True)).logits[:, -1]
         generated = greedy_after(model, cache, ids, n_pre, logits, max_new_tokens, eos)
         text = tok.decode(generated, skip_special_tokens=True)
         correct += extract_answer(text) == s.answer
