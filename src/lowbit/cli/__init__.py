@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: eval, compare, quantize, generate, serve, and the ``lut`` and ``bench`` groups.
+"""The ``lowbit`` command line: eval, compare, quantize, generate, serve, lm-eval, and the ``lut`` and ``bench`` groups.
 
 Each module holds typer option parsing and printing only; the work is done by library modules.
 """
@@ -9,6 +9,7 @@ import typer
 
 from lowbit.cli.bench import app as bench_app
 from lowbit.cli.evaluate import compare, eval_cmd, generate, quantize
+from lowbit.cli.lmeval import lm_eval_command
 from lowbit.cli.lut import app as lut_app
 from lowbit.cli.serve import serve_command
 
@@ -20,5 +21,7 @@ app.command("eval")(eval_cmd)
 app.command("compare")(compare)
 app.command("quantize")(quantize)
 app.command("generate")(generate)
+app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+            help="lm-evaluation-harness's CLI with --model lowbit and lowbit's offline tasks (pip install 'lowbit[eval]').")(lm_eval_command)
 
 __all__ = ["app"]

@@ -1,17 +1,26 @@
-"""Shared CLI helpers: consoles, failing with exit code 2, progress bars, model/text loading with clear errors."""
+"""Shared CLI helpers: consoles, failing with exit code 2, progress, model/text loading with clear errors."""
 
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import nullcontext
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lowbit.cli.progress import Steps, live_terminal, set_quiet
 from lowbit.spec import SpecError
 
 console = Console(width=None if sys.stdout.isatty() else 150)  # full tables in logs and CI too
 err = Console(stderr=True)
+
+
+QUIET_HELP = "no bars or spinners: one plain line per finished step (also the default when stderr is not a terminal)"
+
+
+def _quiet(quiet: bool) -> None:
+    set_quiet(quiet)
 
 
 def _fail(message: str) -> None:
@@ -25,23 +34,33 @@ def _fail_plain(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+def _steps(n: int | None = None, unit: str = "tok") -> Steps:
+    """Progress of `n` steps on stderr: bars with ETA on a terminal, one line per step otherwise or with --quiet."""
+    return Steps(err, n, unit)
 
 
 def _load(model_name: str, device: str = "auto"):
     """``device`` auto: ``load_model``'s defaults; cpu/cuda: float32, TF32 off, reference KV path (lowbit.eval.device)."""
     from lowbit.models import ModelNotFoundError, load_model
 
-    with err.status(f"loading {model_name} …"):
+    t0 = time.perf_counter()
+    if live_terminal(err):
+        status = err.status(f"loading {model_name} …")
+    else:  # no spinner off a terminal or with --quiet: say what is happening, once
+        err.print(f"loading {model_name} (a first load converts the GGUF, ≈30 s) …", highlight=False)
+        status = nullcontext()
+    with status:
         try:
             if device == "auto":
-                return load_model(model_name)
-            from lowbit.eval.device import load_for_quality
+                loaded = load_model(model_name)
+            else:
+                from lowbit.eval.device import load_for_quality
 
-            return load_for_quality(model_name, device)
+                loaded = load_for_quality(model_name, device)
         except (ModelNotFoundError, ValueError) as exc:
             _fail(str(exc))
+    err.print(f"loaded {model_name} in {time.perf_counter() - t0:.1f} s", highlight=False)
+    return loaded
 
 
 def _validated(variants):

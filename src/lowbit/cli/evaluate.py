@@ -9,8 +9,12 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import _calibration, _fail, _load, _progress, _tokens, _validated, console, err
+from lowbit.cli.common import QUIET_HELP, _calibration, _fail, _load, _quiet, _steps, _tokens, _validated, console
 
+# `lowbit compare` (what `make demo` runs) is sized for a first run on a 2-core CPU (≈3 min); --full is the README table
+DEMO_KV = ["fp16", "kivi:bits=4", "kivi:bits=2", "2bit"]
+DEMO_WA = ["w8a8", "w4a4", "fmpq:w=4,a=4"]
+DEMO_WA_TOKENS = 1024
 DEFAULT_COMPARE = ["fp16", "kivi:bits=4", "4bit", "kivi:bits=2", "kivi:bits=2,sinks=4", "2bit"]
 DEFAULT_LUT = ["silu:segments=16"]
 IMPROVED = "gptq=true,rotate=hadamard,sym=false,clip=true"  # docs/QUALITY.md
@@ -26,14 +30,13 @@ def _run_variants(model, ids, variants, prefill: int, tokens: int, calib=None):
     from lowbit.eval.variants import prepared
 
     results = []
-    with _progress() as progress:
-        task = progress.add_task("reference (uncompressed)", total=tokens - 1)
-        ref = reference_run(model, ids, prefill, tokens, progress=lambda: progress.advance(task))
+    with _steps(len(variants) + 1) as steps:
+        with steps.step("reference (uncompressed)", tokens - 1) as advance:
+            ref = reference_run(model, ids, prefill, tokens, progress=advance)
         for variant in variants:
-            task = progress.add_task(variant.label, total=tokens - 1)
             try:
-                with prepared(model, variant, calib) as work:
-                    result = evaluate_kv(work, ids, variant.kv, prefill, tokens, reference=ref, progress=lambda t=task: progress.advance(t))
+                with steps.step(variant.label, tokens - 1) as advance, prepared(model, variant, calib) as work:
+                    result = evaluate_kv(work, ids, variant.kv, prefill, tokens, reference=ref, progress=advance)
             except ValueError as exc:  # e.g. a LUT function the model does not use
                 _fail(f"{variant.label}: {exc}")
             result.method = variant.label
@@ -56,9 +59,11 @@ def eval_cmd(
     depth: float = typer.Option(0.5, help="task: where the needle sits in the filler (0..1)"),
     seed: int = typer.Option(0, help="task: seed of the first sample"),
     compress: str = typer.Option("prompt", help="task: compress the whole 'prompt', or only the 'context' (question appended after, outside the budget)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
     device: str = typer.Option("auto", help="auto (CUDA in bfloat16 with the Triton kernels when present, else CPU) | cpu | cuda: float32, TF32 off, PyTorch reference KV path (GPU figures match CPU ones)"),
 ):
     """Streaming perplexity / KL / top-1 of one method against the uncompressed model (or a --task)."""
+    _quiet(quiet)
     from lowbit.eval.report import results_table, write_json
     from lowbit.eval.variants import Variant
 
@@ -88,10 +93,10 @@ def _run_task(model, kv, task, length, samples, depth, seed, json_out, compress=
     m, tok = _load(model, device)
     if length < 64 or length > m.config.max_position_embeddings:
         _fail(f"--length {length} must be within 64..{m.config.max_position_embeddings} (the model's context)")
-    with _progress() as progress:
-        bar = progress.add_task(f"{task} · {kv}", total=samples)
+    with _steps(1, "samples") as steps:
         try:
-            result = run_task(m, tok, task, length, samples, kv, depth=depth, seed=seed, progress=lambda: progress.advance(bar), compress=compress)
+            with steps.step(f"{task} · {kv}", samples) as advance:
+                result = run_task(m, tok, task, length, samples, kv, depth=depth, seed=seed, progress=advance, compress=compress)
         except ValueError as exc:
             _fail(str(exc))
     table = Table(title=f"{model} · {task} · {length} tokens · depth {depth}")
@@ -107,11 +112,13 @@ def _run_task(model, kv, task, length, samples, depth, seed, json_out, compress=
 
 def compare(
     model: str = typer.Option("smollm2", help="bundled name, local HF dir, .gguf file or hub id"),
-    kv: list[str] = typer.Option(DEFAULT_COMPARE, help="KV methods to compare (repeat the option)"),
-    lut: list[str] = typer.Option(DEFAULT_LUT, help="LUT rows (uncompressed KV, activation swapped); repeatable"),
-    wa: list[str] = typer.Option(DEFAULT_WA, help="W/A rows, full-sequence perplexity; repeatable ('' for none)"),
-    wa_kv: list[str] = typer.Option(DEFAULT_WA_KV, help="'WA_SPEC|KV_SPEC' rows through the streaming protocol"),
-    wa_tokens: int = typer.Option(2048, help="tokens scored (windows of 1024) in the W/A section"),
+    kv: Optional[list[str]] = typer.Option(None, help=f"KV methods to compare (repeat the option; default {', '.join(DEMO_KV)}; --full: {len(DEFAULT_COMPARE)} methods)"),
+    lut: Optional[list[str]] = typer.Option(None, help=f"LUT rows (uncompressed KV, activation swapped); repeatable (default {DEFAULT_LUT[0]})"),
+    wa: Optional[list[str]] = typer.Option(None, help=f"W/A rows, full-sequence perplexity; repeatable ('' for none; default {', '.join(DEMO_WA)}; --full: {len(DEFAULT_WA)} quantizers)"),
+    wa_kv: Optional[list[str]] = typer.Option(None, help=f"'WA_SPEC|KV_SPEC' rows through the streaming protocol (default {DEFAULT_WA_KV[0]})"),
+    wa_tokens: Optional[int] = typer.Option(None, help=f"tokens scored (windows of 1024) in the W/A section (default {DEMO_WA_TOKENS}; --full: 2048)"),
+    full: bool = typer.Option(False, "--full", help="the full README table: every KV method, GPTQ/rotation W/A rows, 2048 W/A tokens (≈9 min on 2 CPU cores)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
     budgets: Optional[str] = typer.Option(None, help="budget section: comma-separated budgets, e.g. 0.5,0.35"),
     budget_methods: str = typer.Option(DEFAULT_BUDGET_METHODS, help="budget section: comma-separated KV methods"),
     task: Optional[str] = typer.Option(None, help="budget section: also a retrieval task (passkey or kv-retrieval)"),
@@ -137,7 +144,12 @@ def compare(
     from lowbit.eval.report import plot_quality_vs_bytes, results_table, write_json
     from lowbit.eval.variants import Variant
 
-    wa = [w for w in wa if w]
+    _quiet(quiet)
+    kv = list(kv or (DEFAULT_COMPARE if full else DEMO_KV))
+    lut = list(lut or DEFAULT_LUT)
+    wa = [w for w in (wa or (DEFAULT_WA if full else DEMO_WA)) if w]
+    wa_kv = list(wa_kv or DEFAULT_WA_KV)
+    wa_tokens = wa_tokens or (2048 if full else DEMO_WA_TOKENS)
     pairs = []
     for item in (x for x in wa_kv if x):
         w, sep, k = item.partition("|")
@@ -162,7 +174,7 @@ def compare(
     wa_results = _wa_section(m, tok, text, wa, wa_tokens, calib, offset) if wa else []
     json_path = write_json(results, out / "compare.json", {**meta, "wa_tokens": wa_tokens, "wa": wa_results})
     kv_rows = [r for r, v in zip(results, variants) if v.kv != "fp16" or not (v.lut or v.wa)]
-    console.print(f"wrote {json_path} and {plot_quality_vs_bytes(kv_rows, out / 'compare.png', title)}")
+    plot_path = plot_quality_vs_bytes(kv_rows, out / "compare.png", title)
     if budget_rows:
         by_kv = {r.method: r for r in results}
         rows = _budget_section(m, tok, budget_rows, by_kv, task, task_length, task_samples, compress, peer_rows)
@@ -172,6 +184,7 @@ def compare(
         from lowbit.eval.tasks import plot_quality_vs_budget
 
         console.print(f"wrote {plot_quality_vs_budget(rows, out / 'compare-budget.png')}")
+    console.print(f"wrote {json_path} (JSON) and {plot_path} (plot)" + ("" if full else "; the full table: lowbit compare --full"))
 
 
 def _budget_specs(budgets: str, methods: str) -> list[tuple[str, float, str]]:
@@ -217,19 +230,19 @@ def _budget_section(model, tok, budget_rows, by_kv, task, length, samples, compr
     if task is not None:
         if not rows or rows[0]["kv"] != "fp16":
             rows.insert(0, {"method": "fp16", "budget": 1.0, "kv": "fp16"})
-        with _progress() as progress:
+        with _steps(len(rows) + bool(peers), "samples") as steps:
             for row in rows:
-                bar = progress.add_task(f"{task} · {row['kv']}", total=samples)
                 try:
-                    result = run_task(model, tok, task, length, samples, row["kv"], progress=lambda b=bar: progress.advance(b), compress=compress)
+                    with steps.step(f"{task} · {row['kv']}", samples) as advance:
+                        result = run_task(model, tok, task, length, samples, row["kv"], progress=advance, compress=compress)
                 except ValueError as exc:
                     _fail(str(exc))
                 row["accuracy"] = result.accuracy
             if peers:
                 from lowbit.eval.tasks.peers import press_rows
 
-                bar = progress.add_task(f"{task} · kvpress", total=samples * len(peers[0]) * len(peers[1]))
-                rows += press_rows(model, tok, task, length, samples, peers[1], peers[0], compress, lambda: progress.advance(bar))
+                with steps.step(f"{task} · kvpress", samples * len(peers[0]) * len(peers[1])) as advance:
+                    rows += press_rows(model, tok, task, length, samples, peers[1], peers[0], compress, advance)
     table = Table(title="KV budget section" + (f" · {task} at {length} tokens, {samples} samples, compress {compress}" if task else ""))
     for col in ("method", "budget", "ppl", "KL(ref‖m)") + (("accuracy",) if task else ()):
         table.add_column(col, justify="left" if col == "method" else "right")
@@ -247,9 +260,16 @@ def _wa_section(model, tok, text, specs, n_tokens, calib, offset: int = 0) -> li
     from lowbit.eval.wa import wa_rows
 
     ids = _tokens(tok, text, offset + n_tokens)[0, offset:]
-    with _progress() as progress:
-        task = progress.add_task("W/A quantizers (full sequences)", total=len(specs) + 1)
-        rows = wa_rows(model, ["fp"] + list(specs), ids, calib, window=1024, progress=lambda: progress.advance(task))
+    labels = ["fp16"] + [f"wa={s}" for s in specs]
+    with _steps(len(labels), "quantizer") as steps:
+        steps.begin(labels[0], 1)
+
+        def done() -> None:  # wa_rows calls this after each spec: close its step, open the next
+            steps.advance()
+            if steps.index < len(labels):
+                steps.begin(labels[steps.index], 1)
+
+        rows = wa_rows(model, ["fp"] + list(specs), ids, calib, window=1024, progress=done)
     table = Table(title=f"weights/activations · full-sequence perplexity on {n_tokens} tokens (windows of 1024)")
     for col in ("method", "ppl", "Δppl %", "model bytes", "vs fp16"):
         table.add_column(col, justify="left" if col == "method" else "right")
@@ -268,17 +288,23 @@ def quantize(
     wa: str = typer.Option("fmpq:w=4,a=4", help="weight/activation spec"),
     out: Path = typer.Option(..., help="output folder (safetensors + JSON config)"),
     text: Optional[Path] = typer.Option(None, help="calibration text (default: bundled WikiText-2, second half)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Quantize a model's linear layers and save the packed result."""
+    _quiet(quiet)
     from lowbit.eval.variants import Variant
     from lowbit.wa import model_nbytes, quantize_model, save_quantized
 
     _validated([Variant(wa=wa)])
     m, tok = _load(model)
     calib = _calibration(tok, text)
-    with err.status(f"quantizing with {wa} …"):
-        quantize_model(m, wa, calib=calib)
-    path = save_quantized(m, out)
+    with _steps(2, "step") as steps:
+        with steps.step(f"quantize {wa}", 1) as advance:
+            quantize_model(m, wa, calib=calib)
+            advance()
+        with steps.step(f"save {out}", 1) as advance:
+            path = save_quantized(m, out)
+            advance()
     console.print(f"wrote {path} ({model_nbytes(m) / 2**20:.1f} MiB of weights)")
 
 
