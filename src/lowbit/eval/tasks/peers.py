@@ -65,32 +65,6 @@ def _attention(model, implementation: str | None):
         model.set_attn_implementation(old)
 
 
-@contextmanager
-def _kvpress_kwargs(model):
-    """kvpress 0.5.5's hooks read the attention call's ``past_key_values`` and ``cache_position`` keyword arguments;
-    transformers >= 5.2x passes the cache as ``cache`` and no cache position. A pre-hook on every attention module
-    adds both (the cache position from the layer's length before this call), so the presses run unchanged."""
-
-    def pre(module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None:
-            return None
-        kwargs.setdefault("past_key_values", cache)
-        if kwargs.get("cache_position") is None:
-            past = cache.get_seq_length(module.layer_idx)
-            q = kwargs["hidden_states"].shape[1] if "hidden_states" in kwargs else args[0].shape[1]
-            device = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).device
-            kwargs["cache_position"] = torch.arange(past, past + q, device=device)
-        return args, kwargs
-
-    hooks = [layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True) for layer in model.model.layers]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 @torch.no_grad()
 def greedy_after(model, cache, ids: torch.Tensor, start: int, first_logits: torch.Tensor | None, max_new_tokens: int, eos) -> list[int]:
     """Feed ``ids[:, start:]`` (if any) at their true positions into a (compressed) cache, then decode greedily."""
@@ -121,6 +95,8 @@ def run_press_task(
     """:func:`~lowbit.eval.tasks.run_task` for a kvpress press (same samples, same exact-match check)."""
     from transformers import DynamicCache
 
+    from lowbit.eval.kvpress_interop import kvpress_compat
+
     check_protocol(compress)
     p = make_press(press, budget)
     _, _, implementation = PRESSES[press]
@@ -136,7 +112,7 @@ def run_press_task(
         n_pre = ids.shape[1] if compress == "prompt" else n_context
         cache = DynamicCache(config=model.config)
         with _attention(model, implementation):
-            with _kvpress_kwargs(model), p(model):
+            with kvpress_compat(model), p(model):
                 logits = model(input_ids=ids[:, :n_pre], **cache_kwargs(model, cache, use_cache=True)).logits[:, -1]
         generated = greedy_after(model, cache, ids, n_pre, logits, max_new_tokens, eos)
         text = tok.decode(generated, skip_special_tokens=True)
