@@ -55,6 +55,7 @@ def test_triton_append_writes_the_reference_bytes(kind):
     ref.ops.use_triton = False
     assert fast.ops.use_triton
     _fill([fast, ref], [3, 200, 383], steps=140)
+    assert fast.ops.use_triton, "the Triton append fell back to the PyTorch path"
     assert torch.equal(fast.pool, ref.pool)
     assert torch.equal(fast.ring_k, ref.ring_k) and torch.equal(fast.ring_v, ref.ring_v)
     assert torch.equal(fast.sink_k, ref.sink_k) and torch.equal(fast.sink_v, ref.sink_v)

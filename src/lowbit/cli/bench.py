@@ -98,6 +98,37 @@ def e2e(
     _finish(payload, TABLE_COLUMNS, json_out)
 
 
+@app.command("engine")
+def engine_command(
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write all results here"),
+    methods: str = typer.Option("fp16,kivi4,kivi2", help="comma-separated engine KV kinds"),
+    layers: int = typer.Option(32, help="decoder layers of the Llama-3-8B shape (workload)"),
+    requests: int = typer.Option(64, min=1, help="workload: requests, all queued at once"),
+    prompt: int = typer.Option(8192, min=1, help="workload: prompt tokens"),
+    output: int = typer.Option(256, min=1, help="workload: output tokens"),
+    kv_budget_gb: float = typer.Option(16.0, help="workload: the one KV budget (GiB)"),
+    max_batch: int = typer.Option(128, min=1, help="workload: engine rows"),
+    decode_batch: int = typer.Option(64, min=1),
+    decode_context: int = typer.Option(8192, min=1),
+    decode_layers: int = typer.Option(0, help="decode comparison layers (0: as --layers)"),
+    steps: int = typer.Option(30, min=3, help="decode steps per timing"),
+    repeats: int = typer.Option(3, min=1),
+    baseline: bool = typer.Option(True, help="time HF bf16 StaticCache + torch.compile(reduce-overhead)"),
+):
+    """The paged engine on CUDA: a long-context workload under one KV budget, and decode steps vs HF static+compiled."""
+    import torch
+
+    from lowbit.bench.engine import DECODE_COLUMNS, WORKLOAD_COLUMNS, run_engine_bench
+
+    if not torch.cuda.is_available():
+        _fail_plain("lowbit bench engine needs a CUDA GPU (the engine's CPU path is for tests, not speed)")
+    payload = run_engine_bench([m.strip() for m in methods.split(",") if m.strip()], layers, requests, prompt, output,
+                               kv_budget_gb, max_batch, decode_batch, decode_context, decode_layers or None, steps,
+                               repeats, baseline, json_out=json_out, log=typer.echo)
+    typer.echo(format_table(payload["rows"], WORKLOAD_COLUMNS))
+    typer.echo(format_table(payload["decode"], DECODE_COLUMNS))
+
+
 def bench_serve_command(
     model: str = typer.Option("smollm2", help="bundled name, local HF dir, .gguf file or hub id"),
     kv: list[str] = typer.Option(["fp16", "kivi:bits=2"], help="KV methods to compare (repeat the option)"),

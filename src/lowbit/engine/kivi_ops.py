@@ -15,6 +15,8 @@ here computes the same codes and the float32 attention anywhere.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -90,8 +92,13 @@ class KiviOps:
         if self.use_triton and k.is_cuda:
             from lowbit.engine import kivi_triton
 
-            kivi_triton.append(self, store, layer, pos, k, v)
-            return
+            try:
+                kivi_triton.append(self, store, layer, pos, k, v)
+                return
+            except Exception as exc:  # noqa: BLE001 - a Triton build failure must not stop serving
+                warnings.warn(f"the engine's Triton KIVI append failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                              "using the PyTorch path", RuntimeWarning, stacklevel=2)
+                self.use_triton = False
         self._append_ref(store, layer, pos, k, v)
 
     def _append_ref(self, store, layer, pos, k, v) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from lowbit.quant.kivi import PAGE_GROUP, PAGE_TOKENS
 
-FP16_TINY = 6.103515625e-05  # torch.finfo(torch.float16).tiny
+FP16_TINY = tl.constexpr(6.103515625e-05)  # torch.finfo(torch.float16).tiny
 
 
 @triton.jit
@@ -24,7 +25,7 @@ def _quantize(x, QMAX: tl.constexpr, axis: tl.constexpr):
     scale = tl.maximum(tl.math.div_rn(hi - zero.to(tl.float32), QMAX * 1.0), FP16_TINY).to(tl.float16)
     zf = tl.expand_dims(zero.to(tl.float32), axis)
     sf = tl.expand_dims(scale.to(tl.float32), axis)
-    codes = tl.extra.cuda.libdevice.rint(tl.math.div_rn(x - zf, sf))
+    codes = libdevice.rint(tl.math.div_rn(x - zf, sf))
     codes = tl.minimum(tl.maximum(codes, 0.0), QMAX * 1.0).to(tl.int32)
     return codes, scale, zero
 

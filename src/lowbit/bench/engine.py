@@ -1,0 +1,213 @@
+"""`lowbit bench engine`: the paged engine on a GPU, random-weight Llama-3-8B shape.
+
+Two measurements, methods interleaved in one process:
+
+* **workload** -- ``requests`` requests (random prompts of ``prompt`` tokens, ``output`` tokens each) all queued at
+  once under one KV budget, per method (``fp16``, ``kivi4``, ``kivi2``): output tok/s (all output tokens over the
+  wall time from the first request to the last token), TTFT and TPOT p50/p99, peak concurrent sequences, and
+  ``vs_fp16_x``;
+* **decode** -- the time of one decode step (CUDA-graph replay, greedy sampling included) at a fixed batch and
+  context, per method, against HF transformers bf16 with a static cache, compiled with
+  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) -- the strongest plain baseline a user has -- and the
+  engine's eager step (launches included). Repeats alternate between methods; medians reported.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+from lowbit.bench.e2e import llama_config
+from lowbit.bench.timing import env_info, write_json
+
+WORKLOAD_COLUMNS = ["method", "requests", "prompt", "output", "kv_budget_gb", "output_tok_s", "vs_fp16_x", "ttft_p50_s",
+                    "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "peak_concurrent"]
+DECODE_COLUMNS = ["method", "batch", "context", "layers", "step_ms", "tokens_per_s", "vs_hf_static_x", "eager_step_ms"]
+
+
+def random_model(layers: int):
+    """A random-weight Llama-3-8B-shaped model in bf16 on the GPU (initialised there, quickly)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(layers)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model.eval()
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def workload(model, method: str, requests: int, prompt: int, output: int, budget_gb: float, max_batch: int, seed=0) -> dict:
+    """Run the workload once through a fresh engine (graphs captured before the clock starts)."""
+    import torch
+
+    from lowbit.engine import PagedEngine
+
+    engine = PagedEngine(model, kv=method, kv_budget_mb=budget_gb * 1024, max_batch=max_batch,
+                         max_tokens=prompt + output)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, model.config.vocab_size, (prompt,), generator=g).tolist() for _ in range(requests)]
+    _sync()
+    t0 = time.perf_counter()
+    reqs = [engine.add(p, output) for p in prompts]
+    engine.run()
+    _sync()
+    wall = time.perf_counter() - t0
+    ttft = [r.t_first - r.t_arrive for r in reqs]
+    tpot = [(r.t_done - r.t_first) / max(len(r.output) - 1, 1) * 1e3 for r in reqs]
+    row = {"method": method, "requests": requests, "prompt": prompt, "output": output, "kv_budget_gb": budget_gb,
+           "output_tok_s": round(requests * output / wall, 1), "wall_s": round(wall, 2),
+           "ttft_p50_s": round(_pct(ttft, 50), 3), "ttft_p99_s": round(_pct(ttft, 99), 3),
+           "tpot_p50_ms": round(_pct(tpot, 50), 2), "tpot_p99_ms": round(_pct(tpot, 99), 2),
+           "peak_concurrent": max(s.batch for s in engine.history), "pool_blocks": engine.store.blocks - 1,
+           "steps": len(engine.history)}
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time_steps(fn, steps: int) -> float:
+    """Median ms of `fn()` over `steps` calls (CUDA events, one sync per call)."""
+    import torch
+
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def engine_decoder(model, method: str, batch: int, context: int, steps: int):
+    """An engine whose rows 0..batch-1 hold `context` tokens (storage left as allocated: timing only), a function
+    that runs one decode step (graph replay + greedy sampling) and its eager twin."""
+    from lowbit.engine import PagedEngine, make_store
+
+    cfg = model.config
+    tokens = context + steps + 8
+    probe = make_store(method, layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                       rows=1, max_tokens=tokens, budget_bytes=1 << 40, dtype=model.dtype, device="meta")
+    need = (probe.pages_for(tokens) * batch + 2) * probe.block_bytes() + batch * probe.row_bytes()
+    engine = PagedEngine(model, kv=method, kv_budget_mb=need / 2**20, max_batch=batch, max_tokens=tokens)
+    for row in range(batch):
+        engine.store.reserve(row, tokens)
+    engine.graphs.pos[:batch] = context
+    engine.graphs.tokens[:batch] = 1
+
+    def graph_step():
+        engine.graphs.step(batch).argmax(-1)
+
+    def eager_step():
+        engine.runner.decode(engine.graphs.tokens[:batch], engine.graphs.pos[:batch]).argmax(-1)
+
+    return engine, graph_step, eager_step
+
+
+def hf_static_decoder(model, batch: int, context: int):
+    """HF bf16 with a StaticCache of context + 64 tokens, `torch.compile(mode="reduce-overhead")` on the
+    forward; returns one decode step at position `context` (the cache content is random)."""
+    import torch
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=context + 64)
+    ids = torch.ones(batch, 1, dtype=torch.long, device="cuda")
+    # fill: one prefill chunk of random keys/values is too slow at 8B; write the cache tensors directly
+    forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    pos = torch.tensor([context], device="cuda")
+    posid = torch.full((batch, 1), context, device="cuda")
+
+    def step():
+        with torch.inference_mode():
+            out = forward(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=posid, use_cache=True)
+        return out.logits[:, -1].argmax(-1)
+
+    with torch.inference_mode():  # allocate the cache's layers with a first call, then fill them
+        step()
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is not None:
+                t.normal_()
+    return step
+
+
+def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, prompt: int = 8192, output: int = 256,
+                     budget_gb: float = 16.0, max_batch: int = 128, decode_batch: int = 64, decode_context: int = 8192,
+                     decode_layers: int | None = None, steps: int = 30, repeats: int = 3, baseline: bool = True,
+                     json_out: Optional[Path] = None, log=print) -> dict:
+    import torch
+
+    env = env_info()
+    payload = {"env": env, "rows": [], "decode": []}
+    model = random_model(layers)
+    for m in methods:  # workload: one run each (prefill-heavy runs take seconds; repeats would cost minutes)
+        row = workload(model, m, requests, prompt, output, budget_gb, max_batch)
+        payload["rows"].append(row)
+        log(f"workload {row}")
+        write_json(json_out, payload)
+    base = next((r["output_tok_s"] for r in payload["rows"] if r["method"] == "fp16"), None)
+    for r in payload["rows"]:
+        r["vs_fp16_x"] = round(r["output_tok_s"] / base, 2) if base else None
+    if decode_layers and decode_layers != layers:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        model = random_model(decode_layers)
+    dl = decode_layers or layers
+    runs = {}
+    for m in methods:
+        engine, graph_step, eager_step = engine_decoder(model, m, decode_batch, decode_context, steps)
+        runs[m] = (engine, graph_step, eager_step)
+        graph_step(), eager_step()
+    hf = None
+    if baseline:
+        try:
+            hf = hf_static_decoder(model, decode_batch, decode_context)
+            for _ in range(3):
+                hf()
+        except Exception as exc:  # noqa: BLE001 - report, keep the engine rows
+            log(f"HF static+compile baseline failed: {type(exc).__name__}: {exc}")
+            payload["baseline_error"] = f"{type(exc).__name__}: {exc}"
+            hf = None
+    samples = {m: ([], []) for m in methods}
+    hf_ms = []
+    for _ in range(repeats):
+        for m in methods:
+            samples[m][0].append(_time_steps(runs[m][1], steps))
+            samples[m][1].append(_time_steps(runs[m][2], max(steps // 3, 3)))
+        if hf is not None:
+            hf_ms.append(_time_steps(hf, steps))
+    hf_step = statistics.median(hf_ms) if hf_ms else None
+    if hf_step:
+        payload["decode"].append({"method": "hf_static_compiled_bf16", "batch": decode_batch, "context": decode_context,
+                                  "layers": dl, "step_ms": round(hf_step, 3),
+                                  "tokens_per_s": round(decode_batch / hf_step * 1e3, 1), "vs_hf_static_x": 1.0,
+                                  "eager_step_ms": None})
+    for m in methods:
+        g_ms, e_ms = statistics.median(samples[m][0]), statistics.median(samples[m][1])
+        payload["decode"].append({"method": m, "batch": decode_batch, "context": decode_context, "layers": dl,
+                                  "step_ms": round(g_ms, 3), "tokens_per_s": round(decode_batch / g_ms * 1e3, 1),
+                                  "vs_hf_static_x": round(hf_step / g_ms, 2) if hf_step else None,
+                                  "eager_step_ms": round(e_ms, 3)})
+    write_json(json_out, payload)
+    return payload
