@@ -27,16 +27,18 @@ DEFAULT_BUDGET_METHODS = "streaming,h2o,kvmerger,kvmerger+kivi:bits=4"
 def _run_variants(model, ids, variants, prefill: int, tokens: int, calib=None):
     """Reference once, then each variant through the streaming protocol; returns EvalResults."""
     from lowbit.eval import evaluate_kv, reference_run
-    from lowbit.eval.variants import prepared
+    from lowbit.eval.variants import Variant, prepared
 
     results = []
     with _steps(len(variants) + 1) as steps:
         with steps.step("reference (uncompressed)", tokens - 1) as advance:
             ref = reference_run(model, ids, prefill, tokens, progress=advance)
         for variant in variants:
+            same = variant == Variant()  # plain fp16 on the unmodified model: the reference run is that row
             try:
-                with steps.step(variant.label, tokens - 1) as advance, prepared(model, variant, calib) as work:
-                    result = evaluate_kv(work, ids, variant.kv, prefill, tokens, reference=ref, progress=advance)
+                with steps.step(variant.label + (" (= reference)" if same else ""), 0 if same else tokens - 1) as advance, \
+                        prepared(model, variant, calib) as work:
+                    result = evaluate_kv(work, ids, variant.kv, prefill, tokens, reference=ref, progress=advance, reuse_reference=same)
             except ValueError as exc:  # e.g. a LUT function the model does not use
                 _fail(f"{variant.label}: {exc}")
             result.method = variant.label

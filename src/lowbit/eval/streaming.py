@@ -42,6 +42,7 @@ class ReferenceRun:
     logprobs: torch.Tensor  # [T, vocab] float32
     targets: torch.Tensor  # [T]
     seconds: float
+    kv_bytes: tuple[int, int] = (0, 0)  # (held, fp16) bytes of its cache after the last step
 
     @property
     def nll(self) -> torch.Tensor:
@@ -112,8 +113,9 @@ def reference_run(model, ids: torch.Tensor, prefill: int, tokens: int, progress=
     """Run the uncompressed model through the same protocol (fp16 method) and keep its log-probs."""
     _validate(ids, prefill, tokens)
     t0 = time.perf_counter()
-    logprobs = _stream(model, ids, make_cache("fp16", model.config), prefill, tokens, progress)
-    return ReferenceRun(logprobs, ids[0, prefill : prefill + tokens].cpu(), time.perf_counter() - t0)
+    cache = make_cache("fp16", model.config)
+    logprobs = _stream(model, ids, cache, prefill, tokens, progress)
+    return ReferenceRun(logprobs, ids[0, prefill : prefill + tokens].cpu(), time.perf_counter() - t0, cache_nbytes(cache))
 
 
 def evaluate_kv(
@@ -126,25 +128,32 @@ def evaluate_kv(
     cache_factory: Callable[[], Cache] | None = None,
     progress=None,
     kernels: bool | None = None,
+    reuse_reference: bool = False,
 ) -> EvalResult:
     """Evaluate one KV method (a ``--kv`` spec) with the streaming protocol against the reference.
 
     `kernels` is :func:`~lowbit.kv.registry.make_cache`'s (None: the model's ``lowbit_kernels`` attribute, set
-    False by :func:`lowbit.eval.device.load_for_quality`, else True)."""
+    False by :func:`lowbit.eval.device.load_for_quality`, else True). ``reuse_reference``: the row *is* the reference
+    (plain fp16 on the same, unmodified model), so its run is reused, not repeated (same log-probs, time, bytes)."""
     _validate(ids, prefill, tokens)
+    if reuse_reference and (kv != "fp16" or reference is None or cache_factory is not None):
+        raise ValueError("reuse_reference needs kv='fp16', a reference run and no cache_factory")
     if reference is None:
         reference = reference_run(model, ids, prefill, tokens, progress)
     if kernels is None:
         kernels = getattr(model, "lowbit_kernels", True)
-    cache = cache_factory() if cache_factory is not None else make_cache(kv, model.config, model, kernels=kernels)
-    t0 = time.perf_counter()
-    logprobs = _stream(model, ids, cache, prefill, tokens, progress)
-    seconds = time.perf_counter() - t0
+    if reuse_reference:
+        logprobs, seconds, cache = reference.logprobs, reference.seconds, None
+    else:
+        cache = cache_factory() if cache_factory is not None else make_cache(kv, model.config, model, kernels=kernels)
+        t0 = time.perf_counter()
+        logprobs = _stream(model, ids, cache, prefill, tokens, progress)
+        seconds = time.perf_counter() - t0
     nll = -logprobs.gather(-1, reference.targets[:, None]).squeeze(-1)
     p_ref = reference.logprobs.exp()
     kl = (p_ref * (reference.logprobs - logprobs)).sum(-1).clamp_min(0.0)
     top1 = (logprobs.argmax(-1) == reference.logprobs.argmax(-1)).float().mean().item()
-    kv_bytes, kv_bytes_fp16 = cache_nbytes(cache)
+    kv_bytes, kv_bytes_fp16 = reference.kv_bytes if cache is None else cache_nbytes(cache)
     extra = {}
     if cache_factory is None:  # bits at BITS_AT tokens from the registry (exact, or a bound: bytes_exact)
         extra = {"bits_at_4096": bits_per_element_at(kv, model.config), "bytes_exact": is_exact(kv), "family": kv_family(kv)}
