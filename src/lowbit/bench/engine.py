@@ -144,10 +144,10 @@ def hf_static_decoder(model, batch: int, context: int):
 
     with torch.inference_mode():  # allocate the cache's layers with a first call, then fill them
         step()
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            if t is not None:
-                t.normal_()
+        for layer in cache.layers:
+            for t in (layer.keys, layer.values):
+                if t is not None:
+                    t.normal_()
     return step
 
 
@@ -160,7 +160,7 @@ def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, p
     env = env_info()
     payload = {"env": env, "rows": [], "decode": []}
     model = random_model(layers)
-    for m in methods:  # workload: one run each (prefill-heavy runs take seconds; repeats would cost minutes)
+    for m in methods if requests else ():  # workload: one run each (repeats would cost minutes); 0 requests: skip
         row = workload(model, m, requests, prompt, output, budget_gb, max_batch)
         payload["rows"].append(row)
         log(f"workload {row}")

@@ -103,7 +103,7 @@ def engine_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results here"),
     methods: str = typer.Option("fp16,kivi4,kivi2", help="comma-separated engine KV kinds"),
     layers: int = typer.Option(32, help="decoder layers of the Llama-3-8B shape (workload)"),
-    requests: int = typer.Option(64, min=1, help="workload: requests, all queued at once"),
+    requests: int = typer.Option(64, min=0, help="workload: requests, all queued at once (0: skip the workload)"),
     prompt: int = typer.Option(8192, min=1, help="workload: prompt tokens"),
     output: int = typer.Option(256, min=1, help="workload: output tokens"),
     kv_budget_gb: float = typer.Option(16.0, help="workload: the one KV budget (GiB)"),
