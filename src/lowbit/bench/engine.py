@@ -138,6 +138,7 @@ def hf_static_decoder(model, batch: int, context: int):
     posid = torch.full((batch, 1), context, device="cuda")
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # the static cache is updated in place between replays
         with torch.inference_mode():
             out = forward(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=posid, use_cache=True)
         return out.logits[:, -1].argmax(-1)
