@@ -143,8 +143,8 @@ def hf_static_decoder(model, batch: int, context: int):
             out = forward(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=posid, use_cache=True)
         return out.logits[:, -1].argmax(-1)
 
-    with torch.inference_mode():  # allocate the cache's layers with a first call, then fill them
-        step()
+    with torch.inference_mode():  # allocate the cache's layers with an eager call (outside the graphs), fill them
+        model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=posid, use_cache=True)
         for layer in cache.layers:
             for t in (layer.keys, layer.values):
                 if t is not None:

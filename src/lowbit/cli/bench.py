@@ -125,8 +125,9 @@ def engine_command(
     payload = run_engine_bench([m.strip() for m in methods.split(",") if m.strip()], layers, requests, prompt, output,
                                kv_budget_gb, max_batch, decode_batch, decode_context, decode_layers or None, steps,
                                repeats, baseline, json_out=json_out, log=typer.echo)
-    typer.echo(format_table(payload["rows"], WORKLOAD_COLUMNS))
-    typer.echo(format_table(payload["decode"], DECODE_COLUMNS))
+    for rows, cols in ((payload["rows"], WORKLOAD_COLUMNS), (payload["decode"], DECODE_COLUMNS)):
+        if rows:
+            typer.echo(format_table(rows, cols))
 
 
 def bench_serve_command(
