@@ -5,11 +5,18 @@ request's longest length (exact: :meth:`KVStore.pages_for`), prefills at most ``
 runs one decode step over every running row (a CUDA graph on CUDA) and samples all rows' tokens at once; the
 only host sync per step reads the sampled tokens back. Finished rows free their pages and the last running row
 moves into the hole, so running sequences stay in rows ``0..B-1``.
+
+Sampling (:meth:`PagedEngine._sample`) is greedy, or temperature with an optional top-p nucleus, for all rows at
+once. Its randomness is a counter-based hash of (the request's seed, the sampled token's position, the token id)
+-- an exponential race, as :func:`lowbit.serve.sampling.sample_token` -- so a seeded request draws the same
+tokens whatever else is in the batch; requests without a seed get one from the engine's own seeded stream.
+A request whose prefill raises is finished alone with ``error`` set; the step goes on.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,6 +36,9 @@ class EngineRequest:
     temperature: float = 0.0
     eos: frozenset[int] = frozenset()
     id: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    error: str | None = None
     output: list[int] = field(default_factory=list)
     row: int = -1
     finished: bool = False
@@ -76,21 +86,28 @@ class PagedEngine:
         self._ids = itertools.count()
         self.pos_host = torch.zeros(self.store.rows, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self.temps = torch.zeros(self.store.rows, device=self.device)
-        self.generator = torch.Generator(device=self.device).manual_seed(0)
+        self.top_ps = torch.ones(self.store.rows, device=self.device)
+        self.seeds = torch.zeros(self.store.rows, dtype=torch.long, device=self.device)
+        self._seed_stream = random.Random(0)
         self.history: list[StepStats] = []
 
     # ------------------------------------------------------------------ requests
-    def add(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, eos=()) -> EngineRequest:
-        """Queue a request; raises :class:`PoolFullError` when it could never fit."""
+    def add(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, eos=(), *, top_p: float = 1.0,
+            seed: int | None = None) -> EngineRequest:
+        """Queue a request; raises :class:`PoolFullError` when it could never fit. Without a `seed`, the engine's
+        seeded stream gives one (reproducible for a given order of :meth:`add` calls)."""
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.store.check_admissible(len(prompt) + max_new_tokens)
+        seed = self._seed_stream.getrandbits(63) if seed is None else int(seed) & ((1 << 63) - 1)
         req = EngineRequest(list(prompt), max_new_tokens, float(temperature), frozenset(eos), next(self._ids),
-                            t_arrive=time.perf_counter())
+                            top_p=float(top_p), seed=seed, t_arrive=time.perf_counter())
         self.waiting.append(req)
         return req
 
@@ -113,13 +130,20 @@ class PagedEngine:
         prefilled = 0
         while (self.waiting and prefilled < self.prefill_per_step and len(self.running) < self.store.rows
                and self.store.fits(self.waiting[0].prompt.__len__() + self.waiting[0].max_new_tokens)):
-            self._prefill(self.waiting.popleft())
+            req = self.waiting.popleft()
+            try:
+                self._prefill(req)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone: its pages go back
+                req.error = f"prefill failed: {exc!r}"
+                if req in self.running:
+                    self._finish(req)
+                req.finished = True
             prefilled += 1
         b = len(self.running)
         if b:
             self.graphs.pos[:b].copy_(self.pos_host[:b], non_blocking=True)
             logits = self.graphs.step(b)
-            tokens = self._sample(logits, self.temps[:b], any(r.temperature > 0 for r in self.running))
+            tokens = self._sample(logits, b, self.graphs.pos[:b] + 1)
             self.graphs.tokens[:b] = tokens
             self.pos_host[:b] += 1
             for r, tok in zip(list(self.running), tokens.tolist()):  # the step's one host sync
@@ -143,18 +167,28 @@ class PagedEngine:
         self.running.append(req)
         ids = torch.tensor(req.prompt, dtype=torch.long, device=self.device)
         logits = self.runner.prefill(row, ids)
-        self.temps[row] = req.temperature
+        self.temps[row], self.top_ps[row], self.seeds[row] = req.temperature, req.top_p, req.seed
         self.pos_host[row] = len(req.prompt)  # where the first generated token goes in
-        tok = int(self._sample(logits[None], self.temps[row : row + 1], req.temperature > 0)[0])
+        at = torch.full((1,), len(req.prompt), dtype=torch.long, device=self.device)
+        tok = int(self._sample(logits[None], 1, at, row)[0])
         self.graphs.tokens[row] = tok
         self._emit(req, tok)
 
-    def _sample(self, logits: torch.Tensor, temps: torch.Tensor, any_random: bool) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, b: int, at: torch.Tensor, row: int = 0) -> torch.Tensor:
+        """Tokens of rows ``row..row+b-1`` from ``logits [b, V]``; ``at [b]``: the positions they will take."""
         greedy = logits.argmax(-1)
-        if not any_random:
+        live = self.running[row : row + b]
+        if not any(r.temperature > 0 for r in live):
             return greedy
-        probs = torch.softmax(logits.float() / temps.clamp(min=1e-5)[:, None], dim=-1)
-        drawn = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        temps, top_ps = self.temps[row : row + b], self.top_ps[row : row + b]
+        z = logits.double()
+        z = (z - z.max(-1, keepdim=True).values) / torch.where(temps > 0, temps, 1.0).double()[:, None]
+        if any(r.top_p < 1 for r in live):  # the smallest prefix of the sorted softmax reaching top_p
+            probs, order = torch.sort(torch.softmax(z, -1), dim=-1, descending=True, stable=True)
+            keep = (torch.cumsum(probs, -1) - probs) < top_ps.double()[:, None]
+            z = z.masked_fill(~torch.zeros_like(keep).scatter_(1, order, keep), float("-inf"))
+        noise = _exponential(self.seeds[row : row + b], at, z.shape[-1])  # Exp(1) per (row, token id)
+        drawn = (z - noise.log()).argmax(-1)  # argmax p_i / E_i: distributed as softmax(z)
         return torch.where(temps > 0, drawn, greedy)
 
     def _emit(self, req: EngineRequest, tok: int) -> None:
@@ -176,11 +210,32 @@ class PagedEngine:
             self.store.move_row(last.row, row)
             self.graphs.tokens[row] = self.graphs.tokens[last.row]
             self.temps[row] = self.temps[last.row]
+            self.top_ps[row], self.seeds[row] = self.top_ps[last.row], self.seeds[last.row]
             self.pos_host[row] = self.pos_host[last.row]
             last.row = row
             self.running.remove(last)
             self.running.insert(row, last)
         req.row = -1
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of ``x`` (int64 holding values < 2**32; products stay below 2**63)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def _exponential(seeds: torch.Tensor, at: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) draws ``[b, vocab]`` (float64) keyed by (seed, position, token id) only."""
+    h = _mix32((seeds & _M32) ^ _mix32((seeds >> 32) ^ _mix32(at & _M32)))[:, None]
+    v = torch.arange(vocab, device=seeds.device)[None, :]
+    a = _mix32((h + v * 0x9E3779B1) & _M32)
+    c = _mix32(a ^ 0x5BD1E995)
+    u = ((a >> 11) * 4294967296 + c).double().add_(0.5).mul_(2.0**-53)  # uniform in (0, 1), 53 bits
+    return -torch.log(u)
 
 
 __all__ = ["PagedEngine", "EngineRequest", "StepStats", "PoolFullError"]
