@@ -44,19 +44,20 @@ def fake_tok():
 
 @pytest.fixture(scope="module")
 def start_server():
-    """``start_server(model, tok, kv=..., api_key=..., drain_timeout=..., **engine_kwargs)`` -> BackgroundServer
-    (stopped at module end)."""
+    """``start_server(model, tok, kv=..., api_key=..., drain_timeout=..., backend="classic"|"paged", **engine_kwargs)``
+    -> BackgroundServer (stopped at module end)."""
     from lowbit.serve.api import create_app
     from lowbit.serve.engine import Engine
+    from lowbit.serve.paged import PagedServeEngine
     from lowbit.serve.server import BackgroundServer
 
     servers = []
 
-    def start(model, tok, kv="fp16", api_key=None, drain_timeout=60.0, **kwargs):
+    def start(model, tok, kv="fp16", api_key=None, drain_timeout=60.0, backend="classic", **kwargs):
         kwargs.setdefault("model_name", "smollm2")
-        engine = Engine(model, tok, kv=kv, **kwargs)
+        engine = (PagedServeEngine if backend == "paged" else Engine)(model, tok, kv=kv, **kwargs)
         srv = BackgroundServer(create_app(engine, api_key=api_key, drain_timeout=drain_timeout)).start()
-        srv.engine = engine
+        srv.engine, srv.backend = engine, backend
         servers.append(srv)
         return srv
 
@@ -69,10 +70,15 @@ def start_server():
 @pytest.fixture
 def model_hook(tiny_llama):
     """``model_hook(fn)``: call ``fn(input_ids, position_ids)`` before every forward of the tiny Llama (removed after
-    the test); it may raise (a model fault) or sleep (a slow model)."""
+    the test); it may raise (a model fault) or sleep (a slow model). ``model_hook(fn, at="embed")`` calls
+    ``fn(input_ids, None)`` before the token embedding instead, which both engines run once per forward (the paged
+    engine's runner never calls the model's own forward)."""
     handles = []
 
-    def install(fn):
+    def install(fn, at="forward"):
+        if at == "embed":
+            handles.append(tiny_llama.model.embed_tokens.register_forward_pre_hook(lambda module, args: fn(args[0], None)))
+            return
         handles.append(tiny_llama.register_forward_pre_hook(
             lambda module, args, kwargs: fn(kwargs.get("input_ids"), kwargs.get("position_ids")), with_kwargs=True))
 

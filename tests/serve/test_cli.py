@@ -28,11 +28,14 @@ def test_serve_command_passes_options(app, monkeypatch):
                                  "--max-batch", "5", "--drain-timeout-s", "7"], env={"LOWBIT_API_KEY": "from-env"})
     assert r.exit_code == 0, r.output
     assert seen["args"] == ("smollm2", "kivi:bits=2", None, 8.0, 9001, "127.0.0.1", "from-env", 3, 5)
-    assert seen["kwargs"] == {"drain_timeout": 7.0}
+    assert seen["kwargs"] == {"drain_timeout": 7.0, "engine": "auto"}
+    r = CliRunner().invoke(app, ["serve", "--engine", "paged"])
+    assert r.exit_code == 0 and seen["kwargs"]["engine"] == "paged"
 
 
 @pytest.mark.parametrize("argv", [["serve", "--kv", "kivi:bits=3"], ["serve", "--kv-budget-mb", "0"],
-                                  ["bench", "serve", "--kv", "fp16", "--kv", "nope"]])
+                                  ["bench", "serve", "--kv", "fp16", "--kv", "nope"], ["serve", "--engine", "turbo"],
+                                  ["serve", "--engine", "paged", "--kv", "kivi:bits=2,residual=32"]])
 def test_bad_options_fail_before_loading(app, argv, monkeypatch):
     monkeypatch.setattr(launch, "load_for_serving", lambda *a, **k: pytest.fail("should not load"))
     r = CliRunner().invoke(app, argv)

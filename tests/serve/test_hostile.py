@@ -1,6 +1,6 @@
 """The server under hostile input (issue 18): strict request types, tokenizer errors, tiny temperatures, keep-alive
 after errors, Connection: close on 5xx, Retry-After, disconnect logging, HEAD /health, KV budget refusals.
-Tiny random Llama and fake tokenizer behind the real HTTP stack."""
+Tiny random Llama and fake tokenizer behind the real HTTP stack, served by the classic and by the paged engine."""
 
 import http.client
 import json
@@ -16,10 +16,12 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 SENTINEL = [96, 95, 94]
 
 
-@pytest.fixture(scope="module")
-def srv(tiny_llama, fake_tok, start_server):
-    # fp16 on the tiny Llama: 512 B per token, so 0.5 MB holds ~1000 tokens of the 4096-token context
-    return start_server(tiny_llama, fake_tok, kv="fp16", api_key=KEY, kv_budget_mb=0.5)
+@pytest.fixture(scope="module", params=["classic", "paged"])
+def srv(request, tiny_llama, fake_tok, start_server):
+    # fp16 on the tiny Llama: 512 B per token, so 0.5 MB holds ~1000 tokens of the 4096-token context; the paged
+    # engine keeps the float32 model's dtype in 128 KiB pages of 128 tokens: 1.25 MB holds 9 pages, 1152 tokens
+    budget = 0.5 if request.param == "classic" else 1.25
+    return start_server(tiny_llama, fake_tok, kv="fp16", api_key=KEY, kv_budget_mb=budget, backend=request.param)
 
 
 def _post(srv, path, body, headers=AUTH, conn=None):
@@ -122,7 +124,7 @@ def test_a_kept_alive_connection_survives_a_400_and_a_5xx_closes_it(srv, model_h
             if ids is not None and ",".join(map(str, SENTINEL)) in ",".join(map(str, ids[0].tolist())):
                 raise RuntimeError("CUDA out of memory (injected)")
 
-        model_hook(fault)
+        model_hook(fault, at="embed")
         status, headers, out = _post(srv, "/v1/completions", {"prompt": [5] + SENTINEL, "max_tokens": 2}, conn=conn)
         assert status == 500 and headers["connection"] == "close" and "out of memory" in out["error"]["message"]
     finally:
@@ -157,16 +159,16 @@ def test_head_health_and_wrong_paths(srv):
     assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
 
 
-def test_queue_full_429_carries_retry_after(tiny_llama, fake_tok, start_server):
+def test_queue_full_429_carries_retry_after(srv, tiny_llama, fake_tok, start_server):
     """Defect 4: with no room to wait (max_queue=0) every generation is a 429 with Retry-After."""
-    full = start_server(tiny_llama, fake_tok, kv="fp16", max_queue=0)
+    full = start_server(tiny_llama, fake_tok, kv="fp16", max_queue=0, backend=srv.backend, kv_budget_mb=4)
     status, headers, out = _post(full, "/v1/completions", {"prompt": [5, 6], "max_tokens": 2}, headers={})
     assert status == 429 and out["error"]["code"] == "queue_full" and int(headers["retry-after"]) >= 1
 
 
 def test_prompt_over_the_kv_budget_is_400_before_any_work(srv, model_hook):
     forwards = []
-    model_hook(lambda ids, pos: forwards.append(1))
+    model_hook(lambda ids, pos: forwards.append(1), at="embed")
     before = srv.engine.metrics.get("prompt_tokens_total")
     status, _, out = _post(srv, "/v1/completions", {"prompt": [5] * 1500, "max_tokens": 1})
     assert status == 400 and out["error"]["code"] == "kv_budget_exceeded" and out["error"]["param"] == "prompt"
@@ -195,7 +197,7 @@ def test_client_gone_mid_body_is_one_info_line(srv, caplog):
 
 
 def test_client_gone_mid_stream_is_one_info_line_and_frees_the_cache(srv, caplog, model_hook):
-    model_hook(lambda ids, pos: time.sleep(0.01))  # the stream cannot finish before the drop is noticed
+    model_hook(lambda ids, pos: time.sleep(0.01), at="embed")  # the stream cannot finish before the drop is noticed
     body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 900, "stream": True, "ignore_eos": True}).encode()
     with caplog.at_level(logging.INFO, logger="lowbit.serve"):
         with socket.create_connection((srv.host, srv.port)) as s:

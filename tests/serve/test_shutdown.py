@@ -1,6 +1,7 @@
 """Shutdown in the stages of docs/SERVE.md (issue 18, defect 5): stop accepting (503 + Retry-After, /health 503
 draining), the drain window (queued and running requests served), then what is left answered (503 JSON, or an SSE
-error chunk and [DONE]); a second Ctrl-C ends the window at once; no tracebacks. Tiny Llama, slowed down."""
+error chunk and [DONE]); a second Ctrl-C ends the window at once; no tracebacks. Tiny Llama, slowed down, served by
+the classic and by the paged engine."""
 
 import asyncio
 import json
@@ -27,7 +28,12 @@ def _eventually(fn, timeout=60.0):
 @pytest.fixture
 def slow(model_hook):
     """Every forward of the tiny Llama takes >= 20 ms, so requests are still running when shutdown starts."""
-    model_hook(lambda ids, pos: time.sleep(0.02))
+    model_hook(lambda ids, pos: time.sleep(0.02), at="embed")
+
+
+@pytest.fixture(params=["classic", "paged"])
+def backend(request):
+    return request.param
 
 
 @pytest.fixture
@@ -87,8 +93,9 @@ def _refused_while_draining(srv):
     assert h.status_code == 503 and h.json()["status"] == "draining" and "retry-after" in h.headers
 
 
-def test_drain_serves_running_and_queued_requests_to_the_end(tiny_llama, fake_tok, start_server, slow, tracebacks):
-    srv = start_server(tiny_llama, fake_tok, kv="fp16", max_batch=1)
+def test_drain_serves_running_and_queued_requests_to_the_end(tiny_llama, fake_tok, start_server, slow, tracebacks,
+                                                            backend):
+    srv = start_server(tiny_llama, fake_tok, kv="fp16", max_batch=1, backend=backend, kv_budget_mb=16)
     bad_logs = tracebacks(srv)
     a = Stream(srv.url, {**SHORT, "max_tokens": 100})  # long enough for b to queue behind it
     a.start()
@@ -109,8 +116,9 @@ def test_drain_serves_running_and_queued_requests_to_the_end(tiny_llama, fake_to
 
 
 @pytest.mark.parametrize("how", ["window over", "second ctrl-c"])
-def test_what_is_left_after_the_window_is_answered(tiny_llama, fake_tok, start_server, slow, tracebacks, how):
-    srv = start_server(tiny_llama, fake_tok, kv="fp16", max_batch=1, drain_timeout=0.5 if how == "window over" else 600)
+def test_what_is_left_after_the_window_is_answered(tiny_llama, fake_tok, start_server, slow, tracebacks, how, backend):
+    srv = start_server(tiny_llama, fake_tok, kv="fp16", max_batch=1, drain_timeout=0.5 if how == "window over" else 600,
+                       backend=backend, kv_budget_mb=16)
     bad_logs = tracebacks(srv)
     running = Stream(srv.url, LONG)
     running.start()

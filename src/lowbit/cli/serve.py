@@ -23,10 +23,14 @@ def serve_command(
     max_batch: int = typer.Option(32, help="most sequences decoded together"),
     drain_timeout_s: float = typer.Option(60.0, help="on Ctrl-C/SIGTERM, seconds queued and running requests get to "
                                                      "finish before the rest is answered 503 (a second Ctrl-C: now)"),
+    engine: str = typer.Option("auto", help="auto|paged|classic: paged = the paged KV engine (CUDA graphs on CUDA; "
+                                            "fp16 or kivi:bits=2|4 group 32 residual 128, Llama-family); auto = paged "
+                                            "on CUDA when supported, else classic"),
 ):
     """Serve an OpenAI-compatible API (completions, chat, SSE streaming) with continuous batching over compressed KV caches."""
     try:
-        serve(model, kv, wa, kv_budget_mb, port, host, api_key, max_queue, max_batch, drain_timeout=drain_timeout_s)
+        serve(model, kv, wa, kv_budget_mb, port, host, api_key, max_queue, max_batch, drain_timeout=drain_timeout_s,
+              engine=engine)
     except SpecError as exc:
         _fail_plain(str(exc))
     except FileNotFoundError as exc:  # ModelNotFoundError

@@ -61,6 +61,8 @@ log = logging.getLogger("lowbit.serve")
 class Engine:
     """Continuous-batching generation over per-request (compressed) KV caches; see the module docstring."""
 
+    backend = "classic"  # ``lowbit serve --engine``; the paged one is :class:`lowbit.serve.paged.PagedServeEngine`
+
     def __init__(
         self,
         model,
@@ -130,14 +132,18 @@ class Engine:
         """KV bytes admission reserves for a request (its cache's peak up to prompt + max_tokens)."""
         return self.sizer.peak_bytes(prompt_tokens + max_tokens)
 
-    def check_request(self, prompt_tokens: int, max_tokens: int) -> int:
-        """The bytes to reserve for a request, or the 400 it gets (context, KV budget); no engine work."""
+    def check_context(self, prompt_tokens: int, max_tokens: int) -> None:
+        """The 400 ``context_length_exceeded`` a request gets when it does not fit the model's context."""
         total = prompt_tokens + max_tokens
         if prompt_tokens >= self.max_context or total > self.max_context:
             raise ContextLengthError(
                 f"this model's maximum context length is {self.max_context} tokens, but {total} were requested "
                 f"({prompt_tokens} in the prompt, {max_tokens} for the completion)",
                 param="prompt" if prompt_tokens >= self.max_context else "max_tokens")
+
+    def check_request(self, prompt_tokens: int, max_tokens: int) -> int:
+        """The bytes to reserve for a request, or the 400 it gets (context, KV budget); no engine work."""
+        self.check_context(prompt_tokens, max_tokens)
         reserved = self.reserve_for(prompt_tokens, max_tokens)
         if reserved > self.budget:
             prompt_alone = self.reserve_for(prompt_tokens, 1) > self.budget
@@ -368,7 +374,10 @@ class Engine:
 
     def _accept(self, r: Request, logits: torch.Tensor) -> None:
         """Sample the next token of `r`, advance its text, emit, and finish it when it is done."""
-        token = sample_token(logits, r.params, r.generator)
+        self._take(r, sample_token(logits, r.params, r.generator))
+
+    def _take(self, r: Request, token: int) -> None:
+        """Count `r`'s new `token` (latencies), advance its text, emit, and finish `r` when it is done."""
         now = time.perf_counter()
         if r.first_token_at is None:
             r.first_token_at = now

@@ -71,25 +71,36 @@ def serve(
     prefill_per_step: int = 1,
     log_level: str = "info",
     drain_timeout: float = 60.0,
+    engine: str = "auto",
 ) -> None:
     """Load the model and serve the OpenAI-compatible API until interrupted (blocking).
 
     `api_key` falls back to $LOWBIT_API_KEY; with neither set, no key is required. On Ctrl-C / SIGTERM,
     queued and running requests get up to `drain_timeout` s to finish (docs/SERVE.md, "Graceful shutdown").
-    Raises :class:`~lowbit.spec.SpecError` for a bad ``--kv``/``--wa`` spec or limits.
+    `engine` (``--engine``): ``paged`` serves through :class:`lowbit.engine.PagedEngine`, ``classic`` through
+    per-request caches, ``auto`` picks paged on CUDA when the model and KV spec allow it (printed with why).
+    Raises :class:`~lowbit.spec.SpecError` for a bad ``--kv``/``--wa``/``--engine`` spec or limits.
     """
     from lowbit.serve.api import create_app
     from lowbit.serve.engine import Engine
+    from lowbit.serve.paged import ENGINES, PagedServeEngine, choose_engine, engine_store_kind
     from lowbit.serve.server import run_server
 
     check_limits(kv, kv_budget_mb, max_queue, max_batch)
+    if engine not in ENGINES:
+        raise SpecError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    if engine == "paged":
+        engine_store_kind(kv)  # fail before the slow load
     if drain_timeout < 0:
         raise SpecError(f"--drain-timeout-s must be >= 0, got {drain_timeout}")
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     m, tok = load_for_serving(model, wa)
-    engine = Engine(m, tok, kv=kv, kv_budget_mb=kv_budget_mb, max_batch=max_batch, max_queue=max_queue,
-                    prefill_per_step=prefill_per_step, model_name=model)
+    backend, why = choose_engine(engine, m, kv)
+    print(f"lowbit serve: {backend} engine ({why})", file=sys.stderr)
+    cls = PagedServeEngine if backend == "paged" else Engine
+    engine = cls(m, tok, kv=kv, kv_budget_mb=kv_budget_mb, max_batch=max_batch, max_queue=max_queue,
+                 prefill_per_step=prefill_per_step, model_name=model)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without an API key", file=sys.stderr)
     print(f"lowbit serve: {model} kv={engine.kv} budget={kv_budget_mb:g} MB on http://{host}:{port}/v1", file=sys.stderr)

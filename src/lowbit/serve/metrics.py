@@ -77,6 +77,17 @@ class Metrics:
         self._hists[f"{p}_time_to_first_token_seconds"] = Histogram(TTFT_BUCKETS)
         self._hists[f"{p}_inter_token_latency_seconds"] = Histogram(ITL_BUCKETS)
 
+    def define(self, name: str, kind: str, text: str, buckets: tuple[float, ...] = ()) -> None:
+        """Add a metric (``counter``, ``gauge`` or ``histogram`` with `buckets`) after construction: what only one
+        engine reports (the paged engine's pages and steps) is defined by that engine."""
+        full = f"{self.prefix}_{name}"
+        with self._lock:
+            self._help[full] = (kind, text)
+            if kind == "histogram":
+                self._hists[full] = Histogram(buckets)
+            else:
+                (self._counters if kind == "counter" else self._gauges).setdefault(full, {})
+
     # ------------------------------------------------------------------ updates
     def inc(self, name: str, value: float = 1.0, **labels) -> None:
         key = tuple(sorted(labels.items()))

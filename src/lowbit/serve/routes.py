@@ -172,7 +172,7 @@ def info_router(engine: Engine, created: int) -> APIRouter:
     @router.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         """200 while serving; 503 with Retry-After once shutting down (new requests are refused then)."""
-        body = {"model": engine.model_name, "kv": engine.kv, **engine.stats()}
+        body = {"model": engine.model_name, "kv": engine.kv, "engine": engine.backend, **engine.stats()}
         if not engine.accepting:
             return JSONResponse({"status": "draining", **body}, status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_DRAINING_S)})
