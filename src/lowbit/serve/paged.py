@@ -29,6 +29,7 @@ the paged store (``fp16``; ``kivi:bits=2|4`` with group 32 and residual 128, opt
 from __future__ import annotations
 
 import logging
+import threading
 
 from lowbit.engine import PagedEngine, PoolFullError
 from lowbit.engine.runner import SUPPORTED
@@ -102,9 +103,9 @@ class PagedServeEngine(Engine):
     def __init__(self, model, tokenizer, kv: str = "fp16", kv_budget_mb: float = 512, max_batch: int = 32,
                  max_queue: int = 64, prefill_per_step: int = 1, metrics=None, model_name: str | None = None,
                  max_context: int | None = None, graphs: bool = True):
+        self.store_kind = engine_store_kind(kv)  # before any work: a spec the paged engine cannot store fails here
         super().__init__(model, tokenizer, kv=kv, kv_budget_mb=kv_budget_mb, max_batch=max_batch, max_queue=max_queue,
                          prefill_per_step=prefill_per_step, metrics=metrics, model_name=model_name)
-        self.store_kind = engine_store_kind(self.kv)
         if max_context is not None:
             self.max_context = min(self.max_context, int(max_context))
         self.paged = PagedEngine(model, kv=self.store_kind, kv_budget_mb=kv_budget_mb, max_batch=max_batch,
@@ -219,6 +220,7 @@ class PagedServeEngine(Engine):
             er = self.paged.add(r.prompt_ids, p.max_tokens, p.temperature, () if p.ignore_eos else self.eos_ids,
                                 top_p=p.top_p, seed=p.seed)
             self._active[er.id] = (r, er)
+            r.engine_req = er
         except Exception as exc:  # noqa: BLE001 - this request only
             log.error("request %s could not start: %s", r.id, repr(exc))
             self._finish(r, "error", error=f"the engine could not take this request: {exc!r}")
@@ -262,6 +264,16 @@ class PagedServeEngine(Engine):
             self._finish(r, "error", error=f"the model failed in a decode step over {len(victims)} requests: {exc!r}")
         self._sync()
         self._release_memory()
+
+    def _finish(self, r: Request, reason: str, error: str | None = None, code: str | None = None) -> None:
+        """As the classic engine's; on the engine thread the request's pages are freed before its last event."""
+        er = getattr(r, "engine_req", None)
+        if er is not None and not er.finished and threading.current_thread() is self._thread:
+            try:
+                self.paged.cancel(er)
+            except Exception:  # noqa: BLE001 - its row is lost to the pool rather than the loop
+                log.exception("cancelling request %s in the paged engine raised", r.id)
+        super()._finish(r, reason, error, code)
 
     def _sync(self) -> None:
         """Requests finished here leave the paged engine (their pages are freed now)."""
