@@ -32,11 +32,15 @@ def _eventually(fn, timeout=30.0):
     return False
 
 
-@pytest.fixture(scope="module", params=["fp16", KIVI])
+@pytest.fixture(scope="module", params=[("fp16", "classic"), (KIVI, "classic"), ("fp16", "paged")],
+                ids=["fp16", "kivi", "paged-fp16"])
 def server(request, smollm2, start_server):
     model, tok = smollm2
-    srv = start_server(model, tok, kv=request.param, kv_budget_mb=256)
-    srv.kv = request.param
+    kv, backend = request.param
+    # the paged engine's CPU attention reads every page of the block table: a 2K context keeps it quick
+    extra = {"max_context": 2048} if backend == "paged" else {}
+    srv = start_server(model, tok, kv=kv, kv_budget_mb=256, backend=backend, **extra)
+    srv.kv = kv
     return srv
 
 
