@@ -70,9 +70,10 @@ class PagedEngine:
         cfg = model.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        world = getattr(model, "lowbit_tp", (0, 1))[1]  # a tensor-parallel shard holds its KV heads only
         param = next(model.parameters())
         self.store: KVStore = make_store(
-            kv, layers=cfg.num_hidden_layers, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            kv, layers=cfg.num_hidden_layers, kv_heads=(getattr(cfg, "num_key_value_heads", None) or heads) // world,
             head_dim=head_dim, rows=max_batch, max_tokens=max_tokens, budget_bytes=int(kv_budget_mb * 2**20),
             dtype=param.dtype if param.dtype in (torch.float16, torch.bfloat16) else torch.float32,
             device=param.device)

@@ -38,9 +38,10 @@ class LlamaRunner:
         self.model, self.store = model, store
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
         self.lm_head = model.lm_head
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        world = getattr(model, "lowbit_tp", (0, 1))[1]  # tensor-parallel shard: this rank's heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.heads = cfg.num_attention_heads // world
+        self.kv_heads = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) // world
         if (store.layers, store.kv_heads, store.head_dim) != (len(self.layers), self.kv_heads, self.head_dim):
             raise ValueError(f"store shape {(store.layers, store.kv_heads, store.head_dim)} does not match the model's "
                              f"{(len(self.layers), self.kv_heads, self.head_dim)} (layers, KV heads, head dim)")

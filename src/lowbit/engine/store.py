@@ -181,6 +181,9 @@ class PagedKiviStore(KVStore):
     kind = "kivi"
 
     def __init__(self, *args, bits: int = 2, sinks: int = 0, **kwargs):
+        head_dim = kwargs.get("head_dim", args[2] if len(args) > 2 else None)
+        if head_dim is not None and head_dim % 64:
+            raise ValueError(f"paged KIVI stores head dims that are multiples of 64, got {head_dim}: use fp16")
         self.format = KiviFormat(bits=bits, group=32, residual=PAGE_TOKENS, sinks=sinks)
         self.bits, self.sinks = bits, sinks
         super().__init__(*args, **kwargs)

@@ -1,0 +1,191 @@
+"""Tensor parallelism for the engine (Megatron-style, through ``torch.distributed``: NCCL on GPUs, gloo on CPUs).
+
+:func:`shard_llama` cuts a Llama-family model in place to rank ``r`` of ``N``: q/k/v and gate/up are
+column-parallel (their output features split by attention head, KV head and intermediate channel), o and down
+are row-parallel (input features split the same way, one all-reduce after each), the embedding and the LM head
+are vocab-parallel (each rank holds ``vocab / N`` rows; the embedding all-reduces, the head all-gathers the
+logits so every rank samples the same tokens). Attention heads and the KV pool split by KV head, so each rank's
+paged store holds ``kv_heads / N`` heads and KIVI pages never cross ranks. Shard the float model, then quantize
+each rank's shard (W4Ax groups and blocks then lie within a shard when ``in_features / N`` is a multiple of them).
+
+:class:`TensorParallelEngine`: rank 0 takes requests and, at every step, broadcasts the step plan (new
+requests, cancellations) to the others; every rank then runs the same :meth:`PagedEngine.step`. Admission,
+rows and sampling are deterministic given the same plan, so the ranks stay in lockstep.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lowbit.engine.core import PagedEngine
+
+
+class RowParallelLinear(nn.Module):
+    """A linear over this rank's slice of the input features, summed over ranks (bias added once)."""
+
+    def __init__(self, inner: nn.Module, bias: torch.Tensor | None, group=None):
+        super().__init__()
+        self.inner, self.group = inner, group
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x):
+        y = self.inner(x)
+        dist.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows ``[start, start + n)`` of the embedding; tokens outside give zeros, then an all-reduce."""
+
+    def __init__(self, weight: torch.Tensor, start: int, group=None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.start, self.group = start, group
+
+    def forward(self, ids):
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * inside[..., None].to(self.weight.dtype)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+class VocabParallelHead(nn.Module):
+    """This rank's rows of the LM head; the logits of all ranks gathered along the vocabulary."""
+
+    def __init__(self, weight: torch.Tensor, world: int, group=None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.world, self.group = world, group
+
+    def forward(self, x):
+        part = F.linear(x, self.weight).contiguous()
+        parts = [torch.empty_like(part) for _ in range(self.world)]
+        dist.all_gather(parts, part, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def _rows(linear: nn.Linear, lo: int, hi: int) -> nn.Linear:
+    out = nn.Linear(linear.in_features, hi - lo, bias=linear.bias is not None, device=linear.weight.device,
+                    dtype=linear.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight[lo:hi])
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias[lo:hi])
+    return out
+
+
+def _cols(linear: nn.Linear, lo: int, hi: int) -> nn.Linear:
+    out = nn.Linear(hi - lo, linear.out_features, bias=False, device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight[:, lo:hi])
+    return out
+
+
+def check_shardable(config, world: int) -> None:
+    """Raise ValueError when the model cannot be split over `world` ranks by KV head."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    problems = []
+    if kv % world:
+        problems.append(f"{kv} KV heads")
+    if config.intermediate_size % world:
+        problems.append(f"intermediate size {config.intermediate_size}")
+    if config.vocab_size % world:
+        problems.append(f"vocabulary {config.vocab_size}")
+    if problems:
+        raise ValueError(f"tensor parallelism over {world} ranks splits KV heads, MLP channels and the vocabulary "
+                         f"evenly; this model has {', '.join(problems)} (not divisible by {world})")
+
+
+def shard_llama(model, rank: int, world: int, group=None):
+    """Cut `model` in place to rank `rank` of `world` (see the module docstring); returns it."""
+    cfg = model.config
+    check_shardable(cfg, world)
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    q_lo, q_hi = rank * heads // world * d, (rank + 1) * heads // world * d
+    kv_lo, kv_hi = rank * kv // world * d, (rank + 1) * kv // world * d
+    inter = cfg.intermediate_size // world
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not all(isinstance(m, nn.Linear) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                       mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            raise ValueError("shard the float model before quantizing its linears (each rank then quantizes its shard)")
+        attn.q_proj = _rows(attn.q_proj, q_lo, q_hi)
+        attn.k_proj = _rows(attn.k_proj, kv_lo, kv_hi)
+        attn.v_proj = _rows(attn.v_proj, kv_lo, kv_hi)
+        attn.o_proj = RowParallelLinear(_cols(attn.o_proj, q_lo, q_hi), attn.o_proj.bias, group)
+        mlp.gate_proj = _rows(mlp.gate_proj, rank * inter, (rank + 1) * inter)
+        mlp.up_proj = _rows(mlp.up_proj, rank * inter, (rank + 1) * inter)
+        mlp.down_proj = RowParallelLinear(_cols(mlp.down_proj, rank * inter, (rank + 1) * inter), mlp.down_proj.bias, group)
+    vocab = cfg.vocab_size // world
+    lo = rank * vocab
+    embed_w = model.model.embed_tokens.weight.detach()
+    head_w = model.lm_head.weight.detach()
+    model.model.embed_tokens = VocabParallelEmbedding(embed_w[lo : lo + vocab].clone(), lo, group)
+    model.lm_head = VocabParallelHead(head_w[lo : lo + vocab].clone(), world, group)
+    model.lowbit_tp = (rank, world)
+    return model
+
+
+class TensorParallelEngine:
+    """A :class:`PagedEngine` per rank, driven in lockstep by rank 0's step plans."""
+
+    def __init__(self, engine: PagedEngine, rank: int, world: int, group=None):
+        self.engine, self.rank, self.world, self.group = engine, rank, world, group
+        self._adds: list[tuple] = []
+        self._cancels: list[int] = []
+        self._by_id: dict[int, object] = {}
+        self._next = 0
+
+    # rank 0 ---------------------------------------------------------------
+    def add(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, eos=()):
+        """Queue a request (rank 0); it joins every rank at the next step. Validated here first."""
+        self.engine.store.check_admissible(len(prompt) + max_new_tokens)
+        if not prompt or max_new_tokens < 1 or temperature < 0:
+            raise ValueError("a request needs a non-empty prompt, max_new_tokens >= 1 and temperature >= 0")
+        rid = self._next
+        self._next += 1
+        self._adds.append((rid, list(prompt), int(max_new_tokens), float(temperature), tuple(eos)))
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        self._cancels.append(rid)
+
+    def result(self, rid: int):
+        """The engine request of id `rid` once it has joined (``None`` before)."""
+        return self._by_id.get(rid)
+
+    def step(self, stop: bool = False):
+        """Broadcast this step's plan from rank 0, apply it, and step (every rank calls this)."""
+        plan = [(self._adds, self._cancels, stop)] if self.rank == 0 else [None]
+        dist.broadcast_object_list(plan, src=0, group=self.group)
+        adds, cancels, stop = plan[0]
+        self._adds, self._cancels = [], []
+        if stop:
+            return None
+        for rid, prompt, n, temp, eos in adds:
+            self._by_id[rid] = self.engine.add(prompt, n, temp, eos)
+        for rid in cancels:
+            if rid in self._by_id:
+                self.engine.cancel(self._by_id[rid])
+        return self.engine.step()
+
+    def idle(self) -> bool:
+        return self.engine.idle and not self._adds
+
+    def run(self) -> None:
+        """Rank 0: step until every request has finished, then tell the others to stop."""
+        while not self.idle():
+            self.step()
+        self.step(stop=True)
+
+    def follow(self) -> None:
+        """Ranks > 0: apply rank 0's plans until it says stop."""
+        while self.step() is not None:
+            pass
