@@ -156,7 +156,7 @@ def test_a_failing_request_fails_alone(tiny_llama, fake_tok, model_hook, monkeyp
     """A prefill that raises, and an exception in one request's token handling: those requests fail, the others
     finish with their solo output and the pages all come back."""
     model_hook(lambda ids, pos: (_ for _ in ()).throw(RuntimeError(OOM)) if ids.shape[1] == 5 else None, at="embed")
-    engine = PagedServeEngine(tiny_llama, fake_tok, kv="kivi:bits=4", kv_budget_mb=16)  # KIVI pages, PyTorch path
+    engine = PagedServeEngine(tiny_llama, fake_tok, kv="fp16", kv_budget_mb=16)
     real = engine._take
     bad = {}
 
@@ -219,3 +219,11 @@ def test_bundled_model_paged_equals_classic(smollm2, start_server):
         body = {"model": "smollm2", "prompt": prompt, "max_tokens": 10, "temperature": 0}
         out = httpx.post(srv.url + "/v1/completions", json=body, timeout=120).json()
         assert out["choices"][0]["text"] == want
+    with pytest.raises(SpecError, match="holds no page"):  # 32 rows of KIVI residual rings take 186 MiB
+        PagedServeEngine(model, tok, kv="kivi:bits=2", kv_budget_mb=64)
+    kivi = start_server(model, tok, kv="kivi:bits=2,sinks=4", kv_budget_mb=64, backend="paged", max_context=512,
+                        max_batch=4)
+    body = {"model": "smollm2", "prompt": "Tell me a story.", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    out = httpx.post(kivi.url + "/v1/completions", json=body, timeout=120).json()
+    assert out["usage"]["completion_tokens"] == 12 and out["choices"][0]["text"]
+    assert httpx.get(kivi.url + "/health", timeout=30).json()["kv_store"] == "kivi2:sinks=4"

@@ -29,6 +29,7 @@ the paged store (``fp16``; ``kivi:bits=2|4`` with group 32 and residual 128, opt
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 
 from lowbit.engine import PagedEngine, PoolFullError
@@ -108,8 +109,11 @@ class PagedServeEngine(Engine):
                          prefill_per_step=prefill_per_step, metrics=metrics, model_name=model_name)
         if max_context is not None:
             self.max_context = min(self.max_context, int(max_context))
-        self.paged = PagedEngine(model, kv=self.store_kind, kv_budget_mb=kv_budget_mb, max_batch=max_batch,
-                                 max_tokens=self.max_context, graphs=graphs, prefill_per_step=prefill_per_step)
+        try:
+            self.paged = PagedEngine(model, kv=self.store_kind, kv_budget_mb=kv_budget_mb, max_batch=max_batch,
+                                     max_tokens=self.max_context, graphs=graphs, prefill_per_step=prefill_per_step)
+        except (PoolFullError, ValueError) as exc:  # budget too small for the rows, a model the runner refuses
+            raise SpecError(f"the paged engine cannot serve this: {exc}") from None
         self.store = self.paged.store
         self._active: dict[int, tuple[Request, object]] = {}  # engine request id -> (request, engine request)
         self._last_step = {"batch": 0, "seconds": 0.0}
@@ -218,7 +222,7 @@ class PagedServeEngine(Engine):
             r.tracker = TextTracker(self.tokenizer, r.params.stop)
             p = r.params
             er = self.paged.add(r.prompt_ids, p.max_tokens, p.temperature, () if p.ignore_eos else self.eos_ids,
-                                top_p=p.top_p, seed=p.seed)
+                                top_p=p.top_p, seed=p.seed if p.seed is not None else secrets.randbits(63))
             self._active[er.id] = (r, er)
             r.engine_req = er
         except Exception as exc:  # noqa: BLE001 - this request only
