@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from lowbit.bench.attention import random_kivi_parts
+from lowbit.kv.hf import cache_kwargs
 from lowbit.bench.timing import HEAD_DIM, HKV, HQ, env_info, write_json
 
 TABLE_COLUMNS = ["method", "batch", "context", "layers", "tokens_per_s", "peak_GB"]
@@ -55,12 +56,12 @@ def decode_tps(model, cache, b: int, t: int, steps: int) -> float:
     tok = torch.randint(0, 1000, (b, 1), device="cuda")
     with torch.no_grad():
         for i in range(2):  # warm-up (compiles kernels)
-            model(tok, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), t + i, device="cuda"))
+            model(tok, **cache_kwargs(model, cache), use_cache=True, position_ids=torch.full((b, 1), t + i, device="cuda"))
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for i in range(steps):
-            model(tok, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), t + 2 + i, device="cuda"),
+            model(tok, **cache_kwargs(model, cache), use_cache=True, position_ids=torch.full((b, 1), t + 2 + i, device="cuda"),
                   logits_to_keep=1)
         end.record()
         torch.cuda.synchronize()

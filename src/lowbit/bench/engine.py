@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from lowbit.bench.e2e import llama_config
+from lowbit.kv.hf import cache_kwargs
 from lowbit.bench.timing import env_info, write_json
 
 WORKLOAD_COLUMNS = ["method", "requests", "prompt", "output", "kv_budget_gb", "output_tok_s", "vs_fp16_x", "ttft_p50_s",
@@ -140,11 +141,11 @@ def hf_static_decoder(model, batch: int, context: int):
     def step():
         torch.compiler.cudagraph_mark_step_begin()  # the static cache is updated in place between replays
         with torch.inference_mode():
-            out = forward(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=posid, use_cache=True)
+            out = forward(input_ids=ids, **cache_kwargs(model, cache), cache_position=pos, position_ids=posid, use_cache=True)
         return out.logits[:, -1].argmax(-1)
 
     with torch.inference_mode():  # allocate the cache's layers with an eager call (outside the graphs), fill them
-        model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=posid, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), cache_position=pos, position_ids=posid, use_cache=True)
         for layer in cache.layers:
             for t in (layer.keys, layer.values):
                 if t is not None:

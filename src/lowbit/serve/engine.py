@@ -37,6 +37,7 @@ from collections import deque
 
 import torch
 
+from lowbit.kv.hf import cache_kwargs
 from lowbit.kv.registry import cache_nbytes, make_cache, parse_kv_spec
 from lowbit.serve.batching import BatchedCache, decode_inputs
 from lowbit.serve.metrics import Metrics
@@ -292,7 +293,7 @@ class Engine:
         """A fresh cache for `r` filled with `ids` (batch 1); the logits of the next token."""
         r.cache = self._new_cache(r)
         t = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=t, attention_mask=torch.ones_like(t), past_key_values=r.cache, use_cache=True,
+        out = self.model(input_ids=t, attention_mask=torch.ones_like(t), **cache_kwargs(self.model, r.cache), use_cache=True,
                          logits_to_keep=1)
         return out.logits[0, -1]
 
@@ -321,7 +322,7 @@ class Engine:
         bc = BatchedCache([r.cache for r in batch], self.num_layers)
         inputs = decode_inputs([r.next_token for r in batch], bc.positions, bc.kv_lengths, self.device)
         try:
-            out = self.model(**inputs, past_key_values=bc, use_cache=True)
+            out = self.model(**inputs, **cache_kwargs(self.model, bc), use_cache=True)
         except Exception as exc:  # noqa: BLE001 - a model fault: recover these requests, the loop goes on
             self._model_fault(batch, exc)
             return
