@@ -89,12 +89,13 @@ def e2e(
     max_batch: bool = typer.Option(True, help="also run at the largest batch estimated to fit"),
     methods: str = typer.Option("bf16,kivi2,kivi4,w4a8kv4,fmpq4kv4",
                                 help="bf16, kivi2, kivi4, w4a8kv4 (FMPQ W4A8 + KIVI-4), fmpq4kv4 (FMPQ W4A4 + KIVI-4)"),
+    repeats: int = typer.Option(3, min=1, help="timed repeats per point, interleaved across methods (median kept)"),
 ):
     """Decode tokens/s of a random-weight Llama-3-8B-shaped model: HF bf16 DynamicCache vs KIVI kernels and W4Ax."""
     from lowbit.bench.e2e import TABLE_COLUMNS, run_e2e
 
     kinds = [m.strip() for m in methods.split(",") if m.strip()]
-    payload = run_e2e(kinds, layers, batch, context, steps, max_batch, json_out=json_out, log=typer.echo)
+    payload = run_e2e(kinds, layers, batch, context, steps, max_batch, json_out=json_out, log=typer.echo, repeats=repeats)
     _finish(payload, TABLE_COLUMNS, json_out)
 
 
