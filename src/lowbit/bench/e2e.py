@@ -90,7 +90,7 @@ def decode_tps(model, cache, b: int, t: int, steps: int, static: bool = False) -
 
 def per_seq_bytes(kind: str, layers: int, context: int) -> float:
     """Estimated KV bytes of one sequence of `context` tokens for `kind` (bf16 or a KIVI-`bits` kind)."""
-    if kind == "bf16":
+    if kind.startswith("bf16"):
         return layers * 2 * HKV * HEAD_DIM * 2 * context
     nb = int(kind[-1])
     per_tok = layers * HKV * (2 * HEAD_DIM * nb / 8 + 2 * 2 * HEAD_DIM / 32 + 2 * 2 * HEAD_DIM / 32)
@@ -140,7 +140,7 @@ class DecodeBench:
     def run(self, kind: str, b: int) -> tuple[float, float]:
         """(tokens/s, peak GB) of `kind` at batch `b`."""
         import torch
-        from transformers import StaticCache
+        from transformers import DynamicCache, StaticCache
 
         from lowbit.kv import FusedKiviCache, use_lowbit_attention
 
@@ -152,6 +152,10 @@ class DecodeBench:
             self.model.config._attn_implementation = "sdpa"
             cache = StaticCache(config=self.model.config, max_cache_len=self.context + self.steps + 8)
             fill_static(self.model, cache, b)
+        elif kind == "bf16-dynamic":  # HF's default cache, for reference (it concatenates every step)
+            self.model.config._attn_implementation = "sdpa"
+            cache = DynamicCache(config=self.model.config)
+            fill_dynamic(cache, self.cfg, b, self.context)
         else:
             use_lowbit_attention(m)
             cache = FusedKiviCache(m.config, bits=int(kind[-1]))
