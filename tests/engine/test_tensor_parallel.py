@@ -36,13 +36,16 @@ def _worker(rank, world, port, kv, out):
         model = shard_llama(_model(), rank, world)
         engine = TensorParallelEngine(PagedEngine(model, kv=kv, kv_budget_mb=16, max_batch=4, max_tokens=512), rank, world)
         if rank == 0:
-            ids = [engine.add(p, m) for p, m in _prompts()]
+            reqs = [engine.add(p, m) for p, m in _prompts()]
+            doomed = engine.add([7, 8, 9], 30)
             peak = 0
-            while not engine.idle():
+            engine.step()
+            engine.cancel(doomed)  # a cancel replays on the other rank in order
+            while not engine.idle:
                 engine.step()
-                peak = max(peak, engine.engine.store.used_blocks * engine.engine.store.block_bytes())
+                peak = max(peak, engine.store.used_blocks * engine.store.block_bytes())
             engine.step(stop=True)
-            out.put((kv, [engine.result(i).output for i in ids], peak))
+            out.put((kv, [r.output for r in reqs], peak))
         else:
             engine.follow()
     finally:
@@ -69,7 +72,10 @@ def test_tp2_generates_what_tp1_generates(kv):
         assert p.exitcode == 0
     one = PagedEngine(_model(), kv=kv, kv_budget_mb=16, max_batch=4, max_tokens=512)
     reqs = [one.add(p, m) for p, m in _prompts()]
+    doomed = one.add([7, 8, 9], 30)
     peak = 0
+    one.step()
+    one.cancel(doomed)
     while not one.idle:
         one.step()
         peak = max(peak, one.store.used_blocks * one.store.block_bytes())

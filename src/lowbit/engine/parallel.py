@@ -134,58 +134,58 @@ def shard_llama(model, rank: int, world: int, group=None):
 
 
 class TensorParallelEngine:
-    """A :class:`PagedEngine` per rank, driven in lockstep by rank 0's step plans."""
+    """A :class:`PagedEngine` per rank, driven in lockstep by rank 0 (it has the engine's interface).
+
+    On rank 0, :meth:`add` and :meth:`cancel` act on the local engine at once and are logged; :meth:`step` broadcasts
+    the log (the step plan) and every other rank replays it, in order, before the same :meth:`PagedEngine.step`.
+    Requests are named by their engine id, which is the same on every rank (ids count the adds). Anything else
+    (``store``, ``running``, ``waiting``, ``idle``, ``history``) reads this rank's engine.
+    """
 
     def __init__(self, engine: PagedEngine, rank: int, world: int, group=None):
         self.engine, self.rank, self.world, self.group = engine, rank, world, group
-        self._adds: list[tuple] = []
-        self._cancels: list[int] = []
+        self._ops: list[tuple] = []
         self._by_id: dict[int, object] = {}
-        self._next = 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
 
     # rank 0 ---------------------------------------------------------------
-    def add(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, eos=()):
-        """Queue a request (rank 0); it joins every rank at the next step. Validated here first."""
-        self.engine.store.check_admissible(len(prompt) + max_new_tokens)
-        if not prompt or max_new_tokens < 1 or temperature < 0:
-            raise ValueError("a request needs a non-empty prompt, max_new_tokens >= 1 and temperature >= 0")
-        rid = self._next
-        self._next += 1
-        self._adds.append((rid, list(prompt), int(max_new_tokens), float(temperature), tuple(eos)))
-        return rid
+    def add(self, *args, **kwargs):
+        """Queue a request here (rank 0) and log it for the others; the engine's errors come straight back."""
+        req = self.engine.add(*args, **kwargs)
+        self._ops.append(("add", args, kwargs))
+        return req
 
-    def cancel(self, rid: int) -> None:
-        self._cancels.append(rid)
+    def cancel(self, req) -> None:
+        self.engine.cancel(req)
+        self._ops.append(("cancel", req.id))
 
-    def result(self, rid: int):
-        """The engine request of id `rid` once it has joined (``None`` before)."""
-        return self._by_id.get(rid)
-
+    # every rank -----------------------------------------------------------
     def step(self, stop: bool = False):
-        """Broadcast this step's plan from rank 0, apply it, and step (every rank calls this)."""
-        plan = [(self._adds, self._cancels, stop)] if self.rank == 0 else [None]
+        """Broadcast rank 0's plan, replay it on the other ranks, and step; ``None`` once rank 0 said stop."""
+        plan = [(self._ops, stop)] if self.rank == 0 else [None]
         dist.broadcast_object_list(plan, src=0, group=self.group)
-        adds, cancels, stop = plan[0]
-        self._adds, self._cancels = [], []
+        ops, stop = plan[0]
+        self._ops = []
+        if self.rank != 0:
+            for op in ops:
+                if op[0] == "add":
+                    req = self.engine.add(*op[1], **op[2])
+                    self._by_id[req.id] = req
+                elif op[1] in self._by_id:
+                    self.engine.cancel(self._by_id.pop(op[1]))
         if stop:
             return None
-        for rid, prompt, n, temp, eos in adds:
-            self._by_id[rid] = self.engine.add(prompt, n, temp, eos)
-        for rid in cancels:
-            if rid in self._by_id:
-                self.engine.cancel(self._by_id[rid])
         return self.engine.step()
-
-    def idle(self) -> bool:
-        return self.engine.idle and not self._adds
 
     def run(self) -> None:
         """Rank 0: step until every request has finished, then tell the others to stop."""
-        while not self.idle():
+        while not self.engine.idle:
             self.step()
         self.step(stop=True)
 
     def follow(self) -> None:
-        """Ranks > 0: apply rank 0's plans until it says stop."""
+        """Ranks > 0: replay rank 0's plans and step until it says stop."""
         while self.step() is not None:
             pass
