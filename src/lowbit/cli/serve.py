@@ -26,11 +26,13 @@ def serve_command(
     engine: str = typer.Option("auto", help="auto|paged|classic: paged = the paged KV engine (CUDA graphs on CUDA; "
                                             "fp16 or kivi:bits=2|4 group 32 residual 128, Llama-family); auto = paged "
                                             "on CUDA when supported, else classic"),
+    tensor_parallel: int = typer.Option(1, help="shard the model over N ranks (one process each, started by "
+                                                "`torchrun --nproc-per-node N -m lowbit.cli serve --tensor-parallel N`)"),
 ):
     """Serve an OpenAI-compatible API (completions, chat, SSE streaming) with continuous batching over compressed KV caches."""
     try:
         serve(model, kv, wa, kv_budget_mb, port, host, api_key, max_queue, max_batch, drain_timeout=drain_timeout_s,
-              engine=engine)
+              engine=engine, tensor_parallel=tensor_parallel)
     except SpecError as exc:
         _fail_plain(str(exc))
     except FileNotFoundError as exc:  # ModelNotFoundError

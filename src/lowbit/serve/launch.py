@@ -72,6 +72,7 @@ def serve(
     log_level: str = "info",
     drain_timeout: float = 60.0,
     engine: str = "auto",
+    tensor_parallel: int = 1,
 ) -> None:
     """Load the model and serve the OpenAI-compatible API until interrupted (blocking).
 
@@ -95,6 +96,12 @@ def serve(
         raise SpecError(f"--drain-timeout-s must be >= 0, got {drain_timeout}")
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
+    if tensor_parallel > 1:
+        _serve_tensor_parallel(model, kv, wa, kv_budget_mb, port, host, api_key, max_queue, max_batch,
+                               prefill_per_step, log_level, drain_timeout, engine, tensor_parallel)
+        return
+    if tensor_parallel < 1:
+        raise SpecError(f"--tensor-parallel must be >= 1, got {tensor_parallel}")
     m, tok = load_for_serving(model, wa)
     backend, why = choose_engine(engine, m, kv)
     print(f"lowbit serve: {backend} engine ({why})", file=sys.stderr)
@@ -106,3 +113,32 @@ def serve(
     print(f"lowbit serve: {model} kv={engine.kv} budget={kv_budget_mb:g} MB on http://{host}:{port}/v1", file=sys.stderr)
     run_server(create_app(engine, api_key=api_key, drain_timeout=drain_timeout), host=host, port=port,
                log_level=log_level)
+
+
+def _serve_tensor_parallel(model, kv, wa, kv_budget_mb, port, host, api_key, max_queue, max_batch, prefill_per_step,
+                           log_level, drain_timeout, engine, world) -> None:
+    """``--tensor-parallel N`` under torchrun: rank 0 serves HTTP, the others follow (:mod:`lowbit.serve.tp`)."""
+    from lowbit.serve.api import create_app
+    from lowbit.serve.paged import engine_store_kind
+    from lowbit.serve.server import run_server
+    from lowbit.serve.tp import follow, join_group, stop_followers, tensor_parallel_engine
+
+    if engine == "classic":
+        raise SpecError("--tensor-parallel runs on the paged engine: use --engine paged (or auto)")
+    if wa:
+        raise SpecError("--tensor-parallel with --wa is not supported yet: each rank would quantize its shard")
+    engine_store_kind(kv)
+    rank, world = join_group(world)
+    m, tok = load_for_serving(model, None)
+    srv = tensor_parallel_engine(m, tok, rank, world, kv=kv, kv_budget_mb=kv_budget_mb, max_batch=max_batch,
+                                 max_queue=max_queue, prefill_per_step=prefill_per_step, model_name=model)
+    if rank:
+        follow(srv)
+        return
+    print(f"lowbit serve: {model} kv={srv.kv} tensor-parallel {world}, {kv_budget_mb:g} MB per rank on "
+          f"http://{host}:{port}/v1", file=sys.stderr)
+    try:
+        run_server(create_app(srv, api_key=api_key, drain_timeout=drain_timeout), host=host, port=port,
+                   log_level=log_level)
+    finally:
+        stop_followers(srv)

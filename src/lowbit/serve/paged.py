@@ -97,13 +97,14 @@ class PagedServeEngine(Engine):
     """The classic engine's interface over a :class:`PagedEngine` (see the module docstring).
 
     `max_context` caps the model's context (prompt + completion; the paged block tables are sized for it);
-    `graphs` captures the decode step in CUDA graphs on CUDA."""
+    `graphs` captures the decode step in CUDA graphs on CUDA; `wrap` (optional) wraps the :class:`PagedEngine`
+    in an object with its interface (:class:`lowbit.engine.parallel.TensorParallelEngine`)."""
 
     backend = "paged"
 
     def __init__(self, model, tokenizer, kv: str = "fp16", kv_budget_mb: float = 512, max_batch: int = 32,
                  max_queue: int = 64, prefill_per_step: int = 1, metrics=None, model_name: str | None = None,
-                 max_context: int | None = None, graphs: bool = True):
+                 max_context: int | None = None, graphs: bool = True, wrap=None):
         self.store_kind = engine_store_kind(kv)  # before any work: a spec the paged engine cannot store fails here
         super().__init__(model, tokenizer, kv=kv, kv_budget_mb=kv_budget_mb, max_batch=max_batch, max_queue=max_queue,
                          prefill_per_step=prefill_per_step, metrics=metrics, model_name=model_name)
@@ -114,6 +115,8 @@ class PagedServeEngine(Engine):
                                      max_tokens=self.max_context, graphs=graphs, prefill_per_step=prefill_per_step)
         except (PoolFullError, ValueError) as exc:  # budget too small for the rows, a model the runner refuses
             raise SpecError(f"the paged engine cannot serve this: {exc}") from None
+        if wrap is not None:  # e.g. tensor parallelism: the same interface, steps broadcast to the other ranks
+            self.paged = wrap(self.paged)
         self.store = self.paged.store
         self._active: dict[int, tuple[Request, object]] = {}  # engine request id -> (request, engine request)
         self._last_step = {"batch": 0, "seconds": 0.0}
