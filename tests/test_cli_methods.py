@@ -10,22 +10,6 @@ from lowbit.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2):
-    """A small random Llama with the bundled tokenizer (and its vocabulary), saved as a local HF directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(2)
-    tok = smollm2[1]
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_quantize_writes_a_loadable_checkpoint(tiny_dir, tmp_path):
     from lowbit.wa import load_quantized
 

@@ -34,21 +34,6 @@ def test_bits_at_4096_of_faithful_kivi(tiny_llama):
     assert bits_per_element_at("kivi:bits=2", tiny_llama.config) == pytest.approx(want)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(2)
-    tok = smollm2[1]
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_compare_offset_presets_and_improved_wa(tmp_path, tiny_dir):
     args = ["compare", "--model", str(tiny_dir), "--kv", "fp16", "--kv", "2bit", "--kv", "kivi:bits=2", "--lut", "",
             "--wa", "w4a16:group=64,gptq=true,rotate=hadamard", "--wa-kv", "", "--wa-tokens", "64", "--prefill", "40", "--tokens", "8"]
