@@ -111,3 +111,35 @@ def test_fill_quality_writes_tables_between_markers(tmp_path):
     assert f.main([str(out), "--root", str(root)]) == 0
     q2 = (root / "docs" / "QUALITY.md").read_text()
     assert q2.count("<!-- HELDOUT_KV -->") == 1 and "0.1250" in q2
+
+
+def test_rows_from_two_devices_are_marked_and_keep_where_they_ran(tmp_path):
+    from types import SimpleNamespace
+
+    q, f = _tool("quality_runs"), _tool("fill_quality")
+    gpu = {"quick": False, "complete": True, "device": "cuda:0", "gpu": "H200", "torch": "2.11", "transformers": "5.17",
+           "wa_tokens": 2048}
+    kv = [_kv_row(s, o, kl) for o in f.KV_HELD for s, kl in (("fp16", 0.0), ("kivi:bits=2", 0.3), ("2bit", 0.1))]
+    (tmp_path / "kv.json").write_text(json.dumps({"meta": gpu, "rows": kv, "skipped": ["hfq:bits=2,group=32"]}))
+    # a resumed process on another device: the old rows keep their device, the new rows carry theirs
+    args = SimpleNamespace(out=str(tmp_path), force=False, quick=False, exclude=[])
+    cpu_run = {"where": "cpu", "torch": "2.13", "transformers": "5.24"}
+    runner = SimpleNamespace(args=args, meta=lambda name: {"quick": False, "device": "cpu", "gpu": None, "wa_tokens": 2048},
+                             out_of_time=lambda: False)
+    sec = q.Section(runner, "kv")
+    assert all(r["run"] == {"where": "H200", "torch": "2.11", "transformers": "5.17"} for r in sec.rows)
+    for o in f.KV_HELD:
+        sec.add(dict(_kv_row("hfq:bits=2,group=32", o, 0.25), run=cpu_run))
+    sec.write(done=True)
+    d = json.loads((tmp_path / "kv.json").read_text())
+    assert d["meta"]["complete"] and d["meta"]["device"] == "cpu"
+    table = f.heldout_kv(d)
+    assert "| `hfq:bits=2,group=32`† |" in table and "| `2bit` |" in table
+    assert "rows marked † ran on CPU, torch 2.13, transformers 5.24" in table and "INCOMPLETE" not in table
+    assert "`2bit` KL 0.1000 / `hfq:bits=2,group=32`† KL 0.2500 = 0.40 (per offset 0.40, 0.40, 0.40, 0.40; target ≤ 0.5: met)" in table
+    # W/A: a marked row's Δ is against its own device's fp ppl
+    wa = [_wa_row("fp", "fp16", o, 20.0) for o in (0, 160000)]
+    wa += [dict(_wa_row("w4a16", "W4A16 RTN", o, 22.0), ppl_fp=21.0, run=cpu_run) for o in (0, 160000)]
+    table = f.heldout_wa({"meta": gpu, "rows": wa, "skipped": ["w4a16:gptq=true"]})
+    assert "| W4A16 RTN | `w4a16`† | 4.50 | 1.0 | 22.000 | +4.8 % |" in table
+    assert "Not run: `w4a16:gptq=true`." in table and "INCOMPLETE" in table

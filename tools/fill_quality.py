@@ -17,11 +17,14 @@ import json
 import math
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 SPLIT = 154691
 TARGETS_WA = {"W4A16": 15.0, "FMPQ W4A8": 15.0, "FMPQ W4A4": 30.0}
 KV_HELD = [160000, 200000, 240000, 280000]
+KV_ORDER = ["fp16", "kivi:bits=2", "kivi:bits=2,sinks=4", "hfq:bits=2,group=32", "hfq:bits=2,group=32,axis_key=-1", "2bit",
+            "kivi:bits=4", "hfq:bits=4,group=32,axis_key=-1", "4bit"]  # tools/quality_runs.py's KV_ROWS
 
 
 def load(folder: Path, name: str) -> dict | None:
@@ -43,10 +46,47 @@ def pct(x: float) -> str:
     return f"{x:+.1f} %"
 
 
-def caption(meta: dict) -> str:
-    where = meta.get("gpu") or meta.get("device", "?")
-    return (f"*{where}, torch {meta.get('torch')}, transformers {meta.get('transformers')}, float32 compute "
-            f"(TF32 off), `tools/quality_runs.py`{' — INCOMPLETE run' if not meta.get('complete') else ''}.*")
+MARKS = ["†", "‡", "§", "¶"]
+
+
+def run_of(row: dict, meta: dict) -> tuple:
+    """(where, torch, transformers) of one row: its own ``run``, else its file's meta (files of a single process)."""
+    r = row.get("run") or {"where": meta.get("gpu") or meta.get("device"), "torch": meta.get("torch"),
+                           "transformers": meta.get("transformers")}
+    return r.get("where") or "?", r.get("torch"), r.get("transformers")
+
+
+def runs(d: dict) -> dict[tuple, str]:
+    """{run: mark}: the run that measured most rows unmarked, every other one marked †, ‡, ..."""
+    counts = Counter(run_of(r, d["meta"]) for r in d["rows"])
+    return {k: "" if i == 0 else MARKS[min(i, len(MARKS)) - 1] for i, (k, _) in enumerate(counts.most_common())}
+
+
+def mark(d: dict, spec: str, offsets=None) -> str:
+    """The marks of the runs that measured `spec`'s rows (at `offsets`)."""
+    rs = runs(d)
+    got = {rs[run_of(r, d["meta"])] for r in d["rows"] if r["spec"] == spec and (offsets is None or r["offset"] in offsets)}
+    return "".join(sorted(got))
+
+
+def where(run: tuple) -> str:
+    return f"{'CPU' if run[0] == 'cpu' else run[0]}, torch {run[1]}, transformers {run[2]}"
+
+
+def caption(d: dict) -> str:
+    meta, rs = d["meta"], runs(d)
+    first = next(iter(rs), run_of({}, meta))
+    text = f"*{where(first)}, float32 compute{' (TF32 off)' if first[0] != 'cpu' else ''}, `tools/quality_runs.py`"
+    for run, m in rs.items():
+        if m:
+            text += f"; rows marked {m} ran on {where(run)}"
+    if len(rs) > 1:
+        text += " (every KL and Δppl is against the unquantized model run in the same process, on the same device)"
+    return text + f"{' — INCOMPLETE run' if not meta.get('complete') or d.get('skipped') else ''}.*"
+
+
+def not_run(d: dict) -> list[str]:
+    return [f"Not run: {', '.join(f'`{s}`' for s in d['skipped'])}."] if d.get("skipped") else []
 
 
 def kv_stats(rows: list[dict], offsets: list[int]) -> dict[str, dict]:
@@ -72,18 +112,17 @@ def heldout_kv(d: dict) -> str:
     st = kv_stats(d["rows"], KV_HELD)
     head = "| method | bits/elt @4K | ppl | Δppl | KL(ref‖m) | " + " | ".join(f"KL @{o // 1000}K" for o in KV_HELD) + " | top-1 |"
     lines = [head, "|" + "---|" * (6 + len(KV_HELD))]
-    for spec, s in st.items():
+    for spec, s in sorted(st.items(), key=lambda kv: KV_ORDER.index(kv[0]) if kv[0] in KV_ORDER else len(KV_ORDER)):
         per = " | ".join(f"{s['per'][o]:.4f}" if o in s["per"] else "–" for o in KV_HELD)
-        lines.append(f"| `{spec}` | {bits(s)} | {s['ppl']:.3f} | {pct(100 * (s['ppl'] / s['ref'] - 1))} | {s['kl']:.4f} | {per} | {s['top1']:.3f} |")
+        lines.append(f"| `{spec}`{mark(d, spec, KV_HELD)} | {bits(s)} | {s['ppl']:.3f} | {pct(100 * (s['ppl'] / s['ref'] - 1))} | {s['kl']:.4f} | {per} | {s['top1']:.3f} |")
     lines += ["", f"ppl: the four 256-token stretches pooled (exp of the mean NLL); KL and top-1: means over the four. "
-              + caption(d["meta"])]
-    if d.get("skipped"):
-        lines.append(f"Not run (optimum-quanto missing there): {', '.join(f'`{s}`' for s in d['skipped'])}.")
-    lines += ["", *kv_targets(st)]
+              + caption(d)]
+    lines += not_run(d)
+    lines += ["", *kv_targets(st, d)]
     return "\n".join(lines)
 
 
-def kv_targets(st: dict) -> list[str]:
+def kv_targets(st: dict, d: dict | None = None) -> list[str]:
     out = []
     two, kivi = st.get("2bit"), st.get("kivi:bits=2")
     if two:
@@ -93,8 +132,13 @@ def kv_targets(st: dict) -> list[str]:
         out.append(f"* `2bit` KL / KIVI-2 KL = {r:.2f} (target ≤ 0.5: {'met' if r <= 0.5 else 'missed'}).")
     for spec in ("hfq:bits=2,group=32", "hfq:bits=2,group=32,axis_key=-1"):
         if two and spec in st:
-            r = two["kl"] / st[spec]["kl"]
-            out.append(f"* `2bit` KL / `{spec}` KL = {r:.2f} (target ≤ 0.5: {'met' if r <= 0.5 else 'missed'}).")
+            h = st[spec]
+            r = two["kl"] / h["kl"]
+            per = ", ".join(f"{two['per'][o] / h['per'][o]:.2f}" for o in KV_HELD if o in two["per"] and o in h["per"])
+            m = (mark(d, "2bit", KV_HELD), mark(d, spec, KV_HELD)) if d else ("", "")
+            verdict = "missed" if r > 0.5 else "met" if h["n"] == two["n"] else "not settled: different offsets"
+            out.append(f"* `2bit`{m[0]} KL {two['kl']:.4f} / `{spec}`{m[1]} KL {h['kl']:.4f} = {r:.2f} "
+                       f"(per offset {per}; target ≤ 0.5: {verdict}).")
     if st.get("4bit") and st.get("kivi:bits=4"):
         out.append(f"* `4bit`: KL {st['4bit']['kl']:.4f} at {st['4bit']['bits']:.3f} bits vs KIVI-4 {st['kivi:bits=4']['kl']:.4f} "
                    f"at {st['kivi:bits=4']['bits']:.3f}.")
@@ -116,24 +160,28 @@ def ablation_kv(d: dict) -> str:
             return (f"{x['kl']:.4f}", f"{x['kl'] / base['kl']:.2f}×" if base else "–") if x else ("–", "–")
 
         top1 = f"{b['top1']:.3f}" if b else "–"
-        lines.append(f"| {s['label']} | `{spec}` | {bits(s)} | {' | '.join(cell(a, base_t))} | {' | '.join(cell(b, base_h))} | {top1} |")
+        lines.append(f"| {s['label']} | `{spec}`{mark(d, spec)} | {bits(s)} | {' | '.join(cell(a, base_t))} | {' | '.join(cell(b, base_h))} | {top1} |")
     lines += ["", f"KL: mean over the tuning offsets ({', '.join(f'{o:,}' for o in tune)}) and the held-out ones "
-              f"({', '.join(f'{o:,}' for o in held)}); 512 tokens of prefill, 256 streamed. " + caption(d["meta"])]
+              f"({', '.join(f'{o:,}' for o in held)}); 512 tokens of prefill, 256 streamed. " + caption(d)] + not_run(d)
     return "\n".join(lines)
 
 
 def wa_table(d: dict) -> tuple[dict, list[int]]:
-    """{spec: {label, bits, bytes, ppl: {offset: ppl}}} and the offsets."""
+    """{spec: {label, bits, bytes, mark, ppl: {offset: ppl}, ppl_fp: {offset: same device's fp ppl}}} and the offsets."""
     out, offsets = {}, sorted({r["offset"] for r in d["rows"]})
     for r in d["rows"]:
-        e = out.setdefault(r["spec"], {"label": r["label"], "bits": r["linear_bits"], "bytes": r["bytes"], "ppl": {}})
+        e = out.setdefault(r["spec"], {"label": r["label"], "bits": r["linear_bits"], "bytes": r["bytes"],
+                                       "mark": mark(d, r["spec"]), "ppl": {}, "ppl_fp": {}})
         e["ppl"][r["offset"]] = r["ppl"]
+        if "ppl_fp" in r:  # rows without it come from one process with the section's fp row
+            e["ppl_fp"][r["offset"]] = r["ppl_fp"]
     return out, offsets
 
 
 def wa_delta(e: dict, fp: dict, offsets: list[int]) -> float:
-    have = [o for o in offsets if o in e["ppl"] and o in fp["ppl"]]
-    return 100 * (pooled_ppl([e["ppl"][o] for o in have]) / pooled_ppl([fp["ppl"][o] for o in have]) - 1) if have else float("nan")
+    base = {**fp["ppl"], **e.get("ppl_fp", {})}
+    have = [o for o in offsets if o in e["ppl"] and o in base]
+    return 100 * (pooled_ppl([e["ppl"][o] for o in have]) / pooled_ppl([base[o] for o in have]) - 1) if have else float("nan")
 
 
 def target_of(label: str) -> tuple[str, float] | None:
@@ -154,12 +202,12 @@ def heldout_wa(d: dict) -> str:
         dh, dt = wa_delta(e, fp, held), wa_delta(e, fp, tune)
         tg = target_of(e["label"])
         mark = "–" if not tg or spec == "fp" else f"≤ +{tg[1]:.0f} %: {'met' if dh <= tg[1] else 'missed'}"
-        lines.append(f"| {e['label']} | `{spec}` | {e['bits']:.2f} | {e['bytes'] / 2**20:.1f} | {pooled_ppl([e['ppl'][o] for o in held]):.3f} | "
+        lines.append(f"| {e['label']} | `{spec}`{e['mark']} | {e['bits']:.2f} | {e['bytes'] / 2**20:.1f} | {pooled_ppl([e['ppl'][o] for o in held]):.3f} | "
                      f"{'—' if spec == 'fp' else pct(dh)} | {'—' if spec == 'fp' else pct(dt)} | {mark} |")
     lines += ["", f"Full-sequence perplexity of {d['meta']['wa_tokens']:,} tokens in windows of 1,024 at offset "
               f"{', '.join(f'{o:,}' for o in held)} (held-out) and {', '.join(f'{o:,}' for o in tune)} (tuning; Δ pooled); "
               "bits/weight: every stored byte of the quantized linears (codes, fp16 scales, zeros, permutation, masks) "
-              "per weight; model MiB: `model_nbytes` (fp16 embedding included). " + caption(d["meta"])]
+              "per weight; model MiB: `model_nbytes` (fp16 embedding included). " + caption(d)] + not_run(d)
     return "\n".join(lines)
 
 
@@ -170,9 +218,9 @@ def ablation_wa(d: dict) -> str:
     lines = ["| variant | spec | bits/weight | Δppl tuning | Δppl held-out |", "|---|---|---|---|---|"]
     for spec, e in st.items():
         if spec != "fp":
-            lines.append(f"| {e['label']} | `{spec}` | {e['bits']:.2f} | {pct(wa_delta(e, fp, tune))} | {pct(wa_delta(e, fp, held))} |")
+            lines.append(f"| {e['label']} | `{spec}`{e['mark']} | {e['bits']:.2f} | {pct(wa_delta(e, fp, tune))} | {pct(wa_delta(e, fp, held))} |")
     lines += ["", "Δppl against the unquantized model on the same tokens (tuning: offsets "
-              f"{', '.join(f'{o:,}' for o in tune)} pooled; held-out: {', '.join(f'{o:,}' for o in held)}). " + caption(d["meta"])]
+              f"{', '.join(f'{o:,}' for o in tune)} pooled; held-out: {', '.join(f'{o:,}' for o in held)}). " + caption(d)] + not_run(d)
     return "\n".join(lines)
 
 
@@ -192,12 +240,22 @@ def sweep(d: dict) -> str:
         cells = []
         for f in fracs:
             e = by.get((f, k))
-            cells.append(f"{pooled_ppl([e['ppl'][o] for o in held]):.2f} ({pct(wa_delta(e, fp, held))})" if e else "–")
+            cells.append(f"{pooled_ppl([e['ppl'][o] for o in held]):.2f} ({pct(wa_delta(e, fp, held))}){e['mark']}" if e else "–")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", f"Held-out perplexity (offset {', '.join(f'{o:,}' for o in held)}, {d['meta']['wa_tokens']:,} tokens; fp16 "
               f"{pooled_ppl([fp['ppl'][o] for o in held]):.3f}) and Δ against it. `GPTQ+rot+asym+clip` = "
-              "`gptq=true,rotate=hadamard,sym=false,clip=true`. " + caption(d["meta"])]
+              "`gptq=true,rotate=hadamard,sym=false,clip=true`. " + caption(d) + fp_elsewhere(d, held)] + not_run(d)
     return "\n".join(lines)
+
+
+def fp_elsewhere(d: dict, held: list[int]) -> str:
+    """The unquantized model's held-out ppl as each marked run measured it (its rows' Δ base)."""
+    out = []
+    for run, m in runs(d).items():
+        got = {r["offset"]: r["ppl_fp"] for r in d["rows"] if m and run_of(r, d["meta"]) == run and "ppl_fp" in r}
+        if got and all(o in got for o in held):
+            out.append(f"fp16 as run {m}: {pooled_ppl([got[o] for o in held]):.3f}")
+    return (" " + "; ".join(out) + ".") if out else ""
 
 
 def limits_wa(d: dict) -> str:
@@ -223,9 +281,9 @@ def readme(kv: dict | None, wa: dict | None) -> str:
         for spec in ("fp16", "kivi:bits=2", "hfq:bits=2,group=32,axis_key=-1", "2bit", "kivi:bits=4", "4bit"):
             if spec in st:
                 s = st[spec]
-                lines.append(f"| `{spec}` | {bits(s)} | {pct(100 * (s['ppl'] / s['ref'] - 1))} | {s['kl']:.4f} | {s['top1']:.3f} |")
+                lines.append(f"| `{spec}`{mark(kv, spec, KV_HELD)} | {bits(s)} | {pct(100 * (s['ppl'] / s['ref'] - 1))} | {s['kl']:.4f} | {s['top1']:.3f} |")
         parts.append("\n".join(lines + ["", "Streaming protocol at offsets 160,000 – 280,000 of WikiText-2 test (4 stretches, "
-                                        "means). " + caption(kv["meta"])]))
+                                        "means). " + caption(kv)]))
     if wa:
         st, offsets = wa_table(wa)
         held = [o for o in offsets if o >= SPLIT]
@@ -237,9 +295,9 @@ def readme(kv: dict | None, wa: dict | None) -> str:
             for label in ("RTN", None):
                 pick = [r for r in rows if r[2]["label"] == f"{name} RTN"] if label else [min(rows, key=lambda r: r[0])] if rows else []
                 for dlt, s, e in pick:
-                    lines.append(f"| {name} `{s}` | {e['bits']:.2f} | {pooled_ppl([e['ppl'][o] for o in held]):.3f} | {pct(dlt)} |")
+                    lines.append(f"| {name} `{s}`{e['mark']} | {e['bits']:.2f} | {pooled_ppl([e['ppl'][o] for o in held]):.3f} | {pct(dlt)} |")
         parts.append("\n".join(lines + ["", f"Full-sequence perplexity, {wa['meta']['wa_tokens']:,} tokens at offset 160,000 "
-                                        "(held-out); RTN and the best configuration of each method. " + caption(wa["meta"])]))
+                                        "(held-out); RTN and the best configuration of each method. " + caption(wa)]))
     return "\n\n".join(parts) + "\n\nSettings were chosen on the first half of the text; `docs/QUALITY.md` has every row, the ablations and the targets."
 
 

@@ -117,6 +117,9 @@ class Runner:
         self.kv_done: dict[tuple[int, str], dict] = {}
         self.wa_done: dict[tuple[str, int], dict] = {}  # W/A rows shared between sections (one quantization per spec)
         self.stats = None
+        self.fp_ppls: dict[int, float] = {}
+        self.where = {"where": torch.cuda.get_device_name() if self.device.startswith("cuda") else self.device,
+                      "torch": torch.__version__, "transformers": __import__("transformers").__version__}
         self.log(f"model {args.model} on {self.device} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.0f} M params, "
                  f"{self.model.config.num_hidden_layers} layers), text {self.ids.shape[1]} tokens, {time.time() - self.t0:.0f} s")
 
@@ -151,7 +154,7 @@ class Runner:
         row = {"spec": kv, "offset": offset, "ppl": r.ppl, "ppl_ref": r.ppl_ref, "kl_mean": r.kl_mean, "kl_max": r.kl_max,
                "top1": r.top1_agree, "kv_bytes": r.kv_bytes, "kv_bytes_fp16": r.kv_bytes_fp16,
                "bits_per_element": r.bits_per_element, "bits_at_4096": r.extra["bits_at_4096"],
-               "bytes_exact": r.extra["bytes_exact"], "seconds": time.time() - t}
+               "bytes_exact": r.extra["bytes_exact"], "seconds": time.time() - t, "run": self.where}
         self.kv_done[key] = row
         return row
 
@@ -170,6 +173,12 @@ class Runner:
         from lowbit.eval.wa import full_ppl
 
         return full_ppl(model, self.ids[0, offset : offset + self.wa_tokens], window=1024)
+
+    def fp_ppl(self, offset: int) -> float:
+        """The unquantized model's ppl on the same tokens, in this process (each row's Δ against its own device)."""
+        if offset not in self.fp_ppls:
+            self.fp_ppls[offset] = self.wa_ppl(self.model, offset)
+        return self.fp_ppls[offset]
 
 
 def truncate(model, n: int) -> None:
@@ -202,6 +211,8 @@ class Section:
         old = json.loads(self.path.read_text()) if self.path.exists() and not runner.args.force else {}
         same = old.get("meta", {}).get("quick") == runner.args.quick
         self.rows = old.get("rows", []) if same else []
+        for r in self.rows:  # rows of an earlier process keep where they ran (the meta is this process's)
+            r.setdefault("run", row_run(old["meta"]))
         self.skipped, self.errors = [], []
         self.have = {(r["spec"], r["offset"]) for r in self.rows}
 
@@ -212,7 +223,8 @@ class Section:
 
     def write(self, done: bool = False) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        meta = self.runner.meta(self.name) | {"complete": done and not self.errors and not self.runner.out_of_time()}
+        meta = self.runner.meta(self.name) | {"complete": done and not self.errors and not self.skipped
+                                                and not self.runner.out_of_time()}
         payload = {"meta": meta, "rows": self.rows, "skipped": self.skipped, "errors": self.errors}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
@@ -223,6 +235,15 @@ class Section:
         self.runner.log(f"  ERROR {what}: {type(exc).__name__}: {exc}")
         traceback.print_exc(file=sys.stdout)
         self.write()
+
+
+def row_run(meta: dict) -> dict:
+    """A row's ``run`` (where, torch, transformers) from the meta of the file that held it."""
+    return {"where": meta.get("gpu") or meta.get("device"), "torch": meta.get("torch"), "transformers": meta.get("transformers")}
+
+
+def excluded(runner: Runner, spec: str) -> bool:
+    return any(x in spec for x in runner.args.exclude)
 
 
 def hfq_available() -> bool:
@@ -244,6 +265,10 @@ def run_kv(runner: Runner, name: str) -> None:
         todo = [t for t in todo if not t[1].startswith("hfq")]
         if sec.skipped:
             runner.log(f"{name}: skipping {', '.join(sec.skipped)} (optimum-quanto not installed or --no-hfq)")
+    if skip := sorted({kv for _, kv, off in todo if excluded(runner, kv) and (kv, off) not in sec.have}):
+        sec.skipped = sorted(set(sec.skipped) | set(skip))
+        todo = [t for t in todo if not excluded(runner, t[1])]
+        runner.log(f"{name}: --exclude skips {', '.join(skip)}")
     todo.sort(key=lambda t: t[2])  # one offset at a time: its reference stays warm
     for i, (label, kv, off) in enumerate(todo):
         if (kv, off) in sec.have:
@@ -265,8 +290,18 @@ def run_kv(runner: Runner, name: str) -> None:
 def run_wa(runner: Runner, name: str, rows: list[tuple[str, str]]) -> None:
     sec = Section(runner, name)
     offsets = WA_TUNE + WA_HELD
+    for other in SECTIONS:  # identical specs measured by another W/A section (an earlier process): reuse them
+        path = Path(runner.args.out) / f"{other}.json"
+        if other.startswith("wa") and other != name and path.exists():
+            d = json.loads(path.read_text())
+            if d["meta"].get("quick") == runner.args.quick:
+                for r in d["rows"]:
+                    runner.wa_done.setdefault((r["spec"], r["offset"]), {**r, "run": r.get("run") or row_run(d["meta"])})
+    sec.skipped = [wa for _, wa in rows if excluded(runner, wa) and not all((wa, off) in sec.have for off in offsets)]
+    if sec.skipped:
+        runner.log(f"{name}: --exclude skips {', '.join(sec.skipped)}")
     for i, (label, wa) in enumerate(rows):
-        if all((wa, off) in sec.have for off in offsets):
+        if all((wa, off) in sec.have for off in offsets) or wa in sec.skipped:
             continue
         if runner.out_of_time():
             runner.log(f"{name}: --budget-s reached, stopping (run again to resume)")
@@ -287,8 +322,10 @@ def run_wa(runner: Runner, name: str, rows: list[tuple[str, str]]) -> None:
                 info["bytes"] = info["bytes_fp16"] = fp16_nbytes(model)
             for off in offsets:
                 if (wa, off) not in sec.have:
+                    ppl = runner.wa_ppl(model, off)
                     sec.add({"spec": wa, "label": label, "offset": off, "half": "held-out" if off >= 154691 else "tuning",
-                             "ppl": runner.wa_ppl(model, off), **info, "quant_seconds": qs, "seconds": time.time() - t})
+                             "ppl": ppl, "ppl_fp": ppl if wa == "fp" else runner.fp_ppl(off), **info, "quant_seconds": qs,
+                             "seconds": time.time() - t, "run": runner.where})
             del model
         except Exception as exc:  # noqa: BLE001
             sec.fail(wa, exc)
@@ -313,6 +350,8 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="recompute rows already in --out (default: resume)")
     ap.add_argument("--no-hfq", action="store_true", help="skip the hfq (optimum-quanto) rows")
     ap.add_argument("--budget-s", type=float, default=0, help="start no new row after this many seconds (0: no limit)")
+    ap.add_argument("--exclude", action="append", default=[], metavar="SUBSTRING",
+                    help="skip rows whose spec contains SUBSTRING (repeatable; recorded as skipped, the run stays incomplete)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
