@@ -5,8 +5,9 @@ column-parallel (their output features split by attention head, KV head and inte
 are row-parallel (input features split the same way, one all-reduce after each), the embedding and the LM head
 are vocab-parallel (each rank holds ``vocab / N`` rows; the embedding all-reduces, the head all-gathers the
 logits so every rank samples the same tokens). Attention heads and the KV pool split by KV head, so each rank's
-paged store holds ``kv_heads / N`` heads and KIVI pages never cross ranks. Shard the float model, then quantize
-each rank's shard (W4Ax groups and blocks then lie within a shard when ``in_features / N`` is a multiple of them).
+paged store holds ``kv_heads / N`` heads and KIVI pages never cross ranks. A W4Ax model is quantized whole, then cut
+(:mod:`lowbit.wa.shard`): its codes, scales and INT8 blocks are sliced, never requantized, so each rank computes
+exactly its part of the unsharded layer; the row-parallel cuts must fall on group/block boundaries.
 
 :class:`TensorParallelEngine`: rank 0 takes requests and, at every step, broadcasts the step plan (new
 requests, cancellations) to the others; every rank then runs the same :meth:`PagedEngine.step`. Admission,
@@ -21,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.engine.core import PagedEngine
+from lowbit.wa.linear import QuantLinear
 
 
 class RowParallelLinear(nn.Module):
@@ -34,7 +36,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         y = self.inner(x)
         dist.all_reduce(y, group=self.group)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -68,7 +70,12 @@ class VocabParallelHead(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
-def _rows(linear: nn.Linear, lo: int, hi: int) -> nn.Linear:
+def _rows(linear: nn.Module, lo: int, hi: int) -> nn.Module:
+    """Output features ``[lo, hi)`` of a float or quantized linear (column-parallel part)."""
+    if not isinstance(linear, nn.Linear):
+        from lowbit.wa.shard import output_rows
+
+        return output_rows(linear, lo, hi)
     out = nn.Linear(linear.in_features, hi - lo, bias=linear.bias is not None, device=linear.weight.device,
                     dtype=linear.weight.dtype)
     with torch.no_grad():
@@ -78,7 +85,12 @@ def _rows(linear: nn.Linear, lo: int, hi: int) -> nn.Linear:
     return out
 
 
-def _cols(linear: nn.Linear, lo: int, hi: int) -> nn.Linear:
+def _cols(linear: nn.Module, lo: int, hi: int) -> nn.Module:
+    """Input features ``[lo, hi)`` of a float or quantized linear, without bias (row-parallel part)."""
+    if not isinstance(linear, nn.Linear):
+        from lowbit.wa.shard import input_columns
+
+        return input_columns(linear, lo, hi)
     out = nn.Linear(hi - lo, linear.out_features, bias=False, device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
         out.weight.copy_(linear.weight[:, lo:hi])
@@ -101,6 +113,40 @@ def check_shardable(config, world: int) -> None:
                          f"evenly; this model has {', '.join(problems)} (not divisible by {world})")
 
 
+def _shard_layer(attn, mlp, q_lo, q_hi, kv_lo, kv_hi, i_lo, i_hi, group=None) -> tuple:
+    """This rank's q, k, v, o, gate, up, down (all cut before any is replaced: a failure leaves the layer whole)."""
+    return (_rows(attn.q_proj, q_lo, q_hi), _rows(attn.k_proj, kv_lo, kv_hi), _rows(attn.v_proj, kv_lo, kv_hi),
+            RowParallelLinear(_cols(attn.o_proj, q_lo, q_hi), attn.o_proj.bias, group),
+            _rows(mlp.gate_proj, i_lo, i_hi), _rows(mlp.up_proj, i_lo, i_hi),
+            RowParallelLinear(_cols(mlp.down_proj, i_lo, i_hi), mlp.down_proj.bias, group))
+
+
+@torch.no_grad()
+def weights_fingerprint(model) -> torch.Tensor:
+    """A float64 vector that differs between two models whose weights or quantization (codes, scales, permutations,
+    INT8 blocks) differ: per parameter/buffer, its sum and a position-weighted sum of up to 64K evenly spaced
+    elements (whole for small tensors such as permutations); no full-size copy is made."""
+    sums = []
+    for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
+        v = t.detach().reshape(-1)
+        sample = v[:: max(1, v.numel() // 65536)].double()
+        sums += [v.sum(dtype=torch.float64) if v.is_floating_point() else v.long().sum().double(),
+                 (sample * torch.linspace(1, 2, sample.numel(), dtype=torch.float64, device=v.device)).sum()]
+    return torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64)
+
+
+def check_same_weights(model, group=None) -> None:
+    """Raise ValueError unless every rank holds the same (quantized) model: each rank quantizes the whole model
+    before cutting its part, and parts of two different quantizations would not add up."""
+    mine = weights_fingerprint(model)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    bad = [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
+    if bad:
+        raise ValueError(f"ranks {bad} hold different weights than rank 0 after loading/quantizing (a nondeterministic "
+                         "calibration?): tensor parallelism needs the same model on every rank")
+
+
 def shard_llama(model, rank: int, world: int, group=None):
     """Cut `model` in place to rank `rank` of `world` (see the module docstring); returns it."""
     cfg = model.config
@@ -111,18 +157,18 @@ def shard_llama(model, rank: int, world: int, group=None):
     q_lo, q_hi = rank * heads // world * d, (rank + 1) * heads // world * d
     kv_lo, kv_hi = rank * kv // world * d, (rank + 1) * kv // world * d
     inter = cfg.intermediate_size // world
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        if not all(isinstance(m, nn.Linear) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                                       mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
-            raise ValueError("shard the float model before quantizing its linears (each rank then quantizes its shard)")
-        attn.q_proj = _rows(attn.q_proj, q_lo, q_hi)
-        attn.k_proj = _rows(attn.k_proj, kv_lo, kv_hi)
-        attn.v_proj = _rows(attn.v_proj, kv_lo, kv_hi)
-        attn.o_proj = RowParallelLinear(_cols(attn.o_proj, q_lo, q_hi), attn.o_proj.bias, group)
-        mlp.gate_proj = _rows(mlp.gate_proj, rank * inter, (rank + 1) * inter)
-        mlp.up_proj = _rows(mlp.up_proj, rank * inter, (rank + 1) * inter)
-        mlp.down_proj = RowParallelLinear(_cols(mlp.down_proj, rank * inter, (rank + 1) * inter), mlp.down_proj.bias, group)
+        for name, m in (("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("v_proj", attn.v_proj), ("o_proj", attn.o_proj),
+                        ("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj), ("down_proj", mlp.down_proj)):
+            if not isinstance(m, (nn.Linear, QuantLinear)):
+                raise ValueError(f"{name} is a {type(m).__name__}: tensor parallelism shards nn.Linear and lowbit's "
+                                 "QuantLinear (quantize with lowbit.wa, then shard)")
+        try:
+            parts = _shard_layer(attn, mlp, q_lo, q_hi, kv_lo, kv_hi, rank * inter, (rank + 1) * inter, group)
+        except ValueError as exc:
+            raise ValueError(f"layer {i}: {exc}") from None
+        (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj) = parts
     vocab = cfg.vocab_size // world
     lo = rank * vocab
     embed_w = model.model.embed_tokens.weight.detach()

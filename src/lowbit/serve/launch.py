@@ -125,11 +125,9 @@ def _serve_tensor_parallel(model, kv, wa, kv_budget_mb, port, host, api_key, max
 
     if engine == "classic":
         raise SpecError("--tensor-parallel runs on the paged engine: use --engine paged (or auto)")
-    if wa:
-        raise SpecError("--tensor-parallel with --wa is not supported yet: each rank would quantize its shard")
     engine_store_kind(kv)
     rank, world = join_group(world)
-    m, tok = load_for_serving(model, None)
+    m, tok = load_for_serving(model, wa)  # every rank quantizes the whole model the same way, then cuts its part
     srv = tensor_parallel_engine(m, tok, rank, world, kv=kv, kv_budget_mb=kv_budget_mb, max_batch=max_batch,
                                  max_queue=max_queue, prefill_per_step=prefill_per_step, model_name=model)
     if rank:

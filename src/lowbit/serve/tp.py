@@ -1,6 +1,6 @@
 """``lowbit serve --tensor-parallel N``: one process per GPU (or CPU rank, gloo), started by ``torchrun``.
 
-Every rank loads the float model, cuts its shard (:func:`lowbit.engine.parallel.shard_llama`) and builds the same
+Every rank loads the model (and quantizes it whole under ``--wa``; the ranks check they hold the same weights), cuts its shard (:func:`lowbit.engine.parallel.shard_llama`) and builds the same
 :class:`~lowbit.serve.paged.PagedServeEngine` around a :class:`~lowbit.engine.parallel.TensorParallelEngine`.
 Rank 0 runs the HTTP server and the scheduler; the others replay its step plans (:meth:`follow`) until it stops.
 """
@@ -35,10 +35,11 @@ def join_group(world: int) -> tuple[int, int]:
 
 def tensor_parallel_engine(model, tokenizer, rank: int, world: int, **engine_kwargs):
     """Shard `model` for `rank` and build the paged serving engine whose steps run in lockstep across ranks."""
-    from lowbit.engine.parallel import TensorParallelEngine, shard_llama
+    from lowbit.engine.parallel import TensorParallelEngine, check_same_weights, shard_llama
     from lowbit.serve.paged import PagedServeEngine
 
     try:
+        check_same_weights(model)
         shard_llama(model, rank, world)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
