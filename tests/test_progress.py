@@ -53,3 +53,26 @@ def test_compare_help_offers_full_and_quiet():
 
     res = CliRunner().invoke(app, ["compare", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "--full" in res.output and "--quiet" in res.output
+
+
+def test_bench_points_bar_on_a_terminal_lines_elsewhere(capsys):
+    from lowbit.cli.progress import BenchPoints
+
+    con, buf = _console(True)
+    with Steps(con, unit="points") as steps:
+        pts = BenchPoints(steps, "bench gemm")
+        pts.advance()  # before start: nothing to advance, no error
+        pts.start(3)
+        pts.log("K=4096 N=6144 M=1: ...")
+        for _ in range(3):
+            pts.advance()
+    out = buf.getvalue()
+    assert "K=4096 N=6144 M=1: ..." in out and "bench gemm: 3 points in" in out  # lines above the bar, one summary
+    con, buf = _console(False)
+    with Steps(con, unit="points") as steps:
+        pts = BenchPoints(steps, "bench gemm")
+        pts.start(2)
+        pts.log("a point")
+        pts.advance()
+    assert capsys.readouterr().out == "a point\n"  # off a terminal: the benchmark's lines on stdout as before
+    assert buf.getvalue().startswith("bench gemm: 1 points in") and "\x1b" not in buf.getvalue()

@@ -57,9 +57,19 @@ def test_wa_is_applied_or_explained(tiny_llama):
 def test_tiny_bench_run(smollm2, tmp_path):
     from lowbit.bench.serve import bench_serve, to_json
 
+    seen = []
+
+    class Points:
+        def start(self, total):
+            seen.append(("start", total))
+
+        def advance(self):
+            seen.append("advance")
+
     results = bench_serve(kv=["fp16", "kivi:bits=2,residual=32"], kv_budget_mb=4, clients=3, requests=4, prompt_tokens=24,
-                          max_tokens=4, time_limit_s=120, loaded=smollm2, log=lambda s: None)
+                          max_tokens=4, time_limit_s=120, loaded=smollm2, log=lambda s: None, points=Points())
     assert [r.kv for r in results] == ["fp16", "kivi:bits=2,residual=32"]
+    assert seen == [("start", 2), "advance", "advance"]  # the progress bar: one point per KV method
     for r in results:
         assert r.requests_ok == 4 and r.errors == 0 and r.output_tokens_per_s > 0 and r.peak_running >= 1
         assert r.ttft_p50_s > 0 and r.itl_p50_s > 0

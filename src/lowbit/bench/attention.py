@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from lowbit.bench.timing import HEAD_DIM, HKV, HQ, bench_sets, copy_bandwidth, env_info, rotating, write_json
+from lowbit.bench.timing import Points, HEAD_DIM, HKV, HQ, bench_sets, copy_bandwidth, env_info, rotating, write_json
 
 ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, programs per SM, prefetch); the first is the first version's best
     (64, 4, 2, 8, False), (32, 2, 2, 16, False), (32, 2, 2, 16, True), (32, 2, 2, 24, True), (64, 4, 2, 8, True),
@@ -197,7 +197,7 @@ def measure_point(b: int, t: int, nb: int, cfg, sm: int, group: int, residual: i
 
 
 def run_attention(contexts: list[int], batches: list[int], bits: list[int], group: int = 32, residual: int = 128,
-                  tune: bool = True, max_kv_gb: float = 20.0, json_out: Optional[Path] = None, log=print) -> dict:
+                  tune: bool = True, max_kv_gb: float = 20.0, json_out: Optional[Path] = None, log=print, points=None) -> dict:
     """Sweep configs (with `tune`), then time every (context, batch, bits) point; returns the JSON payload.
 
     Rows are written to `json_out` as they come (``"partial": True``); the caller writes the final payload.
@@ -210,6 +210,9 @@ def run_attention(contexts: list[int], batches: list[int], bits: list[int], grou
     sm = env["sms"]
     torch.manual_seed(0)
     best_cfg, sweep = {}, []
+    points = points or Points()
+    fits = [(t, b) for t in contexts for b in batches if 2 * b * HKV * t * HEAD_DIM * 2 <= max_kv_gb * 1e9]
+    points.start(len(fits) * len(bits))
     for nb in bits:
         best_cfg[nb] = ATTN_CONFIGS[0]
         if tune:
@@ -227,6 +230,7 @@ def run_attention(contexts: list[int], batches: list[int], bits: list[int], grou
                 write_json(json_out, {"env": env, "copy_GBps": bw, "partial": True, "sweep": sweep, "rows": rows})
                 log(f"B={b:3d} T={t:6d} KIVI-{nb}: {row['kivi_us']:8.1f} us  SDPA({row['baseline']}) {row['sdpa_bf16_us']:8.1f} us  "
                     f"x{row['speedup']:5.2f}  {row['kivi_GBps']:.0f} GB/s ({row['kivi_pct_copy_bw']:.0f}% of copy)")
+                points.advance()
     return {"env": env, "copy_GBps": bw, "group": group, "residual": residual,
             "heads": [HQ, HKV, HEAD_DIM], "sweep": sweep, "best_config": {str(k): v for k, v in best_cfg.items()},
             "rows": rows}

@@ -12,7 +12,7 @@ from typing import Optional
 
 from lowbit.bench.attention import random_kivi_parts
 from lowbit.kv.hf import cache_kwargs
-from lowbit.bench.timing import HEAD_DIM, HKV, HQ, env_info, write_json
+from lowbit.bench.timing import Points, HEAD_DIM, HKV, HQ, env_info, write_json
 
 TABLE_COLUMNS = ["method", "batch", "context", "layers", "tokens_per_s", "peak_GB"]
 WA_SPECS = {"w4a8kv4": "fmpq:w=4,a=8", "fmpq4kv4": "fmpq:w=4,a=4,int8_frac=0.1"}
@@ -208,7 +208,7 @@ def _medians(rows: list) -> list:
 
 
 def run_e2e(methods: list[str], layers: int = 8, batch: int = 16, context: int = 16384, steps: int = 16,
-            max_batch: bool = True, json_out: Optional[Path] = None, log=print, repeats: int = 3) -> dict:
+            max_batch: bool = True, json_out: Optional[Path] = None, log=print, repeats: int = 3, points=None) -> dict:
     """Decode tokens/s per method at `batch`, then (with `max_batch`) at the largest batch estimated to fit;
     returns the JSON payload. Methods: bf16, kivi2, kivi4, w4a8kv4 (FMPQ W4A8 + KIVI-4), fmpq4kv4 (W4A4 + KIVI-4).
 
@@ -221,16 +221,22 @@ def run_e2e(methods: list[str], layers: int = 8, batch: int = 16, context: int =
     log(f"model: {layers} layers, {bench.weights / 1e9:.1f} GB bf16 weights")
     rows: list = []
     free_total = torch.cuda.mem_get_info()[1]
+    points = points or Points()
+    points.start(len(methods) * (1 + repeats + max_batch))  # warm-up, timed repeats, largest batch
     for kind in methods:  # every method warmed the same way (a full untimed point) before any timed repeat
         bench.run(kind, batch)
+        points.advance()
     ok = True
     for _ in range(repeats):  # repeats interleaved across methods; the table keeps each point's median
-        ok = ok and all(_record(bench, kind, batch, batch, rows, env, json_out, log) for kind in methods)
+        for kind in methods:
+            ok = ok and _record(bench, kind, batch, batch, rows, env, json_out, log)
+            points.advance()
     rows = _medians(rows)
     if ok and max_batch:
         for kind in methods:
             budget = free_total * 0.85 - bench.weights - 8e9
             b = max(batch, int(budget / per_seq_bytes(kind, layers, context)))
+            points.advance()
             if not _record(bench, kind, b, batch, rows, env, json_out, log):
                 break
     return {"env": env, "rows": rows, "weights_GB": bench.weights / 1e9}

@@ -22,7 +22,7 @@ from typing import Optional
 
 from lowbit.bench.e2e import llama_config
 from lowbit.kv.hf import cache_kwargs
-from lowbit.bench.timing import env_info, write_json
+from lowbit.bench.timing import Points, env_info, write_json
 
 WORKLOAD_COLUMNS = ["method", "requests", "prompt", "output", "kv_budget_gb", "output_tok_s", "vs_fp16_x", "ttft_p50_s",
                     "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "peak_concurrent"]
@@ -156,17 +156,20 @@ def hf_static_decoder(model, batch: int, context: int):
 def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, prompt: int = 8192, output: int = 256,
                      budget_gb: float = 16.0, max_batch: int = 128, decode_batch: int = 64, decode_context: int = 8192,
                      decode_layers: int | None = None, steps: int = 30, repeats: int = 3, baseline: bool = True,
-                     json_out: Optional[Path] = None, log=print) -> dict:
+                     json_out: Optional[Path] = None, log=print, points=None) -> dict:
     import torch
 
     env = env_info()
     payload = {"env": env, "rows": [], "decode": []}
     model = random_model(layers)
+    points = points or Points()
+    points.start(len(methods) * (bool(requests) + 1 + repeats) + (1 + repeats) * baseline)  # workload, warm-up, repeats
     for m in methods if requests else ():  # workload: one run each (repeats would cost minutes); 0 requests: skip
         row = workload(model, m, requests, prompt, output, budget_gb, max_batch)
         payload["rows"].append(row)
         log(f"workload {row}")
         write_json(json_out, payload)
+        points.advance()
     base = next((r["output_tok_s"] for r in payload["rows"] if r["method"] == "fp16"), None)
     for r in payload["rows"]:
         r["vs_fp16_x"] = round(r["output_tok_s"] / base, 2) if base else None
@@ -181,12 +184,14 @@ def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, p
         engine, graph_step, eager_step = engine_decoder(model, m, decode_batch, decode_context, steps)
         runs[m] = (engine, graph_step, eager_step)
         graph_step(), eager_step()
+        points.advance()
     hf = None
     if baseline:
         try:
             hf = hf_static_decoder(model, decode_batch, decode_context)
             for _ in range(3):
                 hf()
+            points.advance()
         except Exception as exc:  # noqa: BLE001 - report, keep the engine rows
             log(f"HF static+compile baseline failed: {type(exc).__name__}: {exc}")
             payload["baseline_error"] = f"{type(exc).__name__}: {exc}"
@@ -197,8 +202,10 @@ def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, p
         for m in methods:
             samples[m][0].append(_time_steps(runs[m][1], steps))
             samples[m][1].append(_time_steps(runs[m][2], max(steps // 3, 3)))
+            points.advance()
         if hf is not None:
             hf_ms.append(_time_steps(hf, steps))
+            points.advance()
     hf_step = statistics.median(hf_ms) if hf_ms else None
     if hf_step:
         payload["decode"].append({"method": "hf_static_compiled_bf16", "batch": decode_batch, "context": decode_context,

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from lowbit.bench.timing import LINEAR_SHAPES, bench_sets, env_info, rotating, write_json
+from lowbit.bench.timing import Points, LINEAR_SHAPES, bench_sets, env_info, rotating, write_json
 
 TABLE_COLUMNS = ["K", "N", "M", "w4a8_us", "fmpq_w4a4_us", "cublas_bf16_us", "int_mm_us", "w4a8_speedup", "fmpq_speedup",
                  "w4a8_total_speedup", "best_config"]
@@ -206,7 +206,7 @@ def _weight_sets(k: int, n: int, group: int, tile: int, w_bytes: int):
 
 
 def run_gemm(ms: list[int], shapes: Optional[list[tuple[int, int]]] = None, block: int = 128, group: int = 128,
-             int8_frac: float = 0.1, tune: bool = True, json_out: Optional[Path] = None, log=print) -> dict:
+             int8_frac: float = 0.1, tune: bool = True, json_out: Optional[Path] = None, log=print, points=None) -> dict:
     """Time every (shape, M) point (default shapes: Llama-3-8B); returns the JSON payload.
 
     A failing point becomes an ``"error"`` row. Rows are written to `json_out` as they come
@@ -219,6 +219,8 @@ def run_gemm(ms: list[int], shapes: Optional[list[tuple[int, int]]] = None, bloc
     tile = min(block, group)
     torch.manual_seed(0)
     rows = []
+    points = points or Points()
+    points.start(len(shapes or LINEAR_SHAPES) * len(ms))
     for k, n in shapes or LINEAR_SHAPES:
         w_bytes = n * k // 2 + n * (k // group) * 2
         wsets, bsets, isets = _weight_sets(k, n, group, tile, w_bytes)
@@ -233,6 +235,7 @@ def run_gemm(ms: list[int], shapes: Optional[list[tuple[int, int]]] = None, bloc
             except Exception as exc:  # report the failing point and go on with the others
                 log(f"K={k} N={n} M={m}: FAILED {repr(exc)[:300]}")
                 rows.append({"K": k, "N": n, "M": m, "error": repr(exc)[:300]})
+            points.advance()
         del wsets, bsets, isets
         torch.cuda.empty_cache()
     return {"env": env, "block": block, "group": group, "int8_frac": int8_frac, "rows": rows}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from lowbit.bench.timing import HEAD_DIM, HKV, HQ, bench_sets, copy_bandwidth, env_info, rotating, write_json
+from lowbit.bench.timing import Points, HEAD_DIM, HKV, HQ, bench_sets, copy_bandwidth, env_info, rotating, write_json
 
 TABLE_COLUMNS = ["batch", "context", "bits", "graph_us", "eager_us", "sdpa_graph_us", "sdpa_eager_us", "graph_speedup",
                  "eager_speedup", "pct_copy_bw", "triton_graph_us", "rel_err"]
@@ -144,7 +144,7 @@ def measure(b: int, t: int, bits: int, bw: float, base, triton: bool, variants: 
 
 
 def run_paged(contexts: list[int], batches: list[int], bits: list[int], triton: bool = True, max_kv_gb: float = 20.0,
-              json_out: Optional[Path] = None, log=print, variants: tuple[str, ...] = ()) -> dict:
+              json_out: Optional[Path] = None, log=print, variants: tuple[str, ...] = (), points=None) -> dict:
     """Every (context, batch, bits) point; rows are written to `json_out` as they come. Returns the payload."""
     import torch
 
@@ -155,9 +155,12 @@ def run_paged(contexts: list[int], batches: list[int], bits: list[int], triton: 
     rows = []
     errs = {nb: check(2, 4096 + 300, nb) for nb in bits}
     log("rel err vs float32 reference: " + ", ".join(f"KIVI-{k} {v:.2e}" for k, v in errs.items()))
+    fits = [(t, b) for t in contexts for b in batches if 2 * b * HKV * t * HEAD_DIM * 2 <= max_kv_gb * 1e9]
+    points = points or Points()
+    points.start(len(fits) * len(bits))
     for t in contexts:
         for b in batches:
-            if 2 * b * HKV * t * HEAD_DIM * 2 > max_kv_gb * 1e9:
+            if (t, b) not in fits:
                 continue
             base = sdpa_times(b, t)
             for nb in bits:
@@ -170,6 +173,7 @@ def run_paged(contexts: list[int], batches: list[int], bits: list[int], triton: 
                     f"{row['sdpa_eager_us']:.1f} us; {row['GBps']:.0f} GB/s = {row['pct_copy_bw']:.0f}% of copy"
                     + (f"; Triton {row['triton_graph_us']:.1f} us" if triton else "")
                     + "".join(f"; {k} {v:.1f} us" for k, v in row["variant_graph_us"].items() if len(row["variant_graph_us"]) > 1))
+                points.advance()
     return {"env": env, "copy_GBps": bw, "heads": [HQ, HKV, HEAD_DIM], "method": "graph and eager, median, rotated sets",
             "rows": rows}
 

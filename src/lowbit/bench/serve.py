@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from lowbit.bench.timing import Points
+
 MIX_PROMPT = (1.0, 0.5, 1.5)  # x prompt_tokens
 MIX_OUTPUT = (1.0, 1.5, 0.5)  # x max_tokens
 
@@ -167,6 +169,7 @@ def bench_serve(
     time_limit_s: float = 600.0,
     loaded=None,
     log=print,
+    points=None,
 ) -> list[BenchResult]:
     """Run the load once per KV method against an in-process server on loopback; see the module docstring."""
     from lowbit.serve.api import create_app
@@ -178,6 +181,8 @@ def bench_serve(
     m, tok = loaded if loaded is not None else load_for_serving(model, wa)
     mix = request_mix(tok, requests, prompt_tokens, max_tokens)
     results = []
+    points = points or Points()
+    points.start(len(kv))
     for spec in kv:
         engine = Engine(m, tok, kv=spec, kv_budget_mb=kv_budget_mb, max_batch=max_batch, max_queue=max_queue, model_name=model)
         reserved = [engine.reserve_for(len(p), o) for p, o in mix]
@@ -191,6 +196,7 @@ def bench_serve(
         log(f"[{spec}] {res.requests_ok} ok, {res.errors} errors in {res.wall_s} s: {res.output_tokens_per_s} tok/s, "
             f"peak {res.peak_running} running")
         results.append(res)
+        points.advance()
     return results
 
 
@@ -232,6 +238,7 @@ def bench_serve_main(
     max_batch: int = 32,
     time_limit_s: float = 600.0,
     json_out: Path | None = None,
+    points=None,
 ):
     """Run the serving benchmark and print the table (and write JSON); returns the results."""
     from rich.console import Console
@@ -243,7 +250,8 @@ def bench_serve_main(
     err = Console(stderr=True)
     results = bench_serve(model=model, kv=kv, wa=wa, kv_budget_mb=kv_budget_mb, clients=clients, requests=requests,
                           prompt_tokens=prompt_tokens, max_tokens=max_tokens, max_batch=max_batch,
-                          time_limit_s=time_limit_s, log=lambda s: err.print(s, markup=False))
+                          time_limit_s=time_limit_s, log=points.log if getattr(points, "live", False) else (lambda s: err.print(s, markup=False)),
+                          points=points)
     out = Console()
     if not out.is_terminal:
         out = Console(width=160)

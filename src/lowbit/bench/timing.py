@@ -14,6 +14,17 @@ LINEAR_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # (K
 ROTATE_BYTES = 256 << 20  # rotate inputs across >= 256 MiB (H100 L2 is 50 MB)
 
 
+class Points:
+    """A benchmark's progress: :meth:`start` once the number of points is known, :meth:`advance` after each.
+    This one does nothing; ``lowbit bench`` passes one that draws a bar (:func:`lowbit.cli.progress.bench_points`)."""
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+
 def env_info() -> dict:
     """Device, versions and date of this run."""
     import torch

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
 from lowbit.bench.timing import format_table, write_json
-from lowbit.cli.common import _fail_plain
+from lowbit.cli.common import QUIET_HELP, _fail_plain, _quiet, _steps
+from lowbit.cli.progress import BenchPoints
 from lowbit.spec import SpecError
 
 app = typer.Typer(help="Benchmark the lowbit GPU kernels against PyTorch baselines.", no_args_is_help=True)
@@ -21,6 +23,17 @@ def _finish(payload: dict, columns: list[str], json_out: Optional[Path]) -> None
         typer.echo(f"wrote {json_out}")
 
 
+@contextmanager
+def _points(label: str, quiet: bool) -> Iterator[BenchPoints]:
+    """Progress of one benchmark run (its ``points`` and ``log``)."""
+    _quiet(quiet)
+    with _steps(unit="points") as steps:
+        yield BenchPoints(steps, label)
+
+
+QUIET = typer.Option(False, "--quiet", "-q", help=QUIET_HELP)
+
+
 @app.command()
 def attention(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results here"),
@@ -30,13 +43,15 @@ def attention(
     triton: bool = typer.Option(True, help="also time the contiguous Triton kernel (the previous default)"),
     max_kv_gb: float = typer.Option(20.0, help="skip points whose bf16 KV exceeds this many GB"),
     variants: str = typer.Option("", help="also time these kernel variants (comma-separated: fold, dequant)"),
+    quiet: bool = QUIET,
 ):
     """Paged KIVI decode attention (CUDA, tensor cores) vs cuDNN/flash SDPA on bf16 KV, CUDA-graph and eager timings."""
     from lowbit.bench.paged import TABLE_COLUMNS, run_paged
 
-    payload = run_paged([int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")],
-                        [int(b) for b in bits.split(",")], triton, max_kv_gb, json_out=json_out, log=typer.echo,
-                        variants=tuple(v for v in variants.split(",") if v))
+    with _points("bench attention", quiet) as p:
+        payload = run_paged([int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")],
+                            [int(b) for b in bits.split(",")], triton, max_kv_gb, json_out=json_out, log=p.log,
+                            variants=tuple(v for v in variants.split(",") if v), points=p)
     _finish(payload, TABLE_COLUMNS, json_out)
 
 
@@ -50,13 +65,15 @@ def attention_triton(
     residual: int = typer.Option(128),
     tune: bool = typer.Option(True, help="sweep kernel configs at batch 8 / context 32K first"),
     max_kv_gb: float = typer.Option(20.0, help="skip points whose bf16 KV exceeds this many GB"),
+    quiet: bool = QUIET,
 ):
     """The contiguous Triton KIVI decode kernel (config sweep) vs torch SDPA on bf16 KV; Llama-3-8B heads."""
     from lowbit.bench.attention import TABLE_COLUMNS, run_attention
 
-    payload = run_attention([int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")],
-                            [int(b) for b in bits.split(",")], group, residual, tune, max_kv_gb,
-                            json_out=json_out, log=typer.echo)
+    with _points("bench attention-triton", quiet) as p:
+        payload = run_attention([int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")],
+                                [int(b) for b in bits.split(",")], group, residual, tune, max_kv_gb,
+                                json_out=json_out, log=p.log, points=p)
     _finish(payload, TABLE_COLUMNS, json_out)
 
 
@@ -69,13 +86,15 @@ def gemm(
     group: int = typer.Option(128),
     int8_frac: float = typer.Option(0.1, help="FMPQ W4A4: fraction of INT8 activation blocks"),
     tune: bool = typer.Option(True, help="try a few block configs per point and keep the fastest"),
+    quiet: bool = QUIET,
 ):
     """W4A8 / FMPQ-W4A4 GEMM (INT8 tensor cores) vs cuBLAS bf16 and torch._int_mm; Llama-3-8B shapes."""
     from lowbit.bench.gemm import TABLE_COLUMNS, run_gemm
 
     shape_list = [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")] if shapes else None
-    payload = run_gemm([int(m) for m in ms_list.split(",")], shape_list, block, group, int8_frac, tune,
-                       json_out=json_out, log=typer.echo)
+    with _points("bench gemm", quiet) as p:
+        payload = run_gemm([int(m) for m in ms_list.split(",")], shape_list, block, group, int8_frac, tune,
+                           json_out=json_out, log=p.log, points=p)
     _finish(payload, TABLE_COLUMNS, json_out)
 
 
@@ -90,12 +109,15 @@ def e2e(
     methods: str = typer.Option("bf16,kivi2,kivi4,w4a8kv4,fmpq4kv4",
                                 help="bf16, kivi2, kivi4, w4a8kv4 (FMPQ W4A8 + KIVI-4), fmpq4kv4 (FMPQ W4A4 + KIVI-4)"),
     repeats: int = typer.Option(3, min=1, help="timed repeats per point, interleaved across methods (median kept)"),
+    quiet: bool = QUIET,
 ):
     """Decode tokens/s of a random-weight Llama-3-8B-shaped model: HF bf16 DynamicCache vs KIVI kernels and W4Ax."""
     from lowbit.bench.e2e import TABLE_COLUMNS, run_e2e
 
     kinds = [m.strip() for m in methods.split(",") if m.strip()]
-    payload = run_e2e(kinds, layers, batch, context, steps, max_batch, json_out=json_out, log=typer.echo, repeats=repeats)
+    with _points("bench e2e", quiet) as p:
+        payload = run_e2e(kinds, layers, batch, context, steps, max_batch, json_out=json_out, log=p.log, repeats=repeats,
+                          points=p)
     _finish(payload, TABLE_COLUMNS, json_out)
 
 
@@ -115,6 +137,7 @@ def engine_command(
     steps: int = typer.Option(30, min=3, help="decode steps per timing"),
     repeats: int = typer.Option(3, min=1),
     baseline: bool = typer.Option(True, help="time HF bf16 StaticCache + torch.compile(reduce-overhead)"),
+    quiet: bool = QUIET,
 ):
     """The paged engine on CUDA: a long-context workload under one KV budget, and decode steps vs HF static+compiled."""
     import torch
@@ -123,9 +146,10 @@ def engine_command(
 
     if not torch.cuda.is_available():
         _fail_plain("lowbit bench engine needs a CUDA GPU (the engine's CPU path is for tests, not speed)")
-    payload = run_engine_bench([m.strip() for m in methods.split(",") if m.strip()], layers, requests, prompt, output,
-                               kv_budget_gb, max_batch, decode_batch, decode_context, decode_layers or None, steps,
-                               repeats, baseline, json_out=json_out, log=typer.echo)
+    with _points("bench engine", quiet) as p:
+        payload = run_engine_bench([m.strip() for m in methods.split(",") if m.strip()], layers, requests, prompt, output,
+                                   kv_budget_gb, max_batch, decode_batch, decode_context, decode_layers or None, steps,
+                                   repeats, baseline, json_out=json_out, log=p.log, points=p)
     for rows, cols in ((payload["rows"], WORKLOAD_COLUMNS), (payload["decode"], DECODE_COLUMNS)):
         if rows:
             typer.echo(format_table(rows, cols))
@@ -143,13 +167,15 @@ def bench_serve_command(
     max_batch: int = typer.Option(32, min=1),
     time_limit_s: float = typer.Option(600.0, help="clients stop taking new requests after this"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
+    quiet: bool = QUIET,
 ):
     """Load-test the server on loopback: req/s, tok/s, TTFT and ITL percentiles, peak concurrency per KV method."""
     from lowbit.bench.serve import bench_serve_main
 
     try:
-        bench_serve_main(model, kv, wa, kv_budget_mb, clients, requests, prompt_tokens, max_tokens, max_batch,
-                         time_limit_s, json_out)
+        with _points("bench serve", quiet) as p:
+            bench_serve_main(model, kv, wa, kv_budget_mb, clients, requests, prompt_tokens, max_tokens, max_batch,
+                             time_limit_s, json_out, points=p)
     except SpecError as exc:
         _fail_plain(str(exc))
     except FileNotFoundError as exc:

@@ -111,3 +111,30 @@ class Steps:
     def note(self, message: str) -> None:
         """A line above the bars (or in the log)."""
         self.console.print(message, highlight=False, markup=False)
+
+
+class BenchPoints:
+    """A benchmark's :class:`lowbit.bench.timing.Points` shown as one step of `steps`: ``label``, a bar of points,
+    elapsed and ETA on a terminal; one summary line when it ends elsewhere."""
+
+    def __init__(self, steps: Steps, label: str):
+        self.steps, self.label, self._advance = steps, label, None
+
+    def start(self, total: int) -> None:
+        self._advance = self.steps.begin(self.label, total, "points")
+
+    def advance(self) -> None:
+        if self._advance is not None:
+            self._advance(1)
+
+    @property
+    def live(self) -> bool:
+        """Whether a bar is drawn (then lines must go through :meth:`log`)."""
+        return self.steps.live
+
+    def log(self, message: str) -> None:
+        """A benchmark's line: above the bar on a terminal, else on stdout as before."""
+        if self.steps.live:
+            self.steps.note(message)
+        else:
+            print(message, flush=True)
