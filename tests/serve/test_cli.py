@@ -28,7 +28,7 @@ def test_serve_command_passes_options(app, monkeypatch):
                                  "--max-batch", "5", "--drain-timeout-s", "7"], env={"LOWBIT_API_KEY": "from-env"})
     assert r.exit_code == 0, r.output
     assert seen["args"] == ("smollm2", "kivi:bits=2", None, 8.0, 9001, "127.0.0.1", "from-env", 3, 5)
-    assert seen["kwargs"] == {"drain_timeout": 7.0, "engine": "auto", "tensor_parallel": 1}
+    assert seen["kwargs"] == {"drain_timeout": 7.0, "engine": "auto", "tensor_parallel": 1, "prefill_chunk": 0}
     r = CliRunner().invoke(app, ["serve", "--engine", "paged"])
     assert r.exit_code == 0 and seen["kwargs"]["engine"] == "paged"
 

@@ -71,6 +71,17 @@ def test_paged_greedy_output_equals_the_classic_engines(pair):
     assert httpx.get(classic.url + "/health", timeout=30).json()["engine"] == "classic"
 
 
+def test_chunked_prefill_serves_what_whole_prompts_serve(pair, tiny_llama, fake_tok, start_server):
+    classic, _ = pair
+    chunked = start_server(tiny_llama, fake_tok, kv="fp16", kv_budget_mb=16, backend="paged", prefill_chunk=16)
+    prompts = PROMPTS + [[i % 90 for i in range(70)]]  # 40 and 70 tokens: prefilled 16 per step
+    want = [_complete(classic, p)["choices"][0]["text"] for p in prompts]
+    got = _concurrently(lambda p: _complete(chunked, p), prompts)
+    assert [g["choices"][0]["text"] for g in got] == want
+    assert sum(s.prefilled for s in chunked.engine.paged.history) >= len(prompts) + 3 + 5 - 2
+    assert chunked.engine.paged.prefilling is None and _metrics(chunked)["lowbit_kv_pages_used"] == 0
+
+
 def test_stop_strings_and_chat_through_the_paged_engine(pair):
     classic, paged = pair
     full = _complete(paged, PROMPTS[1])["choices"][0]["text"]

@@ -26,13 +26,15 @@ def serve_command(
     engine: str = typer.Option("auto", help="auto|paged|classic: paged = the paged KV engine (CUDA graphs on CUDA; "
                                             "fp16 or kivi:bits=2|4 group 32 residual 128, Llama-family); auto = paged "
                                             "on CUDA when supported, else classic"),
+    prefill_chunk: int = typer.Option(0, help="paged engine: prefill prompts longer than this many tokens in chunks "
+                                              "(one per step, running requests keep decoding); 0: whole prompts"),
     tensor_parallel: int = typer.Option(1, help="shard the model over N ranks (one process each, started by "
                                                 "`torchrun --nproc-per-node N -m lowbit.cli serve --tensor-parallel N`)"),
 ):
     """Serve an OpenAI-compatible API (completions, chat, SSE streaming) with continuous batching over compressed KV caches."""
     try:
         serve(model, kv, wa, kv_budget_mb, port, host, api_key, max_queue, max_batch, drain_timeout=drain_timeout_s,
-              engine=engine, tensor_parallel=tensor_parallel)
+              engine=engine, tensor_parallel=tensor_parallel, prefill_chunk=prefill_chunk)
     except SpecError as exc:
         _fail_plain(str(exc))
     except FileNotFoundError as exc:  # ModelNotFoundError

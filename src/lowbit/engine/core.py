@@ -11,6 +11,11 @@ once. Its randomness is a counter-based hash of (the request's seed, the sampled
 -- an exponential race, as :func:`lowbit.serve.sampling.sample_token` -- so a seeded request draws the same
 tokens whatever else is in the batch; requests without a seed get one from the engine's own seeded stream.
 A request whose prefill raises is finished alone with ``error`` set; the step goes on.
+
+Chunked prefill (``prefill_chunk=c``): a prompt longer than ``c`` tokens is prefilled ``c`` tokens per step in
+the last row while the running rows keep decoding (bounded prefill memory and no long decode stall); each chunk
+attends to the stored tokens (dequantized for KIVI) and to itself in full precision, then is stored. When the
+prompt is done the row moves next to the running ones. One prompt is chunked at a time; FIFO order holds.
 """
 
 from __future__ import annotations
@@ -66,7 +71,9 @@ class PagedEngine:
     """Continuous batching over a paged KV pool (see the module docstring)."""
 
     def __init__(self, model, kv: str = "kivi2", kv_budget_mb: float = 1024, max_batch: int = 64,
-                 max_tokens: int = 4096, graphs: bool = True, prefill_per_step: int = 1):
+                 max_tokens: int = 4096, graphs: bool = True, prefill_per_step: int = 1, prefill_chunk: int | None = None):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 token (or None: whole prompts), got {prefill_chunk}")
         cfg = model.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -82,6 +89,9 @@ class PagedEngine:
         self.graphs.capture()
         self.device = self.store.device
         self.prefill_per_step = prefill_per_step
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: EngineRequest | None = None  # the prompt being prefilled in chunks (in the last row)
+        self._chunked = 0  # its tokens stored so far
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self._ids = itertools.count()
@@ -116,34 +126,41 @@ class PagedEngine:
         """Drop a waiting or running request; a running one frees its pages now."""
         if req in self.waiting:
             self.waiting.remove(req)
+        elif req is self.prefilling:
+            self.store.release(req.row)
+            self.prefilling, req.row = None, -1
         elif req in self.running:
             self._finish(req)
         req.finished = True
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and self.prefilling is None
 
     # ------------------------------------------------------------------ loop
     def step(self) -> StepStats:
         """Admit and prefill, then one decode step over all running rows (see the module docstring)."""
         t0 = time.perf_counter()
         prefilled = 0
-        while (self.waiting and prefilled < self.prefill_per_step and len(self.running) < self.store.rows
+        if self.prefilling is not None:
+            self._next_chunk()
+            prefilled = 1
+        while (self.prefilling is None and self.waiting and prefilled < self.prefill_per_step
+               and len(self.running) < self.store.rows
                and self.store.fits(self.waiting[0].prompt.__len__() + self.waiting[0].max_new_tokens)):
             req = self.waiting.popleft()
+            prefilled += 1
+            if self.prefill_chunk and len(req.prompt) > self.prefill_chunk:
+                self._start_chunked(req)
+                break
             try:
                 self._prefill(req)
             except Exception as exc:  # noqa: BLE001 - this request fails alone: its pages go back
-                req.error = f"prefill failed: {exc!r}"
-                if req in self.running:
-                    self._finish(req)
-                req.finished = True
-            prefilled += 1
+                self._fail(req, exc)
         b = len(self.running)
         if b:
             self.graphs.pos[:b].copy_(self.pos_host[:b], non_blocking=True)
-            logits = self.graphs.step(b)
+            logits = self.graphs.step(b, limit=self.store.rows - 1 if self.prefilling is not None else None)
             tokens = self._sample(logits, b, self.graphs.pos[:b] + 1)
             self.graphs.tokens[:b] = tokens
             self.pos_host[:b] += 1
@@ -161,13 +178,57 @@ class PagedEngine:
         return out
 
     # ------------------------------------------------------------------ internals
+    def _fail(self, req: EngineRequest, exc: Exception) -> None:
+        req.error = f"prefill failed: {exc!r}"
+        if req in self.running:
+            self._finish(req)
+        elif req is self.prefilling:
+            self.store.release(req.row)
+            self.prefilling, req.row = None, -1
+        req.finished = True
+
     def _prefill(self, req: EngineRequest) -> None:
         row = len(self.running)
         self.store.reserve(row, len(req.prompt) + req.max_new_tokens)
         req.row = row
         self.running.append(req)
         ids = torch.tensor(req.prompt, dtype=torch.long, device=self.device)
-        logits = self.runner.prefill(row, ids)
+        self._first_token(req, self.runner.prefill(row, ids))
+
+    def _start_chunked(self, req: EngineRequest) -> None:
+        """Reserve the last row for `req` (free: fewer rows than all are running) and store its first chunk."""
+        row = self.store.rows - 1
+        try:
+            self.store.reserve(row, len(req.prompt) + req.max_new_tokens)
+        except Exception as exc:  # noqa: BLE001
+            req.error, req.finished = f"prefill failed: {exc!r}", True
+            return
+        req.row, self.prefilling, self._chunked = row, req, 0
+        self._next_chunk()
+
+    def _next_chunk(self) -> None:
+        """Store the next chunk of the prompt being prefilled; after its last, the request joins the running rows."""
+        req, start = self.prefilling, self._chunked
+        end = min(start + self.prefill_chunk, len(req.prompt))
+        try:
+            ids = torch.tensor(req.prompt[start:end], dtype=torch.long, device=self.device)
+            logits = self.runner.prefill_chunk(req.row, ids, start)
+        except Exception as exc:  # noqa: BLE001 - this request fails alone
+            self._fail(req, exc)
+            return
+        self._chunked = end
+        if end < len(req.prompt):
+            return
+        self.prefilling, row = None, len(self.running)
+        if req.row != row:
+            self.store.move_row(req.row, row)
+            req.row = row
+        self.running.append(req)
+        self._first_token(req, logits)
+
+    def _first_token(self, req: EngineRequest, logits: torch.Tensor) -> None:
+        """Set the row's sampling state from `req` and emit the token sampled from its prompt's last `logits`."""
+        row = req.row
         self.temps[row], self.top_ps[row], self.seeds[row] = req.temperature, req.top_p, req.seed
         self.pos_host[row] = len(req.prompt)  # where the first generated token goes in
         at = torch.full((1,), len(req.prompt), dtype=torch.long, device=self.device)

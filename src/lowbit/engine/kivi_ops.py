@@ -71,7 +71,12 @@ class KiviOps:
             n_pad = pages * P
             kc, kscale, kzero = quantize_codes(F.pad(kq[:, : c.quantized_keys], (0, 0, 0, n_pad - c.quantized_keys)),
                                                self.bits, PAGE_GROUP, dim=-2)
-            vc, vscale, vzero = quantize_codes(vq[:, : c.quantized_values], self.bits, PAGE_GROUP, dim=-1)
+            if c.quantized_values:
+                vc, vscale, vzero = quantize_codes(vq[:, : c.quantized_values], self.bits, PAGE_GROUP, dim=-1)
+            else:  # a prompt of exactly one page of keys: no value is old enough yet
+                h, d = kq.shape[0], self.head_dim
+                vc = torch.zeros(h, 0, d, dtype=torch.uint8, device=k.device)
+                vscale = vzero = torch.zeros(h, 0, d // PAGE_GROUP, dtype=torch.float16, device=k.device)
             m = n_pad - c.quantized_values
             vc, vscale, vzero = (F.pad(x, (0, 0, 0, m)) for x in (vc, vscale, vzero))
             if c.quantized_keys < n_pad:  # keys of a partial page are not quantized yet: no codes, no scales
@@ -84,6 +89,49 @@ class KiviOps:
         idx = torch.arange(lo, rest, device=k.device) % P
         store.ring_k[layer, row, :, idx] = kq[:, lo:rest].to(store.dtype)
         store.ring_v[layer, row, :, idx] = vq[:, lo:rest].to(store.dtype)
+
+    def write_tokens(self, store, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """A prompt chunk ``k, v [H, c, D]`` at positions ``start..start+c-1`` of a row holding ``0..start-1``.
+
+        The tokens the chunk makes due for quantization (key pages that complete, values older than the ring) lie
+        in the ring's full-precision tokens plus the chunk; they are quantized as :meth:`write_prompt` would and
+        merged into the touched pages (read, changed, rebuilt), so chunked and one-shot prompts store the same
+        bytes when the model's dtype is the store's."""
+        if start == 0:
+            return self.write_prompt(store, layer, row, k, v)
+        s, c = self.sinks, k.shape[-2]
+        old, new = store.format.counts(start), store.format.counts(start + c)
+        if start < s:  # the chunk begins among the sinks
+            m = min(s, start + c) - start
+            store.sink_k[layer, row, :, start : start + m] = k[:, :m].to(store.dtype)
+            store.sink_v[layer, row, :, start : start + m] = v[:, :m].to(store.dtype)
+        skip = max(0, s - start)
+        rest_old, rest_new = start - old.sinks, start + c - new.sinks
+        lo = max(0, rest_old - P)  # full precision from here on: ring [lo, rest_old), then the chunk
+        ring = torch.arange(lo, rest_old, device=k.device) % P
+        seg_k = torch.cat([store.ring_k[layer, row][:, ring].to(k.dtype), k[:, skip:]], dim=1)
+        seg_v = torch.cat([store.ring_v[layer, row][:, ring].to(v.dtype), v[:, skip:]], dim=1)
+        qk0, qk1, qv0, qv1 = old.quantized_keys, new.quantized_keys, old.quantized_values, new.quantized_values
+        p0, p1 = min(qk0, qv0) // P, -(-max(qk1, qv1) // P)
+        if p1 > p0:
+            blocks = store.table[row, p0:p1].long()
+            kc, ks, kz, vc, vs, vz = read_pages(store.pool[layer, blocks][None], self.bits, self.head_dim)
+            base = p0 * P
+            if qk1 > qk0:  # whole pages of keys, per channel in groups of 32 tokens
+                codes, scale, zero = quantize_codes(seg_k[:, qk0 - lo : qk1 - lo][None], self.bits, PAGE_GROUP, dim=-2)
+                kc[:, :, qk0 - base : qk1 - base] = codes
+                ks[:, :, (qk0 - base) // PAGE_GROUP : (qk1 - base) // PAGE_GROUP] = scale
+                kz[:, :, (qk0 - base) // PAGE_GROUP : (qk1 - base) // PAGE_GROUP] = zero
+            if qv1 > qv0:  # values per token, in groups of 32 channels
+                codes, scale, zero = quantize_codes(seg_v[:, qv0 - lo : qv1 - lo][None], self.bits, PAGE_GROUP, dim=-1)
+                vc[:, :, qv0 - base : qv1 - base] = codes
+                vs[:, :, qv0 - base : qv1 - base] = scale
+                vz[:, :, qv0 - base : qv1 - base] = zero
+            store.pool[layer, blocks] = build_pages(kc, ks, kz, vc, vs, vz, self.bits)[0]
+        keep = max(lo, rest_new - P)  # the ring keeps the last P non-sink tokens
+        idx = torch.arange(keep, rest_new, device=k.device) % P
+        store.ring_k[layer, row][:, idx] = seg_k[:, keep - lo :].to(store.dtype)
+        store.ring_v[layer, row][:, idx] = seg_v[:, keep - lo :].to(store.dtype)
 
     # ------------------------------------------------------------------ decode step
     def append(self, store, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -178,11 +226,12 @@ class KiviOps:
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), values).to(q.dtype)
 
-    def dequantized(self, store, layer: int, b: int, pos: torch.Tensor):
+    def dequantized(self, store, layer: int, b: int, pos: torch.Tensor, row0: int = 0):
         """Keys, values ``[B, H, S + pages*P, D]`` (float32, token order: sinks then quantized index) and the
-        valid mask ``[B, S + pages*P]`` of rows 0..B-1 holding tokens ``0..pos``."""
+        valid mask ``[B, S + pages*P]`` of rows ``row0..row0+B-1`` holding tokens ``0..pos``."""
         total = pos.long() + 1
-        pages = store.pool[layer][store.table[:b].long()]  # [B, max_pages, H, bytes]
+        rows = slice(row0, row0 + b)
+        pages = store.pool[layer][store.table[rows].long()]  # [B, max_pages, H, bytes]
         kc, ks, kz, vc, vs, vz = read_pages(pages, self.bits, self.head_dim)
         kq = dequantize_codes(kc, ks, kz, PAGE_GROUP, dim=-2, dtype=torch.float32)
         vq = dequantize_codes(vc, vs, vz, PAGE_GROUP, dim=-1, dtype=torch.float32)
@@ -192,13 +241,13 @@ class KiviOps:
         n_sink = total.clamp(max=self.sinks)
         rest = total - n_sink
         n_qk, n_qv = torch.minimum(rest // P * P, (rest - 1).clamp(min=0)), (rest - P).clamp(min=0)  # as :meth:`counts`
-        ring_k = store.ring_k[layer, :b].float()[:, :, k_idx % P]
-        ring_v = store.ring_v[layer, :b].float()[:, :, k_idx % P]
+        ring_k = store.ring_k[layer, rows].float()[:, :, k_idx % P]
+        ring_v = store.ring_v[layer, rows].float()[:, :, k_idx % P]
         keys = torch.where((k_idx[None, :] < n_qk[:, None])[:, None, :, None], kq, ring_k)
         values = torch.where((k_idx[None, :] < n_qv[:, None])[:, None, :, None], vq, ring_v)
         s = max(self.sinks, 1)
-        keys = torch.cat([store.sink_k[layer, :b].float(), keys], dim=2)
-        values = torch.cat([store.sink_v[layer, :b].float(), values], dim=2)
+        keys = torch.cat([store.sink_k[layer, rows].float(), keys], dim=2)
+        values = torch.cat([store.sink_v[layer, rows].float(), values], dim=2)
         valid = torch.cat([torch.arange(s, device=pos.device)[None, :] < n_sink[:, None],
                            k_idx[None, :] < rest[:, None]], dim=1)
         return keys, values, valid

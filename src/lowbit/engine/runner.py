@@ -73,6 +73,33 @@ class LlamaRunner:
         return self.lm_head(self.norm(x[:, -1]))[0]
 
     @torch.inference_mode()
+    def prefill_chunk(self, row: int, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Run prompt tokens ``ids [c]`` at positions ``start..start+c-1`` into `row`, which holds the prompt's
+        first `start` tokens; the logits of the chunk's last token ``[V]``. The chunk attends to the stored tokens
+        as the store gives them back (dequantized for KIVI) and to its own in full precision (causal)."""
+        if start == 0:
+            return self.prefill(row, ids)
+        n = ids.shape[0]
+        x = self.embed(ids[None])
+        pos = torch.arange(start, start + n, device=ids.device)[None]
+        cos, sin = self.rotary(x, pos)
+        mask = torch.ones(n, start + n, dtype=torch.bool, device=ids.device).tril(start)  # key j <= start + i
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(attn, h, 1, n)
+            q, k = self.apply_rope(q, k, cos, sin)
+            old_k, old_v = self.store.read_tokens(i, row, start)  # before the write: it moves the ring
+            keys = torch.cat([old_k.to(k.dtype)[None], k], dim=2)
+            values = torch.cat([old_v.to(v.dtype)[None], v], dim=2)
+            self.store.write_tokens(i, row, k[0], v[0], start)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                               enable_gqa=self.heads != self.kv_heads)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x[:, -1]))[0]
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One step of rows 0..B-1: ``tokens [B]`` at positions ``pos [B]`` -> logits ``[B, V]``."""
         b = tokens.shape[0]
@@ -133,12 +160,14 @@ class DecodeGraphs:
             self.pool = graph.pool()
             self.graphs[size] = (graph, out)
 
-    def step(self, b: int) -> torch.Tensor:
-        """Decode rows 0..b-1 from the static ``tokens``/``pos`` buffers (filled by the caller): logits ``[b, V]``."""
+    def step(self, b: int, limit: int | None = None) -> torch.Tensor:
+        """Decode rows 0..b-1 from the static ``tokens``/``pos`` buffers (filled by the caller): logits ``[b, V]``.
+        `limit`: rows from this one on must not be touched (a prompt is being prefilled there), so a graph whose
+        padding rows reach it is not replayed."""
         if not self.enabled:
             return self.runner.decode(self.tokens[:b], self.pos[:b])
         size = self.bucket(b)
-        if size not in self.graphs:  # capturing now would write into live rows: run this step eagerly
+        if size not in self.graphs or (limit is not None and size > limit):  # run this step eagerly
             return self.runner.decode(self.tokens[:b], self.pos[:b])
         self.pos[b:size].zero_()
         graph, out = self.graphs[size]

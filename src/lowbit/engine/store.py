@@ -118,6 +118,16 @@ class KVStore:
         """Store a prompt's keys and values ``[H, n, D]`` (after RoPE) for `row`."""
         raise NotImplementedError
 
+    def write_tokens(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store keys and values ``[H, c, D]`` of positions ``start..start+c-1`` for `row`, which holds positions
+        ``0..start-1`` (a chunk of a prompt); the result is what :meth:`write_prompt` of the whole prompt stores."""
+        raise NotImplementedError
+
+    def read_tokens(self, layer: int, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[H, n, D]`` (float32) of `row`'s positions ``0..n-1`` as attention reads them
+        (dequantized where stored quantized)."""
+        raise NotImplementedError
+
     def append(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one new token per row ``k, v [B, H, D]`` at positions ``pos [B]`` (rows 0..B-1)."""
         raise NotImplementedError
@@ -157,6 +167,18 @@ class PagedFp16Store(KVStore):
         for pool, x in ((self.k_pool, k), (self.v_pool, v)):
             x = torch.nn.functional.pad(x, (0, 0, 0, pad)).to(self.dtype)  # [H, pages*P, D]
             pool[layer, ids] = x.unflatten(1, (pages, PAGE_TOKENS)).transpose(0, 1)
+
+    def write_tokens(self, layer, row, k, v, start):
+        at = torch.arange(start, start + k.shape[-2], device=k.device)
+        blk = self.table[row, at // PAGE_TOKENS].long()
+        self.k_pool[layer, blk, :, at % PAGE_TOKENS] = k.transpose(0, 1).to(self.dtype)  # [c, H, D] per (block, slot)
+        self.v_pool[layer, blk, :, at % PAGE_TOKENS] = v.transpose(0, 1).to(self.dtype)
+
+    def read_tokens(self, layer, row, n):
+        pages = self.pages_for(n)
+        ids = self.table[row, :pages].long()
+        k, v = (pool[layer, ids].transpose(0, 1).flatten(1, 2)[:, :n].float() for pool in (self.k_pool, self.v_pool))
+        return k, v
 
     def append(self, layer, pos, k, v):
         b = k.shape[0]
@@ -222,6 +244,13 @@ class PagedKiviStore(KVStore):
 
     def write_prompt(self, layer, row, k, v):
         self.ops.write_prompt(self, layer, row, k, v)
+
+    def write_tokens(self, layer, row, k, v, start):
+        self.ops.write_tokens(self, layer, row, k, v, start)
+
+    def read_tokens(self, layer, row, n):
+        keys, values, valid = self.ops.dequantized(self, layer, 1, torch.tensor([n - 1], device=self.device), row0=row)
+        return keys[0][:, valid[0]], values[0][:, valid[0]]
 
     def begin_step(self, pos):
         self.ops.counts(pos + 1, out=self.seq[: pos.shape[0]])

@@ -73,6 +73,7 @@ def serve(
     drain_timeout: float = 60.0,
     engine: str = "auto",
     tensor_parallel: int = 1,
+    prefill_chunk: int = 0,
 ) -> None:
     """Load the model and serve the OpenAI-compatible API until interrupted (blocking).
 
@@ -80,6 +81,8 @@ def serve(
     queued and running requests get up to `drain_timeout` s to finish (docs/SERVE.md, "Graceful shutdown").
     `engine` (``--engine``): ``paged`` serves through :class:`lowbit.engine.PagedEngine`, ``classic`` through
     per-request caches, ``auto`` picks paged on CUDA when the model and KV spec allow it (printed with why).
+    `prefill_chunk` (paged engine): prefill prompts longer than this many tokens in chunks, one per step, while
+    the running requests keep decoding (0: whole prompts).
     Raises :class:`~lowbit.spec.SpecError` for a bad ``--kv``/``--wa``/``--engine`` spec or limits.
     """
     from lowbit.serve.api import create_app
@@ -92,22 +95,31 @@ def serve(
         raise SpecError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
     if engine == "paged":
         engine_store_kind(kv)  # fail before the slow load
+    if prefill_chunk < 0:
+        raise SpecError(f"--prefill-chunk must be >= 0 tokens (0: whole prompts), got {prefill_chunk}")
     if drain_timeout < 0:
         raise SpecError(f"--drain-timeout-s must be >= 0, got {drain_timeout}")
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     if tensor_parallel > 1:
         _serve_tensor_parallel(model, kv, wa, kv_budget_mb, port, host, api_key, max_queue, max_batch,
-                               prefill_per_step, log_level, drain_timeout, engine, tensor_parallel)
+                               prefill_per_step, log_level, drain_timeout, engine, tensor_parallel, prefill_chunk)
         return
     if tensor_parallel < 1:
         raise SpecError(f"--tensor-parallel must be >= 1, got {tensor_parallel}")
     m, tok = load_for_serving(model, wa)
     backend, why = choose_engine(engine, m, kv)
     print(f"lowbit serve: {backend} engine ({why})", file=sys.stderr)
-    cls = PagedServeEngine if backend == "paged" else Engine
+    extra = {}
+    if backend == "paged":
+        cls, extra = PagedServeEngine, {"prefill_chunk": prefill_chunk or None}
+    else:
+        cls = Engine
+        if prefill_chunk:
+            print("lowbit serve: --prefill-chunk applies to the paged engine; the classic engine prefills whole prompts",
+                  file=sys.stderr)
     engine = cls(m, tok, kv=kv, kv_budget_mb=kv_budget_mb, max_batch=max_batch, max_queue=max_queue,
-                 prefill_per_step=prefill_per_step, model_name=model)
+                 prefill_per_step=prefill_per_step, model_name=model, **extra)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without an API key", file=sys.stderr)
     print(f"lowbit serve: {model} kv={engine.kv} budget={kv_budget_mb:g} MB on http://{host}:{port}/v1", file=sys.stderr)
@@ -116,7 +128,7 @@ def serve(
 
 
 def _serve_tensor_parallel(model, kv, wa, kv_budget_mb, port, host, api_key, max_queue, max_batch, prefill_per_step,
-                           log_level, drain_timeout, engine, world) -> None:
+                           log_level, drain_timeout, engine, world, prefill_chunk: int = 0) -> None:
     """``--tensor-parallel N`` under torchrun: rank 0 serves HTTP, the others follow (:mod:`lowbit.serve.tp`)."""
     from lowbit.serve.api import create_app
     from lowbit.serve.paged import engine_store_kind
@@ -129,7 +141,8 @@ def _serve_tensor_parallel(model, kv, wa, kv_budget_mb, port, host, api_key, max
     rank, world = join_group(world)
     m, tok = load_for_serving(model, wa)  # every rank quantizes the whole model the same way, then cuts its part
     srv = tensor_parallel_engine(m, tok, rank, world, kv=kv, kv_budget_mb=kv_budget_mb, max_batch=max_batch,
-                                 max_queue=max_queue, prefill_per_step=prefill_per_step, model_name=model)
+                                 max_queue=max_queue, prefill_per_step=prefill_per_step, model_name=model,
+                                 prefill_chunk=prefill_chunk or None)
     if rank:
         follow(srv)
         return

@@ -104,7 +104,7 @@ class PagedServeEngine(Engine):
 
     def __init__(self, model, tokenizer, kv: str = "fp16", kv_budget_mb: float = 512, max_batch: int = 32,
                  max_queue: int = 64, prefill_per_step: int = 1, metrics=None, model_name: str | None = None,
-                 max_context: int | None = None, graphs: bool = True, wrap=None):
+                 max_context: int | None = None, graphs: bool = True, wrap=None, prefill_chunk: int | None = None):
         self.store_kind = engine_store_kind(kv)  # before any work: a spec the paged engine cannot store fails here
         super().__init__(model, tokenizer, kv=kv, kv_budget_mb=kv_budget_mb, max_batch=max_batch, max_queue=max_queue,
                          prefill_per_step=prefill_per_step, metrics=metrics, model_name=model_name)
@@ -112,7 +112,8 @@ class PagedServeEngine(Engine):
             self.max_context = min(self.max_context, int(max_context))
         try:
             self.paged = PagedEngine(model, kv=self.store_kind, kv_budget_mb=kv_budget_mb, max_batch=max_batch,
-                                     max_tokens=self.max_context, graphs=graphs, prefill_per_step=prefill_per_step)
+                                     max_tokens=self.max_context, graphs=graphs, prefill_per_step=prefill_per_step,
+                                     prefill_chunk=prefill_chunk)
         except (PoolFullError, ValueError) as exc:  # budget too small for the rows, a model the runner refuses
             raise SpecError(f"the paged engine cannot serve this: {exc}") from None
         if wrap is not None:  # e.g. tensor parallelism: the same interface, steps broadcast to the other ranks
@@ -198,7 +199,7 @@ class PagedServeEngine(Engine):
     def _admit(self) -> list[Request]:
         """Pop the waiting requests the paged engine admits in its next step (same rule: FIFO, a free row, the
         pages for the longest length), at most ``prefill_per_step``."""
-        if self.paged.waiting:
+        if self.paged.waiting or self.paged.prefilling is not None:  # the engine takes nothing new meanwhile
             return []
         store, taken = self.store, []
         free, rows = len(store.free_blocks), store.rows - len(self.paged.running)
