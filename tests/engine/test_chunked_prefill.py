@@ -116,3 +116,15 @@ def test_chunked_prompt_in_a_single_row_engine_and_cancel(tiny_llama):
     assert engine.prefilling is None and engine.store.used_blocks == 0 and long.finished and engine.idle
     with pytest.raises(ValueError, match="prefill_chunk"):
         PagedEngine(tiny_llama, kv="fp16", kv_budget_mb=64, max_batch=2, prefill_chunk=0)
+
+
+def test_engine_bench_workload_runs_chunked_on_the_cpu(tiny_llama):
+    """`lowbit bench engine`'s workload (the GPU benchmark's code path) with --prefill-chunk: every request's
+    tokens come out, pages come back, and chunking spreads the prefill over more steps."""
+    from lowbit.bench.engine import workload
+
+    whole = workload(tiny_llama, "kivi2", requests=3, prompt=300, output=4, budget_gb=0.0625, max_batch=2)
+    chunked = workload(tiny_llama, "kivi2", requests=3, prompt=300, output=4, budget_gb=0.0625, max_batch=2,
+                       prefill_chunk=128)
+    assert chunked["prefill_chunk"] == 128 and whole["prefill_chunk"] is None
+    assert chunked["output_tok_s"] > 0 and chunked["steps"] > whole["steps"]

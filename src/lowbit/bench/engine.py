@@ -47,14 +47,15 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def workload(model, method: str, requests: int, prompt: int, output: int, budget_gb: float, max_batch: int, seed=0) -> dict:
+def workload(model, method: str, requests: int, prompt: int, output: int, budget_gb: float, max_batch: int, seed=0,
+             prefill_chunk: int | None = None) -> dict:
     """Run the workload once through a fresh engine (graphs captured before the clock starts)."""
     import torch
 
     from lowbit.engine import PagedEngine
 
     engine = PagedEngine(model, kv=method, kv_budget_mb=budget_gb * 1024, max_batch=max_batch,
-                         max_tokens=prompt + output)
+                         max_tokens=prompt + output, prefill_chunk=prefill_chunk)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, model.config.vocab_size, (prompt,), generator=g).tolist() for _ in range(requests)]
     _sync()
@@ -70,7 +71,7 @@ def workload(model, method: str, requests: int, prompt: int, output: int, budget
            "ttft_p50_s": round(_pct(ttft, 50), 3), "ttft_p99_s": round(_pct(ttft, 99), 3),
            "tpot_p50_ms": round(_pct(tpot, 50), 2), "tpot_p99_ms": round(_pct(tpot, 99), 2),
            "peak_concurrent": max(s.batch for s in engine.history), "pool_blocks": engine.store.blocks - 1,
-           "steps": len(engine.history)}
+           "steps": len(engine.history), "prefill_chunk": prefill_chunk}
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -156,7 +157,7 @@ def hf_static_decoder(model, batch: int, context: int):
 def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, prompt: int = 8192, output: int = 256,
                      budget_gb: float = 16.0, max_batch: int = 128, decode_batch: int = 64, decode_context: int = 8192,
                      decode_layers: int | None = None, steps: int = 30, repeats: int = 3, baseline: bool = True,
-                     json_out: Optional[Path] = None, log=print, points=None) -> dict:
+                     json_out: Optional[Path] = None, log=print, points=None, prefill_chunk: int | None = None) -> dict:
     import torch
 
     env = env_info()
@@ -165,7 +166,7 @@ def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, p
     points = points or Points()
     points.start(len(methods) * (bool(requests) + 1 + repeats) + (1 + repeats) * baseline)  # workload, warm-up, repeats
     for m in methods if requests else ():  # workload: one run each (repeats would cost minutes); 0 requests: skip
-        row = workload(model, m, requests, prompt, output, budget_gb, max_batch)
+        row = workload(model, m, requests, prompt, output, budget_gb, max_batch, prefill_chunk=prefill_chunk)
         payload["rows"].append(row)
         log(f"workload {row}")
         write_json(json_out, payload)

@@ -137,6 +137,7 @@ def engine_command(
     steps: int = typer.Option(30, min=3, help="decode steps per timing"),
     repeats: int = typer.Option(3, min=1),
     baseline: bool = typer.Option(True, help="time HF bf16 StaticCache + torch.compile(reduce-overhead)"),
+    prefill_chunk: int = typer.Option(0, min=0, help="workload: prefill prompts in chunks of this many tokens (0: whole)"),
     quiet: bool = QUIET,
 ):
     """The paged engine on CUDA: a long-context workload under one KV budget, and decode steps vs HF static+compiled."""
@@ -149,7 +150,8 @@ def engine_command(
     with _points("bench engine", quiet) as p:
         payload = run_engine_bench([m.strip() for m in methods.split(",") if m.strip()], layers, requests, prompt, output,
                                    kv_budget_gb, max_batch, decode_batch, decode_context, decode_layers or None, steps,
-                                   repeats, baseline, json_out=json_out, log=p.log, points=p)
+                                   repeats, baseline, json_out=json_out, log=p.log, points=p,
+                                   prefill_chunk=prefill_chunk or None)
     for rows, cols in ((payload["rows"], WORKLOAD_COLUMNS), (payload["decode"], DECODE_COLUMNS)):
         if rows:
             typer.echo(format_table(rows, cols))
