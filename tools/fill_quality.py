@@ -161,8 +161,9 @@ def ablation_kv(d: dict) -> str:
 
         top1 = f"{b['top1']:.3f}" if b else "–"
         lines.append(f"| {s['label']} | `{spec}`{mark(d, spec)} | {bits(s)} | {' | '.join(cell(a, base_t))} | {' | '.join(cell(b, base_h))} | {top1} |")
-    lines += ["", f"KL: mean over the tuning offsets ({', '.join(f'{o:,}' for o in tune)}) and the held-out ones "
-              f"({', '.join(f'{o:,}' for o in held)}); 512 tokens of prefill, 256 streamed. " + caption(d)] + not_run(d)
+    held_text = f"the held-out ones ({', '.join(f'{o:,}' for o in held)})" if held else "the held-out ones (not run yet: –)"
+    lines += ["", f"KL: mean over the tuning offsets ({', '.join(f'{o:,}' for o in tune)}) and {held_text}; "
+              "512 tokens of prefill, 256 streamed. " + caption(d)] + not_run(d)
     return "\n".join(lines)
 
 
