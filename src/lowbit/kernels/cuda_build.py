@@ -2,7 +2,8 @@
 
 The sources live in ``lowbit/kernels/cuda/``; each is compiled once per (source hash, GPU architecture)
 into ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit/cuda``) as a shared library exposing ``extern "C"``
-launchers that take raw device pointers and a stream. No PyTorch headers are involved, so a build takes
+launchers that take raw device pointers and a stream. ``$LOWBIT_NVCC_FLAGS`` adds nvcc flags (part of the
+cache key), for experiments. No PyTorch headers are involved, so a build takes
 seconds and does not depend on the torch ABI. Without ``nvcc`` or a CUDA device, :func:`load` raises
 :class:`CudaKernelUnavailable` and callers fall back to the Triton kernels or the PyTorch references.
 """
@@ -60,13 +61,14 @@ def load(name: str) -> ctypes.CDLL:
         nvcc = nvcc_path()
         if nvcc is None:
             raise CudaKernelUnavailable("nvcc not found (set $NVCC or $CUDA_HOME, or add it to PATH)")
-        digest = hashlib.sha256(src.read_bytes() + arch.encode()).hexdigest()[:16]
+        extra = os.environ.get("LOWBIT_NVCC_FLAGS", "").split()  # experiments, e.g. -DLOWBIT_PAGED_MINBLOCKS=3
+        digest = hashlib.sha256(src.read_bytes() + arch.encode() + " ".join(extra).encode()).hexdigest()[:16]
         lib = _cache_dir() / f"{name}-sm{arch}-{digest}.so"
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
             cmd = [nvcc, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "--use_fast_math",
-                   "-shared", "-Xcompiler", "-fPIC", "-o", str(tmp), str(src)]
+                   "-shared", "-Xcompiler", "-fPIC", *extra, "-o", str(tmp), str(src)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise CudaKernelUnavailable(f"building {src.name} failed:\n{done.stderr[-4000:]}")

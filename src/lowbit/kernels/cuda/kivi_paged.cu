@@ -3,8 +3,8 @@
 // Storage: pages of P = 128 tokens of one sequence and KV head (lowbit.quant.kivi.PageLayout):
 //   [key codes | value codes | key scale | key zero | value scale | value zero]
 // codes in the order the mma.m16n8k16 B fragments need them (lowbit.quant.kivi.fragment_index), so each
-// lane reads its operands with 16-byte loads and turns two codes into a half2 with one lop3
-// (0x6400 magic: 1024 + code), one subtract and one fma with the group's scale and zero.
+// lane reads its operands with 16-byte loads and turns two codes into a half2 with one lop3 (an fp16 exponent
+// "magic" per bit position: base + code, no shift; see codes2), then folds scale, zero and base into the MMAs.
 //
 // Grid (B * H_kv, S + 1). Program s < S: the pages [s*pps, (s+1)*pps) whose keys AND values are quantized,
 // 4 warps, warp w owning tokens 32w..32w+31 of each page (= key group w); pages staged through shared
@@ -16,6 +16,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+// CTAs per SM the main kernel is register-limited for (H200, both widths fastest at 4: 128 registers; 2-bit folded
+// spill-free, 4-bit a few bytes). Override with -DLOWBIT_PAGED_MINBLOCKS=n in $LOWBIT_NVCC_FLAGS to compare.
+#ifndef LOWBIT_PAGED_MINBLOCKS
+#define LOWBIT_PAGED_MINBLOCKS 4
+#endif
 
 namespace {
 
@@ -69,8 +75,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 
 struct Seq { int n_sink, n_qk, n_qv, total, start; };
 
-// row of the full-precision residual that holds quantized index k (k >= nq): linear from nq, or a ring of `ring` rows
-__device__ __forceinline__ long long res_row(int ring, int k, int nq) { return ring ? k % ring : k - nq; }
+// row of the full-precision residual that holds quantized index k (k >= nq): linear from nq, or (ring != 0) a ring of
+// P rows. A mask, not `k % ring`: the division's registers made the 2-bit main loop spill (~25 % slower, H200).
+__device__ __forceinline__ long long res_row(int ring, int k, int nq) { return ring ? (k & (P - 1)) : k - nq; }
 
 __device__ __forceinline__ Seq load_seq(const Args& a, int b) {
   Seq s;
@@ -91,14 +98,35 @@ __device__ __forceinline__ const uint8_t* page_ptr(const Args& a, int b, int h, 
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t m, uint32_t c) {
   uint32_t r;
-  asm volatile("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(m), "r"(c));  // (x & m) | c
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(m), "r"(c));  // (x & m) | c
   return r;
 }
 
+// Pair i of a word sits at bit pos(i) of each 16-bit half. A code at mantissa bit `pos` of an fp16 whose exponent
+// says 2^(10 - pos) reads as base(i) + code exactly (the ulp there is 2^-pos), so a code pair needs one lop3 and no
+// shift while pos + BITS <= 10; the upper half of the pairs comes from one shared `word >> 8`. base(i) is a
+// compile-time constant (1024, 256, 64, 16 for 2-bit; 1024, 64 for 4-bit) that the callers subtract or fold.
 template <int BITS>
-__device__ __forceinline__ __half2 codes2(uint32_t word, int i) {  // (1024 + lo, 1024 + hi) as half2
-  uint32_t v = lop3_and_or(word >> (BITS * i), Lay<BITS>::MASK, 0x64006400u);
+__device__ __forceinline__ constexpr int code_pos(int i) { return BITS * (i % (8 / BITS)); }
+template <int BITS>
+__device__ __forceinline__ constexpr float code_base(int i) { return float(1 << (10 - code_pos<BITS>(i))); }
+template <int BITS>
+__device__ __forceinline__ __half2 codes2(uint32_t word, int i) {  // (base(i) + lo, base(i) + hi) as half2
+  const uint32_t src = i < 8 / BITS ? word : word >> 8;
+  const int pos = code_pos<BITS>(i);
+  const uint32_t magic = (uint32_t)(25 - pos) << 10;  // fp16 exponent field of 2^(10 - pos)
+  uint32_t v = lop3_and_or(src, Lay<BITS>::MASK << pos, magic | (magic << 16));
   return *reinterpret_cast<__half2*>(&v);
+}
+template <int BITS>
+__device__ __forceinline__ uint32_t base_bits(int i, bool negative) {  // half2(±base(i), ±base(i)) as bits
+  const uint32_t h = ((uint32_t)(25 - code_pos<BITS>(i)) << 10) | (negative ? 0x8000u : 0u);
+  return h | (h << 16);
+}
+template <int BITS>
+__device__ __forceinline__ __half2 base2(int i) {
+  const uint32_t v = base_bits<BITS>(i, false);
+  return *reinterpret_cast<const __half2*>(&v);
 }
 
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
@@ -141,7 +169,7 @@ template <int BITS, bool MIXED, typename T>
 __device__ __forceinline__ void value_product(float (&acc)[D / 16][4], const uint32_t (&pb)[2][2],
                                               const uint32_t (&words)[Lay<BITS>::WPT], const __half* vsc,
                                               const __half* vzr, int warp, int g, int qd, int page, const Seq& sq,
-                                              const T* rv, __half2 k1024, int ring) {
+                                              const T* rv, int ring) {
   // vsc / vzr: the slab's value scales / zeros, [D/32 groups][32 tokens]
   // O^T += V^T P^T over one warp's 32 tokens of a page (A = dequantized value codes, B = probabilities)
   using L = Lay<BITS>;
@@ -163,7 +191,7 @@ __device__ __forceinline__ void value_product(float (&acc)[D / 16][4], const uin
 #pragma unroll
         for (int w4 = 0; w4 < 4; ++w4) {
           const __half2 c = codes2<BITS>(words[(p + w4) / L::PPW], (p + w4) % L::PPW);
-          __half2 v = __hfma2(__hsub2(c, k1024), w4 < 2 ? s0 : s1, w4 < 2 ? z0 : z1);
+          __half2 v = __hfma2(__hsub2(c, base2<BITS>((p + w4) % L::PPW)), w4 < 2 ? s0 : s1, w4 < 2 ? z0 : z1);
           if (MIXED) {
             const int ch = m * 16 + g + (w4 & 1) * 8;
             const int k = page * P + t0 + (w4 >> 1) * 8;  // quantized index of the pair's first token
@@ -185,8 +213,8 @@ __device__ __forceinline__ void value_product(float (&acc)[D / 16][4], const uin
 template <int BITS>
 __device__ __forceinline__ void value_product_folded(float (&acc)[D / 16][4], float (&zs)[4], const uint32_t (&pb)[2][2],
                                                      const uint32_t (&words)[Lay<BITS>::WPT], const __half* vsc,
-                                                     const __half* vzr, int g, int qd, __half2 k1024) {
-  // value scales folded into P (B = P^T * s, per 32-channel group), exact codes in A (lop3 magic, minus 1024:
+                                                     const __half* vzr, int g, int qd) {
+  // value scales folded into P (B = P^T * s, per 32-channel group), exact codes in A (lop3 magic, minus its base:
   // no offset left to cancel against the rounded P * s); zs accumulates, for row g, sum_t p_t z_t of each group
   // (columns 0-3) with one extra MMA per 16 tokens (A = P, B = z); the merge adds them.
   using L = Lay<BITS>;
@@ -211,7 +239,7 @@ __device__ __forceinline__ void value_product_folded(float (&acc)[D / 16][4], fl
         const int p = (kt * (D / 16) + m) * 4;
         uint32_t af[4];
 #pragma unroll
-        for (int w4 = 0; w4 < 4; ++w4) af[w4] = h2u(__hsub2(codes2<BITS>(words[(p + w4) / L::PPW], (p + w4) % L::PPW), k1024));
+        for (int w4 = 0; w4 < 4; ++w4) af[w4] = h2u(__hsub2(codes2<BITS>(words[(p + w4) / L::PPW], (p + w4) % L::PPW), base2<BITS>((p + w4) % L::PPW)));
         mma16816(acc[m], af, b0, b1);
       }
     }
@@ -256,7 +284,6 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
   for (int i = 0; i < D / 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m_row = -INFINITY, l_row = 0.f;  // row g
   float zs[4] = {0.f, 0.f, 0.f, 0.f};     // FOLD: row g's sums of p z (groups 2q, 2q+1) or p s (q >= 2)
-  const __half2 k1024 = __half2half2(__ushort_as_half(0x6400));
 
   // each warp stages its own 32-token slab of every page (codes, scales, zeros) in a private ring:
   // no block-wide barrier inside the loop, warps drift independently
@@ -307,18 +334,17 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       }
       const __half2* ksc = reinterpret_cast<const __half2*>(sl + L::S_KS);
       const __half2* kzr = reinterpret_cast<const __half2*>(sl + L::S_KZ);
-      float bias[4] = {0.f, 0.f, 0.f, 0.f};  // FOLD: sum_c q_c z_c - 1024 sum_c q_c s_c of row g
-      const uint32_t neg1024 = 0xE400E400u;   // half2(-1024, -1024)
+      float bias[4] = {0.f, 0.f, 0.f, 0.f};  // FOLD: sum_c q_c z_c - sum_c base_c q_c s_c of row g
 #pragma unroll
       for (int kc = 0; kc < D / 16; ++kc) {
         const __half2 s0 = ksc[kc * 8 + qd], s1 = ksc[kc * 8 + 4 + qd];
         const __half2 z0 = kzr[kc * 8 + qd], z1 = kzr[kc * 8 + 4 + qd];
         const uint32_t af[4] = {qa[kc][0], 0u, qa[kc][1], 0u};
-        if (FOLD) {  // scales into Q, codes straight from lop3 (1024 + c), offsets and zeros as a bias
+        if (FOLD) {  // scales into Q, codes straight from lop3 (base + c), offsets and zeros as a bias
           const uint32_t as[4] = {h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][0]), s0)), 0u,
                                   h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][1]), s1)), 0u};
           mma16816(bias, af, h2u(z0), h2u(z1));
-          mma16816(bias, as, neg1024, neg1024);
+          mma16816(bias, as, base_bits<BITS>((2 * kc) % L::PPW, true), base_bits<BITS>((2 * kc + 1) % L::PPW, true));
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int p = (j * (D / 16) + kc) * 2;
@@ -331,7 +357,8 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
             const int p = (j * (D / 16) + kc) * 2;
             const __half2 c0 = codes2<BITS>(words[p / L::PPW], p % L::PPW);
             const __half2 c1 = codes2<BITS>(words[(p + 1) / L::PPW], (p + 1) % L::PPW);
-            mma16816(sc[j], af, h2u(__hfma2(__hsub2(c0, k1024), s0, z0)), h2u(__hfma2(__hsub2(c1, k1024), s1, z1)));
+            mma16816(sc[j], af, h2u(__hfma2(__hsub2(c0, base2<BITS>(p % L::PPW)), s0, z0)),
+                     h2u(__hfma2(__hsub2(c1, base2<BITS>((p + 1) % L::PPW)), s1, z1)));
           }
         }
       }
@@ -385,10 +412,10 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       // values past n_qv (only in the last page or two) are still in the residual: that slab takes the MIXED
       // copy of the loop, which loads them unconditionally (clamped index, all in flight at once) and selects
       if (k0 + 32 <= sq.n_qv) {
-        if (FOLD) value_product_folded<BITS>(acc, zs, pb, words, vsc, vzr, g, qd, k1024);
-        else value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024, a.ring);
+        if (FOLD) value_product_folded<BITS>(acc, zs, pb, words, vsc, vzr, g, qd);
+        else value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, a.ring);
       } else {
-        value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, k1024, a.ring);
+        value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, a.ring);
       }
     }
     __syncwarp();  // this stage is refilled next iteration
@@ -532,7 +559,7 @@ __device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* s
 }
 
 template <int BITS, int STAGES, bool FOLD, typename T>
-__global__ void __launch_bounds__(THREADS, 4) kivi_paged_kernel(Args a) {
+__global__ void __launch_bounds__(THREADS, LOWBIT_PAGED_MINBLOCKS) kivi_paged_kernel(Args a) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int b = blockIdx.x / a.hkv, h = blockIdx.x % a.hkv;
   const Seq sq = load_seq(a, b);
