@@ -128,3 +128,16 @@ def test_pages_for_follows_the_kivi_flush_schedule():
     assert [store.pages_for(n) for n in (0, 4, 131, 132, 260, 388)] == [0, 0, 0, 1, 2, 3]
     assert _store("fp16").pages_for(129) == 2
     assert store.block_bytes() < _store("fp16").block_bytes() / 4
+
+
+def test_describe_accounts_for_the_budget_and_hints_when_rows_dominate():
+    """The pool's line adds up pages and per-row rings to what it holds; the hint appears only when rows dominate."""
+    few, many = _store("kivi2", rows=2, mb=8), _store("kivi2", rows=48, mb=8)  # rings of 128 KiB per row
+    for store in (few, many):
+        line = store.describe()
+        assert f"{store.blocks - 1} pages" in line and f"{store.rows} rows" in line
+        assert store.blocks * store.block_bytes() + store.rows * store.row_bytes() == store.nbytes() <= 8 << 20
+    assert "smaller max batch" not in few.describe()
+    assert many.rows * many.row_bytes() > many.blocks * many.block_bytes()
+    assert "smaller max batch" in many.describe()
+    assert "rows" not in _store("fp16", rows=64).describe()  # fp16 rows hold nothing beside their pages

@@ -62,6 +62,20 @@ class KVStore:
         """Bytes the pool holds (pages, scratch block included, and per-row buffers)."""
         return self.blocks * self.block_bytes() + self.rows * self.row_bytes()
 
+    def describe(self) -> str:
+        """One line on where the budget went: pages, and what every row holds beside them (rings, sinks); a hint when
+        the rows take more than half (each row's share is reserved whether or not it runs)."""
+        mib = 2**20
+        pages, rows = self.blocks * self.block_bytes(), self.rows * self.row_bytes()
+        line = (f"KV pool ({self.kind}): {self.blocks - 1} pages of {self.block_bytes() / mib:.2f} MiB "
+                f"({pages / mib:.0f} MiB)")
+        if rows:
+            line += f" + {self.rows} rows x {self.row_bytes() / mib:.2f} MiB of residual ring and sinks ({rows / mib:.0f} MiB)"
+            if rows > pages:
+                line += (f"; the rows take {rows / (rows + pages):.0%} of the budget: a smaller max batch leaves "
+                         "more of it for pages")
+        return line
+
     @property
     def used_blocks(self) -> int:
         return self.blocks - 1 - len(self.free_blocks)

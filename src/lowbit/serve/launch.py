@@ -123,6 +123,8 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without an API key", file=sys.stderr)
     print(f"lowbit serve: {model} kv={engine.kv} budget={kv_budget_mb:g} MB on http://{host}:{port}/v1", file=sys.stderr)
+    if backend == "paged":
+        print(f"lowbit serve: {engine.store.describe()}", file=sys.stderr)
     run_server(create_app(engine, api_key=api_key, drain_timeout=drain_timeout), host=host, port=port,
                log_level=log_level)
 
