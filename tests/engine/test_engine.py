@@ -141,3 +141,22 @@ def test_describe_accounts_for_the_budget_and_hints_when_rows_dominate():
     assert many.rows * many.row_bytes() > many.blocks * many.block_bytes()
     assert "smaller max batch" in many.describe()
     assert "rows" not in _store("fp16", rows=64).describe()  # fp16 rows hold nothing beside their pages
+
+
+@pytest.mark.parametrize("kind", ["fp16", "kivi2"])
+def test_engine_bench_decoder_steps_on_the_cpu(tiny_llama, kind):
+    """`lowbit bench engine`'s decode functions: the engine's whole step emits one token per running row and stays
+    at the same positions; it samples what the bare (eager) step's argmax gives."""
+    from lowbit.bench.engine import engine_decoder
+
+    engine, graph_step, eager_step, engine_step = engine_decoder(tiny_llama, kind, batch=3, context=40, steps=4)
+    for n in (1, 2, 3):
+        engine_step()
+        assert [len(r.output) for r in engine.running] == [n] * 3
+        assert engine.pos_host[:3].tolist() == [41] * 3  # reset to the context, then advanced by the step
+    tokens = engine.graphs.tokens[:3].clone()
+    engine.pos_host[:3] = 40
+    expected = engine.runner.decode(tokens, torch.full((3,), 40)).argmax(-1)
+    engine_step()
+    assert [r.output[-1] for r in engine.running] == expected.tolist()
+    graph_step(), eager_step()  # the other two run on the CPU too (no CUDA graphs there)

@@ -9,7 +9,9 @@ Two measurements, methods interleaved in one process:
 * **decode** -- the time of one decode step (CUDA-graph replay, greedy sampling included) at a fixed batch and
   context, per method, against HF transformers bf16 with a static cache, compiled with
   ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) -- the strongest plain baseline a user has -- and the
-  engine's eager step (launches included). Repeats alternate between methods; medians reported.
+  engine's eager step (launches included), and the engine's whole step (``engine_step_ms``: scheduling, sampling,
+  the host read-back; ``host_overhead_pct`` is its time beyond the graph replay). Repeats alternate between
+  methods; medians reported.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from lowbit.bench.timing import Points, env_info, write_json
 
 WORKLOAD_COLUMNS = ["method", "requests", "prompt", "output", "kv_budget_gb", "output_tok_s", "vs_fp16_x", "ttft_p50_s",
                     "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "peak_concurrent"]
-DECODE_COLUMNS = ["method", "batch", "context", "layers", "step_ms", "tokens_per_s", "vs_hf_static_x", "eager_step_ms"]
+DECODE_COLUMNS = ["method", "batch", "context", "layers", "step_ms", "tokens_per_s", "vs_hf_static_x", "eager_step_ms",
+                  "engine_step_ms", "host_overhead_pct"]
 
 
 def random_model(layers: int):
@@ -103,8 +106,11 @@ def _time_steps(fn, steps: int) -> float:
 
 def engine_decoder(model, method: str, batch: int, context: int, steps: int):
     """An engine whose rows 0..batch-1 hold `context` tokens (storage left as allocated: timing only), a function
-    that runs one decode step (graph replay + greedy sampling) and its eager twin."""
+    that runs one decode step (graph replay + greedy sampling), its eager twin, and the engine's whole step
+    (:meth:`PagedEngine.step` over `batch` running greedy requests: scheduling, position copy, graph replay,
+    sampling, the host read-back and the per-request bookkeeping; positions reset each call)."""
     from lowbit.engine import PagedEngine, make_store
+    from lowbit.engine.core import EngineRequest
 
     cfg = model.config
     tokens = context + steps + 8
@@ -123,7 +129,14 @@ def engine_decoder(model, method: str, batch: int, context: int, steps: int):
     def eager_step():
         engine.runner.decode(engine.graphs.tokens[:batch], engine.graphs.pos[:batch]).argmax(-1)
 
-    return engine, graph_step, eager_step
+    for row in range(batch):  # running greedy requests that never finish (no eos, no length limit in reach)
+        engine.running.append(EngineRequest([1] * context, 1 << 62, id=row, row=row))
+
+    def engine_step():
+        engine.pos_host[:batch] = context
+        engine.step()
+
+    return engine, graph_step, eager_step, engine_step
 
 
 def hf_static_decoder(model, batch: int, context: int):
@@ -182,9 +195,9 @@ def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, p
     dl = decode_layers or layers
     runs = {}
     for m in methods:
-        engine, graph_step, eager_step = engine_decoder(model, m, decode_batch, decode_context, steps)
-        runs[m] = (engine, graph_step, eager_step)
-        graph_step(), eager_step()
+        engine, graph_step, eager_step, engine_step = engine_decoder(model, m, decode_batch, decode_context, steps)
+        runs[m] = (engine, graph_step, eager_step, engine_step)
+        graph_step(), eager_step(), engine_step()
         points.advance()
     hf = None
     if baseline:
@@ -197,12 +210,13 @@ def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, p
             log(f"HF static+compile baseline failed: {type(exc).__name__}: {exc}")
             payload["baseline_error"] = f"{type(exc).__name__}: {exc}"
             hf = None
-    samples = {m: ([], []) for m in methods}
+    samples = {m: ([], [], []) for m in methods}
     hf_ms = []
     for _ in range(repeats):
         for m in methods:
             samples[m][0].append(_time_steps(runs[m][1], steps))
             samples[m][1].append(_time_steps(runs[m][2], max(steps // 3, 3)))
+            samples[m][2].append(_time_steps(runs[m][3], steps))
             points.advance()
         if hf is not None:
             hf_ms.append(_time_steps(hf, steps))
@@ -212,12 +226,14 @@ def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, p
         payload["decode"].append({"method": "hf_static_compiled_bf16", "batch": decode_batch, "context": decode_context,
                                   "layers": dl, "step_ms": round(hf_step, 3),
                                   "tokens_per_s": round(decode_batch / hf_step * 1e3, 1), "vs_hf_static_x": 1.0,
-                                  "eager_step_ms": None})
+                                  "eager_step_ms": None, "engine_step_ms": None, "host_overhead_pct": None})
     for m in methods:
-        g_ms, e_ms = statistics.median(samples[m][0]), statistics.median(samples[m][1])
+        g_ms, e_ms, s_ms = (statistics.median(x) for x in samples[m])
         payload["decode"].append({"method": m, "batch": decode_batch, "context": decode_context, "layers": dl,
                                   "step_ms": round(g_ms, 3), "tokens_per_s": round(decode_batch / g_ms * 1e3, 1),
                                   "vs_hf_static_x": round(hf_step / g_ms, 2) if hf_step else None,
-                                  "eager_step_ms": round(e_ms, 3)})
+                                  "eager_step_ms": round(e_ms, 3), "engine_step_ms": round(s_ms, 3),
+                                  # the engine step's time beyond the graph replay + argmax: host-side work not hidden
+                                  "host_overhead_pct": round(100 * max(s_ms - g_ms, 0.0) / s_ms, 1)})
     write_json(json_out, payload)
     return payload
