@@ -157,3 +157,35 @@ def test_kernel_forward_call_path(fake_gemm, spec):
     xp = x[..., q.perm.long()]
     torch.testing.assert_close(kernel_forward(q, xp), q(xp), rtol=1e-5, atol=1e-5)
     assert fake_gemm.calls[-2] == ("quant", None)
+
+
+@pytest.mark.parametrize("spec,m,fused", [("fmpq:a=4,block=64,group=64,int8_frac=0.25", 3, True),
+                                          ("fmpq:a=4,block=64,group=64", 17, False),  # past the decode bucket
+                                          ("fmpq:a=8,block=64,group=32", 2, False)])  # block > group
+def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, monkeypatch, spec, m, fused):
+    """With $LOWBIT_W4AX_FUSED=1, decode-sized calls go to the one-launch linear (a reference stand-in here) with the
+    layer's stored operands; the others keep the two-launch path. Off by default."""
+    from lowbit.wa.linear import FUSED_ENV, kernel_forward
+
+    mod = types.ModuleType("lowbit.kernels.w4ax_fused")
+    mod.fused_supported = lambda m, block, group: 0 < m <= 16 and block <= group
+    seen = []
+
+    def w4ax_linear(x, block, w_kernel, w_scale, group, int8_mask=None, low_bits=4, perm=None, w_zero=None,
+                    bias=None, out_dtype=torch.bfloat16, out=None):
+        seen.append((w_kernel.data_ptr(), low_bits, perm))
+        c, s = quantize_activation_ref(x, block, int8_mask.bool(), low_bits, perm, w_kernel.shape[1] * 2)
+        y = w4a8_gemm_ref(c, s, block, unrepack_weight(w_kernel, min(block, group)), w_scale, group, w_zero, bias)
+        return y.to(out_dtype) if out is None else out.copy_(y)
+
+    mod.w4ax_linear = w4ax_linear
+    monkeypatch.setitem(sys.modules, "lowbit.kernels.w4ax_fused", mod)
+    q = QuantLinear.from_linear(torch.nn.Linear(200, 40), resolve_config(spec), torch.rand(200) + 0.1)
+    x = torch.randn(m, 200)
+    kernel_forward(q, x)
+    assert not seen  # off by default
+    monkeypatch.setenv(FUSED_ENV, "1")
+    torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
+    assert bool(seen) == fused
+    if fused:
+        assert seen[0][0] == q.qweight.data_ptr() and seen[0][1] == q.cfg.a_bits

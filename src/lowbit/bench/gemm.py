@@ -10,7 +10,8 @@ from typing import Optional
 from lowbit.bench.timing import Points, LINEAR_SHAPES, bench_sets, env_info, rotating, write_json
 
 TABLE_COLUMNS = ["K", "N", "M", "w4a8_us", "fmpq_w4a4_us", "cublas_bf16_us", "int_mm_us", "w4a8_speedup", "fmpq_speedup",
-                 "w4a8_total_speedup", "best_config"]
+                 "w4a8_total_speedup", "two_launch_fmpq_eager_us", "fused_fmpq_eager_us", "cublas_bf16_eager_us",
+                 "fused_fmpq_eager_speedup", "best_config"]
 
 
 def gemm_candidates(bucket: str):
@@ -174,7 +175,8 @@ def measure_point(m: int, k: int, n: int, block: int, group: int, int8_frac: flo
     aq4_ms = bench_sets(lambda st: quantize_activation(x, block, maskf, 4, perm=perm), [None])
     bf16_ms = bench_sets(lambda w: F.linear(x, w), bsets)
     int_ms, mi, probe_us = _int_baselines(m, k, isets, log)
-    return {
+    fused = _fused_point(x, block, group, mask8, maskf, perm, wsets, bsets, best)
+    return {**fused,
         "K": k, "N": n, "M": m, "triton_int8_no_groups_us": probe_us,
         "w4a8_us": best_ms * 1e3, "w4a8_default_cfg_us": default_ms * 1e3, "fmpq_w4a4_us": fmpq_ms * 1e3,
         "actq_w4a8_us": aq8_ms * 1e3, "actq_fmpq_us": aq4_ms * 1e3,
@@ -186,6 +188,36 @@ def measure_point(m: int, k: int, n: int, block: int, group: int, int8_frac: flo
         "best_config": best.label(), "configs_us": {lab: v[0] * 1e3 for lab, v in timings.items()},
         "rel_err": errs, "act_quant_bit_exact": act_exact,
     }
+
+
+def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cfg) -> dict:
+    """The one-launch linear (quantizer in the GEMM's prologue) beside the two-launch call a user makes today, both
+    timed eager (launches included) and under a CUDA graph; bit-exactness of the two. Empty past the decode bucket."""
+    import torch
+    import torch.nn.functional as F
+
+    from lowbit.kernels.gemm import quantize_activation, w4a8_gemm
+    from lowbit.kernels.w4ax_fused import fused_supported, w4ax_linear
+
+    if not fused_supported(x.shape[0], block, group):
+        return {}
+    cfg = None if cfg.unpacked else cfg
+    out, k = {"cublas_bf16_eager_us": bench_sets(lambda w: F.linear(x, w), bsets, graph=False) * 1e3}, x.shape[1]
+    for name, mask, bits, p in (("w4a8", mask8, 8, None), ("fmpq", maskf, 4, perm)):
+        def two(st, mask=mask, bits=bits, p=p):
+            c, sc = quantize_activation(x, block, mask, bits, perm=p, padded_in=k)
+            return w4a8_gemm(c, sc, block, st[1], st[2], group, config=cfg)
+
+        def one(st, mask=mask, bits=bits, p=p):
+            return w4ax_linear(x, block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p, config=cfg)
+
+        out[f"fused_{name}_bit_exact"] = bool(torch.equal(one(wsets[0]), two(wsets[0])))
+        for label, fn in (("two_launch", two), ("fused", one)):
+            out[f"{label}_{name}_us"] = bench_sets(fn, wsets) * 1e3
+            out[f"{label}_{name}_eager_us"] = bench_sets(fn, wsets, graph=False) * 1e3
+        out[f"fused_{name}_eager_speedup"] = out["cublas_bf16_eager_us"] / out[f"fused_{name}_eager_us"]
+        out[f"two_launch_{name}_eager_speedup"] = out["cublas_bf16_eager_us"] / out[f"two_launch_{name}_eager_us"]
+    return out
 
 
 def _weight_sets(k: int, n: int, group: int, tile: int, w_bytes: int):

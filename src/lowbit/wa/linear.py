@@ -31,6 +31,8 @@ so they add nothing. Two execution modes give the same quantized function:
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -377,6 +379,9 @@ def kernel_inputs(ql: QuantLinear, device: torch.device) -> tuple[torch.Tensor |
     return ql._cache[key]
 
 
+FUSED_ENV = "LOWBIT_W4AX_FUSED"  # "1": decode-sized calls take the one-launch linear (kernels/w4ax_fused.py)
+
+
 def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """CUDA forward of a W4A4/W4A8 QuantLinear: fused (permute+)pad+quantize, then the INT8-tensor-core GEMM.
 
@@ -386,6 +391,8 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     scales and split-K partials come from the shared workspace (:data:`lowbit.kernels.gemm.WORKSPACE`),
     and with ``ql.reuse_output`` the output is a per-layer buffer reused for every call (the caller must be
     done with one output before the next call: CUDA graphs, decode loops); without it, a fresh tensor.
+    With ``$LOWBIT_W4AX_FUSED=1``, decode-sized calls (M <= 16, block <= group) take the one-launch linear
+    (:mod:`lowbit.kernels.w4ax_fused`, bit-identical); off by default until it is measured on a GPU.
     """
     from lowbit.kernels.gemm import WORKSPACE, quantize_activation, stream_key, w4a8_gemm
     from lowbit.kernels.layout import BufferPool
@@ -395,15 +402,22 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m, sk = x2.shape[0], stream_key(dev)
-    codes = WORKSPACE.get("a_codes", (m, ql.padded_in), torch.int8, dev, sk)
-    scale = WORKSPACE.get("a_scale", (m, ql.n_blocks), torch.float32, dev, sk)
-    quantize_activation(x2, ql.block, mask, ql.cfg.a_bits, perm=perm, padded_in=ql.padded_in, out=(codes, scale))
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
     out = None
     if ql.reuse_output:
         if ql._outputs is None:
             ql._outputs = BufferPool()
         out = ql._outputs.get("y", (m, ql.out_features), out_dtype, dev, sk)
+    if os.environ.get(FUSED_ENV, "0") == "1":  # one launch: the quantizer in the GEMM's prologue
+        from lowbit.kernels.w4ax_fused import fused_supported, w4ax_linear
+
+        if fused_supported(m, ql.block, ql.group):
+            y = w4ax_linear(x2, ql.block, ql.qweight, ql.w_scale, ql.group, int8_mask=mask, low_bits=ql.cfg.a_bits,
+                            perm=perm, w_zero=ql.w_zero, bias=ql.bias, out_dtype=out_dtype, out=out)
+            return y.reshape(*lead, ql.out_features).to(x.dtype)
+    codes = WORKSPACE.get("a_codes", (m, ql.padded_in), torch.int8, dev, sk)
+    scale = WORKSPACE.get("a_scale", (m, ql.n_blocks), torch.float32, dev, sk)
+    quantize_activation(x2, ql.block, mask, ql.cfg.a_bits, perm=perm, padded_in=ql.padded_in, out=(codes, scale))
     y = w4a8_gemm(codes, scale, ql.block, ql.qweight, ql.w_scale, ql.group, w_zero=ql.w_zero, bias=ql.bias,
                   out_dtype=out_dtype, out=out, workspace=WORKSPACE)
     return y.reshape(*lead, ql.out_features).to(x.dtype)

@@ -1,0 +1,215 @@
+"""One-launch W4Ax linear for decode-sized M: activation quantization in the GEMM's prologue, split-K reduced in-kernel.
+
+``y = W4Ax(x)`` as :func:`lowbit.kernels.gemm.quantize_activation` followed by
+:func:`lowbit.kernels.gemm.w4a8_gemm` computes it, in one launch instead of two or three:
+
+* **prologue** -- each program quantizes the activation tiles it multiplies, straight from ``x`` (through FMPQ's
+  permutation when the input is not folded): per token and per block of ``block`` channels, symmetric, 8 bits in the
+  blocks ``int8_mask`` marks and ``low_bits`` elsewhere. The same operations as the standalone quantizer, so the
+  codes and scales are bit-identical. Programs that share an activation tile recompute it (cheap at M <= 16, where
+  the weights dominate the bytes). Needs ``block <= group`` (one activation block per weight tile);
+* **split-K in-kernel** -- each split writes its partial tile, then takes a ticket on the tile's counter; the last
+  split to arrive sums the partials in split order (the two-launch path's order: the results are bit-identical),
+  adds the bias, writes the output and resets the counter to zero for the next call (CUDA-graph safe).
+
+Counters and partials come from persistent buffers, so a warm call allocates nothing.
+:func:`lowbit.wa.linear.kernel_forward` takes this path with ``$LOWBIT_W4AX_FUSED=1`` (off by default until its
+speed is measured on a GPU; both paths give the same bits).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels.gemm import (
+    MAX_FAST_TILE,
+    PLANS,
+    WORKSPACE,
+    _i32_to_f32,
+    _interpreting,
+    _rint,
+    _sm_count,
+    _tile_ids,
+    _weight_halves,
+    stream_key,
+)
+from lowbit.kernels.layout import BufferPool, GemmConfig
+
+MAX_FUSED_M = 16  # the decode bucket (default_config's weight-streaming shape); larger M quantizes once, separately
+
+
+@triton.jit
+def _quantized_half(X, s_xm, PERM, rm, mm, k, K_IN, HAS_PERM: tl.constexpr):
+    """Activation values ``x [BM, HALF]`` of permuted channels `k` (zero past the input width)."""
+    valid = k < K_IN
+    if HAS_PERM:
+        src = tl.load(PERM + k, mask=valid, other=0)
+    else:
+        src = k
+    return tl.load(X + rm[:, None] * s_xm + src[None, :], mask=mm[:, None] & valid[None, :], other=0).to(tl.float32)
+
+
+@triton.jit
+def _codes(x, scale, hi, USE_LIBDEVICE: tl.constexpr):
+    c = _rint(tl.div_rn(x, scale[:, None]), USE_LIBDEVICE)
+    return tl.minimum(tl.maximum(c, -hi[:, None] - 1.0), hi[:, None]).to(tl.int8)
+
+
+@triton.jit
+def _w4ax_fused_kernel(X, s_xm, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, s_cm, PART, COUNT,
+                       M, N, K, K_IN, TPS, SPLITS,
+                       GROUP: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       GROUP_M: tl.constexpr, LOW_HI: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MASK: tl.constexpr,
+                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                       USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    tile_id = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(tile_id, M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mm = rm < M
+    nm = rn < N
+    HALF: tl.constexpr = TILE // 2
+    rk = tl.arange(0, HALF)
+    w_ptr = W + rn[:, None] * s_wn + rk[None, :]
+    nt = K // TILE
+    t0 = pid_k * TPS
+    t1 = tl.minimum(t0 + TPS, nt)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for t in range(t0, t1):
+        # prologue: this tile's activation block (block == TILE) quantized per token
+        x_lo = _quantized_half(X, s_xm, PERM, rm, mm, t * TILE + rk, K_IN, HAS_PERM)
+        x_hi = _quantized_half(X, s_xm, PERM, rm, mm, t * TILE + HALF + rk, K_IN, HAS_PERM)
+        amax = tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1))
+        hi = tl.zeros((BM,), tl.float32) + LOW_HI
+        if HAS_MASK:
+            hi = tl.where(tl.load(MASK + t) != 0, 127.0, hi)
+        scale = tl.div_rn(amax, hi)
+        scale = tl.where(scale > 0, scale, 1.0)
+        a_lo = _codes(x_lo, scale, hi, USE_LIBDEVICE)
+        a_hi = _codes(x_hi, scale, hi, USE_LIBDEVICE)
+        # main loop body of the two-launch kernel
+        wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
+        w_lo, w_hi = _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO, USE_ASM)
+        acc_i = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
+        acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
+        wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
+        acc += _i32_to_f32(acc_i, FAST_CVT) * (scale[:, None] * wsc[None, :])
+    omask = mm[:, None] & nm[None, :]
+    if SPLIT:
+        tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release at GPU scope)
+        ticket = tl.atomic_add(COUNT + tile_id, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLITS - 1:  # the last split of this tile: reduce in split order, then reset the counter
+            total = tl.zeros((BM, BN), tl.float32)
+            for s in range(0, SPLITS):
+                total += tl.load(PART + (s * M + rm[:, None]) * N + rn[None, :], mask=omask, other=0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
+            tl.store(C + rm[:, None] * s_cm + rn[None, :], total.to(C.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(COUNT + tile_id, 0, sem="relaxed", scope="gpu")
+    else:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
+        tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=omask)
+
+
+class _Counters:
+    """Zeroed int32 tile counters per (device, stream), grown (zeroed) on demand; kernels leave them at zero."""
+
+    def __init__(self):
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, n: int, device: torch.device, stream: int) -> torch.Tensor:
+        key = (str(device), stream)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        return buf
+
+
+COUNTERS = _Counters()
+
+
+def fused_supported(m: int, block: int, group: int) -> bool:
+    """Whether :func:`w4ax_linear` takes this call: decode-sized M and one activation block per weight tile."""
+    return 0 < m <= MAX_FUSED_M and block <= group
+
+
+def w4ax_linear(
+    x: torch.Tensor,
+    block: int,
+    w_kernel: torch.Tensor,
+    w_scale: torch.Tensor,
+    group: int,
+    int8_mask: torch.Tensor | None = None,
+    low_bits: int = 4,
+    perm: torch.Tensor | None = None,
+    w_zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+    workspace: BufferPool | None = WORKSPACE,
+) -> torch.Tensor:
+    """``y [M, N]`` of activations ``x [M, K_in]`` (float) through a W4 weight, in one launch.
+
+    Equal, bit for bit, to ``w4a8_gemm(*quantize_activation(x, block, int8_mask, low_bits, perm, K), block, ...)``
+    with the same config (see the module docstring). ``perm`` int32 ``[K_in]`` (permuted channel j = original
+    ``perm[j]``), ``int8_mask`` ``[K / block]`` (nonzero: 8-bit block); ``w_kernel``/``w_scale``/``w_zero`` as for
+    :func:`~lowbit.kernels.gemm.w4a8_gemm`. Raises ``ValueError`` where :func:`fused_supported` is false.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K_in], got shape {tuple(x.shape)}")
+    m, k_in = x.shape
+    n, kh = w_kernel.shape
+    k = 2 * kh
+    if not fused_supported(m, block, group):
+        raise ValueError(f"the fused W4Ax linear takes 1 <= M <= {MAX_FUSED_M} and block <= group, got M={m}, "
+                         f"block={block}, group={group}")
+    if block % 32 or k % block or k_in > k:
+        raise ValueError(f"block {block} must be a multiple of 32 dividing the padded width {k} >= K_in {k_in}")
+    if int8_mask is not None and int8_mask.numel() != k // block:
+        raise ValueError(f"int8_mask has {int8_mask.numel()} entries, the padded width holds {k // block} blocks")
+    if perm is not None and perm.numel() != k_in:
+        raise ValueError(f"perm has {perm.numel()} entries, x has {k_in} channels")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dev = x.device
+    tile = block  # = min(block, group)
+    plan = PLANS.get(m, n, k, tile, dev, _sm_count, config)
+    cfg = plan.config
+    if cfg.unpacked:
+        raise ValueError(f"config {cfg.label()} is the unpacked large-M path; the fused linear streams packed weights")
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=dev)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.device != dev or out.stride(-1) != 1:
+        raise ValueError(f"out must be a row-contiguous {out_dtype} [{m}, {n}] tensor on {dev}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    split, sk = plan.split, stream_key(dev)
+    if split > 1:
+        shape = (split, m, n)
+        part = workspace.get("splitk", shape, torch.float32, dev, sk) if workspace is not None else \
+            torch.empty(shape, dtype=torch.float32, device=dev)
+        count = COUNTERS.get(plan.tiles_mn, dev, sk)
+    else:
+        part = count = out
+    has_perm, has_mask = perm is not None, int8_mask is not None
+    perm_t = perm if not has_perm or (perm.dtype == torch.int32 and perm.device == dev) else perm.to(dev, torch.int32)
+    mask_t = int8_mask if not has_mask or (int8_mask.dtype == torch.int8 and int8_mask.device == dev) \
+        else int8_mask.to(dev, torch.int8)
+    has_zero, has_bias = w_zero is not None, bias is not None
+    _w4ax_fused_kernel[(plan.tiles_mn, split)](
+        x, x.stride(0), perm_t.contiguous() if has_perm else x, mask_t.contiguous() if has_mask else x,
+        w_kernel, w_kernel.stride(0), w_scale, w_scale.stride(0),
+        w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,
+        bias if has_bias else w_scale, out, out.stride(0), part, count,
+        m, n, k, k_in, plan.tiles_per_split, split,
+        GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m, LOW_HI=float((1 << (low_bits - 1)) - 1),
+        HAS_PERM=has_perm, HAS_MASK=has_mask, HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1,
+        USE_ASM=cfg.asm and not _interpreting(), FAST_CVT=cfg.fast_cvt and tile <= MAX_FAST_TILE,
+        USE_LIBDEVICE=not _interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
