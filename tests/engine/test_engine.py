@@ -160,3 +160,18 @@ def test_engine_bench_decoder_steps_on_the_cpu(tiny_llama, kind):
     engine_step()
     assert [r.output[-1] for r in engine.running] == expected.tolist()
     graph_step(), eager_step()  # the other two run on the CPU too (no CUDA graphs there)
+
+
+@pytest.mark.parametrize("bits,sinks", [(2, 0), (4, 4), (2, 3)])
+def test_kivi_read_tokens_is_the_decode_view_without_a_sync(bits, sinks):
+    """read_tokens (host-side counts, only the pages in use) equals the batched decode view selected by its mask."""
+    g = torch.Generator().manual_seed(bits + sinks)
+    for n in (1, 2, sinks + 1, 127, 128, 129, 130, 255, 256, 300, 513):
+        store = _store(f"kivi{bits}:sinks={sinks}", rows=2)
+        store.reserve(1, n)
+        k, v = torch.randn(2, n, 64, generator=g) * 2, torch.randn(2, n, 64, generator=g)
+        store.write_prompt(0, 1, k, v)
+        keys, values, valid = store.ops.dequantized(store, 0, 1, torch.tensor([n - 1]), row0=1)
+        got_k, got_v = store.read_tokens(0, 1, n)
+        assert got_k.shape == (2, n, 64)
+        assert torch.equal(got_k, keys[0][:, valid[0]]) and torch.equal(got_v, values[0][:, valid[0]]), n

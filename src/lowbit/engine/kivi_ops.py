@@ -226,6 +226,29 @@ class KiviOps:
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), values).to(q.dtype)
 
+    def read_row(self, store, layer: int, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[H, n, D]`` (float32) of `row`'s positions ``0..n-1`` as decode attention reads them
+        (what :meth:`dequantized` gives at ``pos = n - 1``, selected): counts from the host-side `n`, so no sync
+        and only the pages that hold quantized tokens are unpacked (a prompt chunk reads this per layer)."""
+        n_sink = min(n, self.sinks)
+        rest = n - n_sink
+        n_qk, n_qv = min(rest // P * P, max(rest - 1, 0)), max(rest - P, 0)  # as :meth:`dequantized`
+        ring = torch.arange(min(n_qk, n_qv), rest, device=store.ring_k.device) % P
+        ring_k, ring_v = store.ring_k[layer, row][:, ring].float(), store.ring_v[layer, row][:, ring].float()
+        lo = min(n_qk, n_qv)
+        pages = -(-max(n_qk, n_qv) // P)
+        if pages:
+            kc, ks, kz, vc, vs, vz = read_pages(store.pool[layer][store.table[row, :pages].long()][None], self.bits,
+                                                self.head_dim)
+            kq = dequantize_codes(kc, ks, kz, PAGE_GROUP, dim=-2, dtype=torch.float32)[0]
+            vq = dequantize_codes(vc, vs, vz, PAGE_GROUP, dim=-1, dtype=torch.float32)[0]
+            keys = torch.cat([kq[:, :n_qk], ring_k[:, n_qk - lo :]], dim=1)
+            values = torch.cat([vq[:, :n_qv], ring_v[:, n_qv - lo :]], dim=1)
+        else:
+            keys, values = ring_k, ring_v
+        sink_k, sink_v = store.sink_k[layer, row, :, :n_sink].float(), store.sink_v[layer, row, :, :n_sink].float()
+        return torch.cat([sink_k, keys], dim=1), torch.cat([sink_v, values], dim=1)
+
     def dequantized(self, store, layer: int, b: int, pos: torch.Tensor, row0: int = 0):
         """Keys, values ``[B, H, S + pages*P, D]`` (float32, token order: sinks then quantized index) and the
         valid mask ``[B, S + pages*P]`` of rows ``row0..row0+B-1`` holding tokens ``0..pos``."""

@@ -263,8 +263,7 @@ class PagedKiviStore(KVStore):
         self.ops.write_tokens(self, layer, row, k, v, start)
 
     def read_tokens(self, layer, row, n):
-        keys, values, valid = self.ops.dequantized(self, layer, 1, torch.tensor([n - 1], device=self.device), row0=row)
-        return keys[0][:, valid[0]], values[0][:, valid[0]]
+        return self.ops.read_row(self, layer, row, n)
 
     def begin_step(self, pos):
         self.ops.counts(pos + 1, out=self.seq[: pos.shape[0]])
