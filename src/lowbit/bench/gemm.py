@@ -11,7 +11,7 @@ from lowbit.bench.timing import Points, LINEAR_SHAPES, bench_sets, env_info, rot
 
 TABLE_COLUMNS = ["K", "N", "M", "w4a8_us", "fmpq_w4a4_us", "cublas_bf16_us", "int_mm_us", "w4a8_speedup", "fmpq_speedup",
                  "w4a8_total_speedup", "two_launch_fmpq_eager_us", "fused_fmpq_eager_us", "cublas_bf16_eager_us",
-                 "fused_fmpq_eager_speedup", "best_config"]
+                 "two_launch_fmpq_eager_speedup", "fused_fmpq_eager_speedup", "best_config"]
 
 
 def gemm_candidates(bucket: str):
@@ -191,32 +191,49 @@ def measure_point(m: int, k: int, n: int, block: int, group: int, int8_frac: flo
 
 
 def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cfg) -> dict:
-    """The one-launch linear (quantizer in the GEMM's prologue) beside the two-launch call a user makes today, both
-    timed eager (launches included) and under a CUDA graph; bit-exactness of the two. Empty past the decode bucket."""
+    """The two-launch call a user makes today (quantizer, then GEMM) and, in the decode bucket, the one-launch linear
+    (quantizer in the GEMM's prologue), each timed eager (launches included) and under a CUDA graph; bit-exactness
+    of the two."""
     import torch
     import torch.nn.functional as F
 
     from lowbit.kernels.gemm import quantize_activation, w4a8_gemm
     from lowbit.kernels.w4ax_fused import fused_supported, w4ax_linear
 
-    if not fused_supported(x.shape[0], block, group):
-        return {}
-    cfg = None if cfg.unpacked else cfg
+    fused = fused_supported(x.shape[0], block, group)
     out, k = {"cublas_bf16_eager_us": bench_sets(lambda w: F.linear(x, w), bsets, graph=False) * 1e3}, x.shape[1]
     for name, mask, bits, p in (("w4a8", mask8, 8, None), ("fmpq", maskf, 4, perm)):
-        def two(st, mask=mask, bits=bits, p=p):
+        def two(st, mask=mask, bits=bits, p=p):  # the library's call path today: quantizer, then the GEMM
             c, sc = quantize_activation(x, block, mask, bits, perm=p, padded_in=k)
             return w4a8_gemm(c, sc, block, st[1], st[2], group, config=cfg)
 
         def one(st, mask=mask, bits=bits, p=p):
-            return w4ax_linear(x, block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p, config=cfg)
+            return w4ax_linear(x, block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p,
+                               config=None if cfg.unpacked else cfg)
 
-        out[f"fused_{name}_bit_exact"] = bool(torch.equal(one(wsets[0]), two(wsets[0])))
-        for label, fn in (("two_launch", two), ("fused", one)):
+        paths = (("two_launch", two), ("fused", one)) if fused else (("two_launch", two),)
+        if fused:
+            out[f"fused_{name}_bit_exact"] = bool(torch.equal(one(wsets[0]), two(wsets[0])))
+        for label, fn in paths:
             out[f"{label}_{name}_us"] = bench_sets(fn, wsets) * 1e3
             out[f"{label}_{name}_eager_us"] = bench_sets(fn, wsets, graph=False) * 1e3
-        out[f"fused_{name}_eager_speedup"] = out["cublas_bf16_eager_us"] / out[f"fused_{name}_eager_us"]
-        out[f"two_launch_{name}_eager_speedup"] = out["cublas_bf16_eager_us"] / out[f"two_launch_{name}_eager_us"]
+            out[f"{label}_{name}_eager_speedup"] = out["cublas_bf16_eager_us"] / out[f"{label}_{name}_eager_us"]
+    return out
+
+
+def method_rows(row: dict) -> list[dict]:
+    """The point's per-method rows (issue 14's format): m, n, k, method, graph and eager times with the activation
+    quantizer included, and their ratios to cuBLAS bf16 timed the same way."""
+    out = []
+    for name, method in (("w4a8", "w4a8"), ("fmpq", "fmpq_w4a4")):
+        for label, suffix in (("two_launch", ""), ("fused", "_fused")):
+            if f"{label}_{name}_us" not in row:
+                continue
+            g, e = row[f"{label}_{name}_us"], row[f"{label}_{name}_eager_us"]
+            out.append({"m": row["M"], "n": row["N"], "k": row["K"], "method": method + suffix, "graph_us": g,
+                        "eager_us": e, "graph_speedup": row["cublas_bf16_us"] / g,
+                        "eager_speedup": row["cublas_bf16_eager_us"] / e,
+                        "bit_exact_vs_two_launch": row.get(f"fused_{name}_bit_exact") if label == "fused" else None})
     return out
 
 
@@ -270,4 +287,5 @@ def run_gemm(ms: list[int], shapes: Optional[list[tuple[int, int]]] = None, bloc
             points.advance()
         del wsets, bsets, isets
         torch.cuda.empty_cache()
-    return {"env": env, "block": block, "group": group, "int8_frac": int8_frac, "rows": rows}
+    methods = [r for row in rows if "error" not in row for r in method_rows(row)]
+    return {"env": env, "block": block, "group": group, "int8_frac": int8_frac, "rows": rows, "methods": methods}
