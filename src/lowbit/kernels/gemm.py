@@ -199,6 +199,31 @@ def _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE: tl.constexpr, GROUP: tl.const
 
 
 @triton.jit
+def _split_tile(tile_id, pid_k, M, N, K, TPS, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+                TILE: tl.constexpr):
+    """Output rows/columns (and their masks) of program (`tile_id`, `pid_k`) and its range of K tiles [t0, t1)."""
+    pid_m, pid_n = _tile_ids(tile_id, M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    t0 = pid_k * TPS
+    return rm, rn, rm < M, rn < N, t0, tl.minimum(t0 + TPS, K // TILE)
+
+
+@triton.jit
+def _w4_tile_product(a_lo, a_hi, a_scale, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t, TILE: tl.constexpr,
+                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr):
+    """K tile `t` of the product: int8 activation halves ``[BM, TILE/2]`` times the packed weights on INT8 tensor
+    cores, scaled by the activation (``[BM]``) and weight-group scales -> float32 ``[BM, BN]``."""
+    HALF: tl.constexpr = TILE // 2
+    wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
+    w_lo, w_hi = _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO, USE_ASM)
+    acc_i = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
+    acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
+    wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
+    return _i32_to_f32(acc_i, FAST_CVT) * (a_scale[:, None] * wsc[None, :])
+
+
+@triton.jit
 def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, s_cm, PART,
                       M, N, K, TPS,
                       BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
@@ -206,30 +231,18 @@ def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr):
     pid_k = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
-
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    mm = rm < M
-    nm = rn < N
+    rm, rn, mm, nm, t0, t1 = _split_tile(tl.program_id(0), pid_k, M, N, K, TPS, BM, BN, GROUP_M, TILE)
     HALF: tl.constexpr = TILE // 2
     rk = tl.arange(0, HALF)
     a_ptr = A + rm[:, None] * s_am + rk[None, :]
     w_ptr = W + rn[:, None] * s_wn + rk[None, :]
-    nt = K // TILE
-    t0 = pid_k * TPS
-    t1 = tl.minimum(t0 + TPS, nt)
     acc = tl.zeros((BM, BN), tl.float32)
     for t in range(t0, t1):
         a_lo = tl.load(a_ptr + t * TILE, mask=mm[:, None], other=0)
         a_hi = tl.load(a_ptr + t * TILE + HALF, mask=mm[:, None], other=0)
-        wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
-        w_lo, w_hi = _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO, USE_ASM)
-        acc_i = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
-        acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
         asc = tl.load(AS + rm * s_asm + (t * TILE) // BLOCK_A, mask=mm, other=0)
-        wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
-        acc += _i32_to_f32(acc_i, FAST_CVT) * (asc[:, None] * wsc[None, :])
+        acc += _w4_tile_product(a_lo, a_hi, asc, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO,
+                                USE_ASM, FAST_CVT)
     omask = mm[:, None] & nm[None, :]
     if SPLIT:
         tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)

@@ -27,12 +27,11 @@ from lowbit.kernels.gemm import (
     MAX_FAST_TILE,
     PLANS,
     WORKSPACE,
-    _i32_to_f32,
     _interpreting,
     _rint,
     _sm_count,
-    _tile_ids,
-    _weight_halves,
+    _split_tile,
+    _w4_tile_product,
     stream_key,
 )
 from lowbit.kernels.layout import BufferPool, GemmConfig
@@ -66,17 +65,10 @@ def _w4ax_fused_kernel(X, s_xm, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS,
                        USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     tile_id = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(tile_id, M, N, BM, BN, GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    mm = rm < M
-    nm = rn < N
+    rm, rn, mm, nm, t0, t1 = _split_tile(tile_id, pid_k, M, N, K, TPS, BM, BN, GROUP_M, TILE)
     HALF: tl.constexpr = TILE // 2
     rk = tl.arange(0, HALF)
     w_ptr = W + rn[:, None] * s_wn + rk[None, :]
-    nt = K // TILE
-    t0 = pid_k * TPS
-    t1 = tl.minimum(t0 + TPS, nt)
     acc = tl.zeros((BM, BN), tl.float32)
     for t in range(t0, t1):
         # prologue: this tile's activation block (block == TILE) quantized per token
@@ -90,13 +82,8 @@ def _w4ax_fused_kernel(X, s_xm, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS,
         scale = tl.where(scale > 0, scale, 1.0)
         a_lo = _codes(x_lo, scale, hi, USE_LIBDEVICE)
         a_hi = _codes(x_hi, scale, hi, USE_LIBDEVICE)
-        # main loop body of the two-launch kernel
-        wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
-        w_lo, w_hi = _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO, USE_ASM)
-        acc_i = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
-        acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
-        wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
-        acc += _i32_to_f32(acc_i, FAST_CVT) * (scale[:, None] * wsc[None, :])
+        acc += _w4_tile_product(a_lo, a_hi, scale, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO,
+                                USE_ASM, FAST_CVT)  # the two-launch kernel's loop body
     omask = mm[:, None] & nm[None, :]
     if SPLIT:
         tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
