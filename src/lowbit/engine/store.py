@@ -67,7 +67,8 @@ class KVStore:
         the rows take more than half (each row's share is reserved whether or not it runs)."""
         mib = 2**20
         pages, rows = self.blocks * self.block_bytes(), self.rows * self.row_bytes()
-        line = (f"KV pool ({self.kind}): {self.blocks - 1} pages of {self.block_bytes() / mib:.2f} MiB "
+        name = f"kivi{self.bits}" + (f":sinks={self.sinks}" if self.sinks else "") if self.kind == "kivi" else self.kind
+        line = (f"KV pool ({name}): {self.blocks - 1} pages of {self.block_bytes() / mib:.2f} MiB "
                 f"({pages / mib:.0f} MiB)")
         if rows:
             line += f" + {self.rows} rows x {self.row_bytes() / mib:.2f} MiB of residual ring and sinks ({rows / mib:.0f} MiB)"
