@@ -69,9 +69,9 @@ class KVStore:
         pages, rows = self.blocks * self.block_bytes(), self.rows * self.row_bytes()
         name = f"kivi{self.bits}" + (f":sinks={self.sinks}" if self.sinks else "") if self.kind == "kivi" else self.kind
         line = (f"KV pool ({name}): {self.blocks - 1} pages of {self.block_bytes() / mib:.2f} MiB "
-                f"({pages / mib:.0f} MiB)")
+                f"({pages / mib:.1f} MiB)")
         if rows:
-            line += f" + {self.rows} rows x {self.row_bytes() / mib:.2f} MiB of residual ring and sinks ({rows / mib:.0f} MiB)"
+            line += f" + {self.rows} rows x {self.row_bytes() / mib:.2f} MiB of residual ring and sinks ({rows / mib:.1f} MiB)"
             if rows > pages:
                 line += (f"; the rows take {rows / (rows + pages):.0%} of the budget: a smaller max batch leaves "
                          "more of it for pages")
