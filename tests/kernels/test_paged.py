@@ -118,3 +118,23 @@ def test_paged_kernel_block_table_and_splits(splits):
     q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     want = paged_decode_attention_ref(q, paged)
     assert _rel(paged_decode_attention(q, tabled, splits=splits), want) < 2e-3
+
+
+def test_split_plan_and_its_experiment_knob(monkeypatch):
+    """The wave model's choices (B1/32K: 64 splits of 4 pages fill one wave of 132 SMs x 4) and the env override."""
+    from lowbit.kernels import kivi_paged
+
+    assert kivi_paged.choose_splits(8, 256, 132) == (64, 4)
+    assert kivi_paged.choose_splits(8, 256, 132, 8, 3.0) == (128, 2)  # twice the slots: split finer
+    assert kivi_paged.choose_splits(256, 256, 132) == (2, 128)  # B32 x 8 heads: two splits already fill a wave
+    assert kivi_paged.choose_splits(8, 0, 132) == (0, 1)
+    kivi_paged._split_model.cache_clear()
+    monkeypatch.setenv("LOWBIT_PAGED_SPLIT", "8,1.5")
+    assert kivi_paged._split_model() == (8, 1.5)
+    kivi_paged._split_model.cache_clear()
+    monkeypatch.setenv("LOWBIT_PAGED_SPLIT", "eight")
+    with pytest.raises(ValueError, match="LOWBIT_PAGED_SPLIT"):
+        kivi_paged._split_model()
+    kivi_paged._split_model.cache_clear()
+    monkeypatch.delenv("LOWBIT_PAGED_SPLIT")
+    assert kivi_paged._split_model() == (4, 3.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -87,10 +88,24 @@ def _strides(t: torch.Tensor | None) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
+@functools.cache
+def _split_model() -> tuple[int, float]:
+    """(resident programs per SM, start-up cost in pages) of the split plan; ``$LOWBIT_PAGED_SPLIT=per_sm,startup``
+    overrides the measured defaults (4, 3) for experiments (read once per process)."""
+    raw = os.environ.get("LOWBIT_PAGED_SPLIT", "")
+    if not raw:
+        return 4, 3.0
+    try:
+        per_sm, startup = raw.split(",")
+        return max(int(per_sm), 1), max(float(startup), 0.0)
+    except ValueError:
+        raise ValueError(f"$LOWBIT_PAGED_SPLIT must be 'programs_per_sm,startup_pages' (e.g. 4,3), got {raw!r}") from None
+
+
 @functools.lru_cache(maxsize=4096)
-def choose_splits(batch_heads: int, pages: int, sms: int, per_sm: int = 4) -> tuple[int, int]:
+def choose_splits(batch_heads: int, pages: int, sms: int, per_sm: int = 4, startup: float = 3.0) -> tuple[int, int]:
     """(splits, pages per split): the split count that finishes soonest when programs run in waves of the GPU's
-    resident slots, each costing its pages plus a fixed start-up and merge worth about 3 pages."""
+    resident slots (`per_sm` per SM), each costing its pages plus a fixed start-up and merge worth `startup` pages."""
     if pages == 0:
         return 0, 1
     slots, best = sms * per_sm, None
@@ -100,7 +115,7 @@ def choose_splits(batch_heads: int, pages: int, sms: int, per_sm: int = 4) -> tu
         if per < 2 and pages >= 2:
             break
         waves = math.ceil(batch_heads * n / slots)
-        cost = waves * (per + 3)
+        cost = waves * (per + startup)
         if best is None or cost < best[0]:
             best = (cost, n, per)
     return best[1], best[2]
@@ -140,7 +155,7 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     else:
         pages = cache.key_pages if cache.seq is None else -(-int(cache.seq[:, 1].max()) // PAGE_TOKENS)
     if splits is None:
-        splits, per = choose_splits(b * hkv, pages, _sms(query.device.index or 0))
+        splits, per = choose_splits(b * hkv, pages, _sms(query.device.index or 0), *_split_model())
     else:
         per = math.ceil(pages / splits) if splits else 1
     rows = hq // hkv * nq
