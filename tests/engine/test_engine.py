@@ -175,3 +175,16 @@ def test_kivi_read_tokens_is_the_decode_view_without_a_sync(bits, sinks):
         got_k, got_v = store.read_tokens(0, 1, n)
         assert got_k.shape == (2, n, 64)
         assert torch.equal(got_k, keys[0][:, valid[0]]) and torch.equal(got_v, values[0][:, valid[0]]), n
+
+
+def test_engine_bench_decode_rates():
+    """Decode-only steps' tokens/s, overall and at the peak batch; prefill steps and empty steps left out."""
+    from lowbit.bench.engine import decode_rates
+    from lowbit.engine.core import StepStats
+
+    hist = [StepStats(1, 1, 0.5, 0, 0), StepStats(0, 2, 0.1, 0, 0), StepStats(0, 4, 0.2, 0, 0),
+            StepStats(0, 4, 0.2, 0, 0), StepStats(0, 1, 0.1, 0, 0), StepStats(0, 0, 0.01, 0, 0)]
+    got = decode_rates(hist)
+    assert got == {"decode_tok_s": pytest.approx(11 / 0.6, abs=0.05), "peak_decode_tok_s": 20.0, "peak_decode_steps": 2}
+    assert decode_rates([StepStats(1, 1, 0.5, 0, 0)]) == {"decode_tok_s": None, "peak_decode_tok_s": None,
+                                                          "peak_decode_steps": 0}

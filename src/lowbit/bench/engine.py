@@ -27,7 +27,8 @@ from lowbit.kv.hf import cache_kwargs
 from lowbit.bench.timing import Points, env_info, write_json
 
 WORKLOAD_COLUMNS = ["method", "requests", "prompt", "output", "kv_budget_gb", "output_tok_s", "vs_fp16_x", "ttft_p50_s",
-                    "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "peak_concurrent"]
+                    "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "peak_concurrent", "peak_decode_tok_s",
+                    "peak_vs_fp16_x"]
 DECODE_COLUMNS = ["method", "batch", "context", "layers", "step_ms", "tokens_per_s", "vs_hf_static_x", "eager_step_ms",
                   "engine_step_ms", "host_overhead_pct"]
 
@@ -48,6 +49,21 @@ def random_model(layers: int):
 def _pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def decode_rates(history) -> dict:
+    """Tokens/s of the steps that only decoded (no prefill in them), over all of them and over those at the peak
+    batch (the pool at its fullest: what the budget buys once the queue keeps it full, without the first and last
+    waves' partial batches)."""
+    decode = [s for s in history if not s.prefilled and s.batch]
+    peak = max((s.batch for s in decode), default=0)
+    at_peak = [s for s in decode if s.batch == peak]
+
+    def rate(steps):
+        t = sum(s.step_s for s in steps)
+        return round(sum(s.batch for s in steps) / t, 1) if t > 0 else None
+
+    return {"decode_tok_s": rate(decode), "peak_decode_tok_s": rate(at_peak), "peak_decode_steps": len(at_peak)}
 
 
 def workload(model, method: str, requests: int, prompt: int, output: int, budget_gb: float, max_batch: int, seed=0,
@@ -74,7 +90,7 @@ def workload(model, method: str, requests: int, prompt: int, output: int, budget
            "ttft_p50_s": round(_pct(ttft, 50), 3), "ttft_p99_s": round(_pct(ttft, 99), 3),
            "tpot_p50_ms": round(_pct(tpot, 50), 2), "tpot_p99_ms": round(_pct(tpot, 99), 2),
            "peak_concurrent": max(s.batch for s in engine.history), "pool_blocks": engine.store.blocks - 1,
-           "steps": len(engine.history), "prefill_chunk": prefill_chunk}
+           "steps": len(engine.history), "prefill_chunk": prefill_chunk, **decode_rates(engine.history)}
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -184,9 +200,11 @@ def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, p
         log(f"workload {row}")
         write_json(json_out, payload)
         points.advance()
-    base = next((r["output_tok_s"] for r in payload["rows"] if r["method"] == "fp16"), None)
+    fp16 = next((r for r in payload["rows"] if r["method"] == "fp16"), None)
     for r in payload["rows"]:
-        r["vs_fp16_x"] = round(r["output_tok_s"] / base, 2) if base else None
+        r["vs_fp16_x"] = round(r["output_tok_s"] / fp16["output_tok_s"], 2) if fp16 else None
+        peak, base = r.get("peak_decode_tok_s"), fp16 and fp16.get("peak_decode_tok_s")
+        r["peak_vs_fp16_x"] = round(peak / base, 2) if peak and base else None
     if decode_layers and decode_layers != layers:
         del model
         gc.collect()
