@@ -165,7 +165,8 @@ def test_kernel_forward_call_path(fake_gemm, spec):
 def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, monkeypatch, spec, m, fused):
     """With $LOWBIT_W4AX_FUSED=1, decode-sized calls go to the one-launch linear (a reference stand-in here) with the
     layer's stored operands; the others keep the two-launch path. Off by default."""
-    from lowbit.wa.linear import FUSED_ENV, kernel_forward
+    from lowbit.wa import linear
+    from lowbit.wa.linear import kernel_forward
 
     mod = types.ModuleType("lowbit.kernels.w4ax_fused")
     mod.fused_supported = lambda m, block, group: 0 < m <= 16 and block <= group
@@ -184,7 +185,7 @@ def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, monke
     x = torch.randn(m, 200)
     kernel_forward(q, x)
     assert not seen  # off by default
-    monkeypatch.setenv(FUSED_ENV, "1")
+    monkeypatch.setattr(linear, "FUSED_DECODE", True)  # what $LOWBIT_W4AX_FUSED=1 sets at import
     torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
     assert bool(seen) == fused
     if fused:

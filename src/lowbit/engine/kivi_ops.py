@@ -233,9 +233,9 @@ class KiviOps:
         n_sink = min(n, self.sinks)
         rest = n - n_sink
         n_qk, n_qv = min(rest // P * P, max(rest - 1, 0)), max(rest - P, 0)  # as :meth:`dequantized`
-        ring = torch.arange(min(n_qk, n_qv), rest, device=store.ring_k.device) % P
+        lo = min(n_qk, n_qv)  # tokens lo..rest-1 are read from the ring
+        ring = torch.arange(lo, rest, device=store.ring_k.device) % P
         ring_k, ring_v = store.ring_k[layer, row][:, ring].float(), store.ring_v[layer, row][:, ring].float()
-        lo = min(n_qk, n_qv)
         pages = -(-max(n_qk, n_qv) // P)
         if pages:
             kc, ks, kz, vc, vs, vz = read_pages(store.pool[layer][store.table[row, :pages].long()][None], self.bits,

@@ -62,13 +62,17 @@ class KVStore:
         """Bytes the pool holds (pages, scratch block included, and per-row buffers)."""
         return self.blocks * self.block_bytes() + self.rows * self.row_bytes()
 
+    @property
+    def spec(self) -> str:
+        """The store as :func:`make_store` names it."""
+        return self.kind
+
     def describe(self) -> str:
         """One line on where the budget went: pages, and what every row holds beside them (rings, sinks); a hint when
         the rows take more than half (each row's share is reserved whether or not it runs)."""
         mib = 2**20
         pages, rows = self.blocks * self.block_bytes(), self.rows * self.row_bytes()
-        name = f"kivi{self.bits}" + (f":sinks={self.sinks}" if self.sinks else "") if self.kind == "kivi" else self.kind
-        line = (f"KV pool ({name}): {self.blocks - 1} pages of {self.block_bytes() / mib:.2f} MiB "
+        line = (f"KV pool ({self.spec}): {self.blocks - 1} pages of {self.block_bytes() / mib:.2f} MiB "
                 f"({pages / mib:.1f} MiB)")
         if rows:
             line += f" + {self.rows} rows x {self.row_bytes() / mib:.2f} MiB of residual ring and sinks ({rows / mib:.1f} MiB)"
@@ -262,6 +266,10 @@ class PagedKiviStore(KVStore):
 
     def write_tokens(self, layer, row, k, v, start):
         self.ops.write_tokens(self, layer, row, k, v, start)
+
+    @property
+    def spec(self) -> str:
+        return f"kivi{self.bits}" + (f":sinks={self.sinks}" if self.sinks else "")
 
     def read_tokens(self, layer, row, n):
         return self.ops.read_row(self, layer, row, n)

@@ -348,6 +348,16 @@ def _sm_count(device) -> int:
     return 4
 
 
+def output_buffer(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """`out` checked as a row-contiguous `dtype` ``[m, n]`` tensor on `device`, or a fresh one when None."""
+    if out is None:
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if out.shape != (m, n) or out.dtype != dtype or out.device != device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a row-contiguous {dtype} [{m}, {n}] tensor on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
 def w4a8_gemm(
     a_codes: torch.Tensor,
     a_scale: torch.Tensor,
@@ -382,11 +392,7 @@ def w4a8_gemm(
     dev = a_codes.device
     plan = PLANS.get(m, n, k, tile, dev, _sm_count, config)
     cfg = plan.config
-    if out is None:
-        out = torch.empty(m, n, dtype=out_dtype, device=dev)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.device != dev or out.stride(-1) != 1:
-        raise ValueError(f"out must be a row-contiguous {out_dtype} [{m}, {n}] tensor on {dev}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    out = output_buffer(out, m, n, out_dtype, dev)
     if m == 0:
         return out
     a_codes = a_codes if a_codes.stride(-1) == 1 else a_codes.contiguous()

@@ -31,6 +31,7 @@ from lowbit.kernels.gemm import (
     _rint,
     _sm_count,
     _split_tile,
+    output_buffer,
     _w4_tile_product,
     stream_key,
 )
@@ -170,11 +171,7 @@ def w4ax_linear(
     cfg = plan.config
     if cfg.unpacked:
         raise ValueError(f"config {cfg.label()} is the unpacked large-M path; the fused linear streams packed weights")
-    if out is None:
-        out = torch.empty(m, n, dtype=out_dtype, device=dev)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.device != dev or out.stride(-1) != 1:
-        raise ValueError(f"out must be a row-contiguous {out_dtype} [{m}, {n}] tensor on {dev}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    out = output_buffer(out, m, n, out_dtype, dev)
     split, sk = plan.split, stream_key(dev)
     if split > 1:
         shape = (split, m, n)

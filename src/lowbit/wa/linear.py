@@ -380,6 +380,7 @@ def kernel_inputs(ql: QuantLinear, device: torch.device) -> tuple[torch.Tensor |
 
 
 FUSED_ENV = "LOWBIT_W4AX_FUSED"  # "1": decode-sized calls take the one-launch linear (kernels/w4ax_fused.py)
+FUSED_DECODE = os.environ.get(FUSED_ENV, "0") == "1"  # read once at import, not per call
 
 
 def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -391,7 +392,7 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     scales and split-K partials come from the shared workspace (:data:`lowbit.kernels.gemm.WORKSPACE`),
     and with ``ql.reuse_output`` the output is a per-layer buffer reused for every call (the caller must be
     done with one output before the next call: CUDA graphs, decode loops); without it, a fresh tensor.
-    With ``$LOWBIT_W4AX_FUSED=1``, decode-sized calls (M <= 16, block <= group) take the one-launch linear
+    With ``$LOWBIT_W4AX_FUSED=1`` at import (:data:`FUSED_DECODE`), decode-sized calls (M <= 16, block <= group) take the one-launch linear
     (:mod:`lowbit.kernels.w4ax_fused`, bit-identical); off by default until it is measured on a GPU.
     """
     from lowbit.kernels.gemm import WORKSPACE, quantize_activation, stream_key, w4a8_gemm
@@ -408,7 +409,7 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if ql._outputs is None:
             ql._outputs = BufferPool()
         out = ql._outputs.get("y", (m, ql.out_features), out_dtype, dev, sk)
-    if os.environ.get(FUSED_ENV, "0") == "1":  # one launch: the quantizer in the GEMM's prologue
+    if FUSED_DECODE:  # one launch: the quantizer in the GEMM's prologue
         from lowbit.kernels.w4ax_fused import fused_supported, w4ax_linear
 
         if fused_supported(m, ql.block, ql.group):
