@@ -217,8 +217,13 @@ def _w4_tile_product(a_lo, a_hi, a_scale, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t
     HALF: tl.constexpr = TILE // 2
     wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
     w_lo, w_hi = _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO, USE_ASM)
-    acc_i = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
-    acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
+    if HALF < 32:  # INT8 tensor cores take K >= 32: one dot over both halves, interleaved alike on both sides
+        a_all = tl.reshape(tl.join(a_lo, a_hi), (a_lo.shape[0], TILE))
+        w_all = tl.reshape(tl.join(w_lo, w_hi), (w_lo.shape[0], TILE))
+        acc_i = tl.dot(a_all, tl.trans(w_all), out_dtype=tl.int32)
+    else:
+        acc_i = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
+        acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
     wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
     return _i32_to_f32(acc_i, FAST_CVT) * (a_scale[:, None] * wsc[None, :])
 

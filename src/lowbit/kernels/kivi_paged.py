@@ -80,6 +80,14 @@ def _launcher():
     return fn
 
 
+def _rows16(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` with every row on a 16-byte boundary (the kernel copies sink and residual rows 16 bytes at a time); a
+    copy only for an unusual view."""
+    if t is None or (t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])):
+        return t
+    return t.contiguous() if not t.is_contiguous() else t.clone()
+
+
 def _strides(t: torch.Tensor | None) -> tuple[int, int]:
     if t is None:
         return 0, 0
@@ -165,9 +173,13 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     if out is None:
         out = torch.empty(b, nq, hq, d, dtype=query.dtype, device=query.device)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    sk_sb, sk_sh = _strides(cache.sink_k)
-    rk_sb, rk_sh = _strides(cache.res_k)
-    rv_sb, rv_sh = _strides(cache.res_v)
+    sink_k, sink_v, res_k, res_v = (_rows16(t) for t in (cache.sink_k, cache.sink_v, cache.res_k, cache.res_v))
+    if sink_k is not None and sink_v.stride()[:2] != sink_k.stride()[:2]:
+        sink_v = sink_v.clone(memory_format=torch.contiguous_format)
+        sink_k = sink_k.clone(memory_format=torch.contiguous_format)
+    sk_sb, sk_sh = _strides(sink_k)
+    rk_sb, rk_sh = _strides(res_k)
+    rv_sb, rv_sh = _strides(res_v)
     seq = None if cache.seq is None else cache.seq.to(device=query.device, dtype=torch.int32).contiguous()
     start = None if start is None else start.to(device=query.device, dtype=torch.int32).contiguous()
     stages = stages or (3 if cache.bits == 2 else 2)
@@ -179,8 +191,8 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
         _ptr(query), query.stride(0), query.stride(1), query.stride(2),
         b, hq, hkv, nq, scale * LOG2E,
         _ptr(seq), cache.n_sink, cache.n_qk, cache.n_qv, cache.total, _ptr(start),
-        _ptr(cache.sink_k), _ptr(cache.sink_v), sk_sb, sk_sh,
-        _ptr(cache.res_k), rk_sb, rk_sh, _ptr(cache.res_v), rv_sb, rv_sh,
+        _ptr(sink_k), _ptr(sink_v), sk_sb, sk_sh,
+        _ptr(res_k), rk_sb, rk_sh, _ptr(res_v), rv_sb, rv_sh,
         _ptr(part_acc), _ptr(part_ml), splits, per,
         _ptr(out), out.stride(0), out.stride(1), out.stride(2),
         torch.cuda.current_stream(query.device).cuda_stream,

@@ -6,12 +6,13 @@
 // lane reads its operands with 16-byte loads and turns two codes into a half2 with one lop3 (an fp16 exponent
 // "magic" per bit position: base + code, no shift; see codes2), then folds scale, zero and base into the MMAs.
 //
-// Grid (B * H_kv, S + 1). Program s < S: the pages [s*pps, (s+1)*pps) whose keys AND values are quantized,
+// Grid (B * H_kv, S + 1). Program s >= 1: the pages [(s-1)*pps, s*pps) whose keys AND values are quantized,
 // 4 warps, warp w owning tokens 32w..32w+31 of each page (= key group w); pages staged through shared
 // memory with cp.async (STAGES deep). Scores S = Q K^T with rows = the GQA group's query heads x query
 // tokens (<= 16, one m16 tile), online softmax in registers, O += P V with P reused from the score
-// accumulators. Program S: the sinks and the tail (tokens whose key or value is still full precision, or
-// in a partly filled page), scalar code. A second kernel merges the S + 1 partials (log-sum-exp).
+// accumulators. Program 0 (dispatched first, so it overlaps the pages): the sinks and the tail (tokens whose key
+// or value is still full precision, or in a partly filled page), CUDA-core code over rows staged by cp.async.
+// Partials are stored with the tail last; a second kernel merges the S + 1 of them (log-sum-exp).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -459,17 +460,16 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
 
 // ------------------------------------------------------------------------------------------------ tail
 
-constexpr int KPAD = D + 2;  // half row stride of the staged tail chunk (conflict-free column reads)
+// The tail program is dispatched first (blockIdx.y == 0) so its latency overlaps the page programs instead of
+// trailing them. Rows of the staged chunk are 16-byte aligned (KPAD = D + 8: a quarter-warp's 16-byte row reads hit
+// distinct banks).
+constexpr int KPAD = D + 8;
+constexpr int TAIL_CHUNK = 128;
 
 template <int BITS, typename T>
-__device__ __forceinline__ float tail_elem(const Args& a, int b, int h, const Seq& sq, int first, int u, int c, bool values,
-                                           const T* sink, const T* res) {
-  // token u of the tail list (sinks first, then quantized index first..), channel c, dequantized
+__device__ __forceinline__ float page_elem(const Args& a, int b, int h, int k, int c, bool values) {
+  // quantized index k, channel c, dequantized from its page (the tail's slow path: values quantized before keys)
   using L = Lay<BITS>;
-  if (u < sq.n_sink) return to_f(sink[(long long)u * D + c]);
-  const int k = first + (u - sq.n_sink);
-  const int nq = values ? sq.n_qv : sq.n_qk;
-  if (k >= nq) return to_f(res[res_row(a.ring, k, nq) * D + c]);
   const uint8_t* pg = page_ptr(a, b, h, k / P);
   const int t = k % P;
   const int si = values ? (c / 32) * P + t : (t / 32) * D + c;
@@ -479,19 +479,45 @@ __device__ __forceinline__ float tail_elem(const Args& a, int b, int h, const Se
 }
 
 template <int BITS, typename T>
-__device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* smem) {
-  const int first = sq.n_qk;  // the tail: sinks, then the tokens whose keys are still full precision
-  const int n_all = sq.n_sink + (sq.total - sq.n_sink - first);
-  float* qs = reinterpret_cast<float*>(smem);        // [rows][D] scaled queries
-  float* sc = qs + MAXROWS * D;                      // [rows][128] scores, then probabilities, of a chunk
-  float* st = sc + MAXROWS * 128;                    // [rows][3] running max, sum, chunk rescale
-  __half* kv = reinterpret_cast<__half*>(st + 4 * MAXROWS);  // [128][KPAD] staged keys, then values
-  const T* q = reinterpret_cast<const T*>(a.q);
-  for (int idx = threadIdx.x; idx < a.rows * D; idx += THREADS) {
-    int row = idx / D, d = idx % D, gi = row / a.nq, qi = row % a.nq;
-    qs[idx] = to_f(q[b * a.q_sb + (long long)(h * a.gqa + gi) * a.q_sh + (long long)qi * a.q_st + d]) * a.scale_log2;
+__device__ __forceinline__ void stage_tail(const Args& a, int b, int h, const Seq& sq, int c0, int n, bool values,
+                                           const T* sink, const T* res, T* kv) {
+  // tail tokens c0..c0+n (sinks first, then quantized index n_qk..), 8 channels per step: full-precision rows by
+  // cp.async, page-held values element by element
+  const int nq = values ? sq.n_qv : sq.n_qk;
+  for (int i = threadIdx.x; i < n * (D / 8); i += THREADS) {
+    const int u = c0 + i / (D / 8), c = (i % (D / 8)) * 8;
+    T* dst = kv + (i / (D / 8)) * KPAD + c;
+    if (u < sq.n_sink) { cp_async16(dst, sink + (long long)u * D + c); continue; }
+    const int k = sq.n_qk + (u - sq.n_sink);
+    if (k >= nq) { cp_async16(dst, res + res_row(a.ring, k, nq) * D + c); continue; }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dst[e] = from_f<T>(page_elem<BITS, T>(a, b, h, k, c + e, values));
   }
-  if (threadIdx.x < a.rows) { st[threadIdx.x * 3] = -INFINITY; st[threadIdx.x * 3 + 1] = 0.f; }
+  cp_commit();
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack8(uint4 raw, float (&x)[8]) {
+  const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) x[e] = to_f(v[e]);
+}
+
+template <int BITS, typename T>
+__device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* smem) {
+  const int n_all = sq.total - sq.n_qk;  // sinks, then the tokens whose keys are still full precision
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* qs = reinterpret_cast<float*>(smem);        // [MAXROWS][D] scaled queries (rows past a.rows zero)
+  float* sc = qs + MAXROWS * D;                      // [MAXROWS][CHUNK] scores, then probabilities, of a chunk
+  float* st = sc + MAXROWS * TAIL_CHUNK;             // [MAXROWS][4] running max, sum, chunk rescale
+  T* kv = reinterpret_cast<T*>(st + 4 * MAXROWS);    // [CHUNK][KPAD] staged keys, then values
+  const T* q = reinterpret_cast<const T*>(a.q);
+  for (int idx = threadIdx.x; idx < MAXROWS * D; idx += THREADS) {
+    const int row = idx / D, d = idx % D, gi = row / a.nq, qi = row % a.nq;
+    qs[idx] = row < a.rows
+        ? to_f(q[b * a.q_sb + (long long)(h * a.gqa + gi) * a.q_sh + (long long)qi * a.q_st + d]) * a.scale_log2 : 0.f;
+  }
+  if (threadIdx.x < MAXROWS) { st[threadIdx.x * 4] = -INFINITY; st[threadIdx.x * 4 + 1] = 0.f; }
   float acc[MAXROWS];
 #pragma unroll
   for (int r = 0; r < MAXROWS; ++r) acc[r] = 0.f;
@@ -499,53 +525,76 @@ __device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* s
   const T* sv = reinterpret_cast<const T*>(a.sink_v) + b * a.sk_sb + h * a.sk_sh;
   const T* rk = reinterpret_cast<const T*>(a.res_k) + b * a.rk_sb + h * a.rk_sh;
   const T* rv = reinterpret_cast<const T*>(a.res_v) + b * a.rv_sb + h * a.rv_sh;
-  for (int c0 = 0; c0 < n_all; c0 += 128) {
-    const int n = min(128, n_all - c0);
-    for (int idx = threadIdx.x; idx < n * D; idx += THREADS)  // stage the chunk's keys (coalesced over channels)
-      kv[(idx / D) * KPAD + idx % D] = __float2half_rn(tail_elem<BITS, T>(a, b, h, sq, first, c0 + idx / D, idx % D, false, sk, rk));
+  for (int c0 = 0; c0 < n_all; c0 += TAIL_CHUNK) {
+    const int n = min(TAIL_CHUNK, n_all - c0);
+    stage_tail<BITS, T>(a, b, h, sq, c0, n, false, sk, rk, kv);
+    cp_wait<0>();
     __syncthreads();
-    {  // scores: one token per thread
+    {  // scores: one token per thread, 8 channels per shared-memory read
       const int t = threadIdx.x, u = c0 + t;
-      const int pos = u < sq.n_sink ? u : sq.n_sink + first + (u - sq.n_sink);
+      const int pos = u < sq.n_sink ? u : sq.n_qk + u;  // absolute position (sinks hold positions 0..n_sink-1)
       float dots[MAXROWS];
 #pragma unroll
       for (int r = 0; r < MAXROWS; ++r) dots[r] = 0.f;
       if (t < n) {
-        for (int c = 0; c < D; ++c) {
-          const float x = __half2float(kv[t * KPAD + c]);
+#pragma unroll 2
+        for (int c = 0; c < D; c += 8) {
+          float x[8];
+          unpack8<T>(*reinterpret_cast<const uint4*>(kv + t * KPAD + c), x);
 #pragma unroll
-          for (int r = 0; r < MAXROWS; ++r) dots[r] += qs[r * D + c] * x;
+          for (int r = 0; r < MAXROWS; ++r) {
+            const float4 q0 = *reinterpret_cast<const float4*>(qs + r * D + c);
+            const float4 q1 = *reinterpret_cast<const float4*>(qs + r * D + c + 4);
+            dots[r] += q0.x * x[0] + q0.y * x[1] + q0.z * x[2] + q0.w * x[3]
+                     + q1.x * x[4] + q1.y * x[5] + q1.z * x[6] + q1.w * x[7];
+          }
         }
       }
 #pragma unroll
       for (int r = 0; r < MAXROWS; ++r) {
-        if (r < a.rows) {
-          const int qpos = sq.total - a.nq + r % a.nq;
-          sc[r * 128 + t] = (t < n && pos <= qpos && pos >= sq.start) ? dots[r] : -INFINITY;
-        }
+        const int qpos = sq.total - a.nq + r % a.nq;
+        sc[r * TAIL_CHUNK + t] = (t < n && pos <= qpos && pos >= sq.start) ? dots[r] : -INFINITY;
       }
     }
-    __syncthreads();
-    if (threadIdx.x < a.rows) {  // row r: chunk max, probabilities, running sum
-      const int r = threadIdx.x;
-      float mx = st[r * 3];
-      for (int t = 0; t < 128; ++t) mx = fmaxf(mx, sc[r * 128 + t]);
+    __syncthreads();  // keys are no longer read: stage the values while the softmax runs
+    stage_tail<BITS, T>(a, b, h, sq, c0, n, true, sv, rv, kv);
+    for (int r = warp; r < a.rows; r += THREADS / 32) {  // one warp per row: max, probabilities, running sum
+      float s[TAIL_CHUNK / 32], mx = st[r * 4];
+#pragma unroll
+      for (int j = 0; j < TAIL_CHUNK / 32; ++j) { s[j] = sc[r * TAIL_CHUNK + lane + 32 * j]; mx = fmaxf(mx, s[j]); }
+#pragma unroll
+      for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
       const float base = mx == -INFINITY ? 0.f : mx;
-      const float f = exp2f(st[r * 3] - base);
-      float sum = st[r * 3 + 1] * f;
-      for (int t = 0; t < 128; ++t) { const float e = exp2f(sc[r * 128 + t] - base); sc[r * 128 + t] = e; sum += e; }
-      st[r * 3] = mx; st[r * 3 + 1] = sum; st[r * 3 + 2] = f;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < TAIL_CHUNK / 32; ++j) {
+        const float e = exp2f(s[j] - base);
+        sc[r * TAIL_CHUNK + lane + 32 * j] = e;
+        sum += e;
+      }
+#pragma unroll
+      for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+      if (lane == 0) {
+        const float f = exp2f(st[r * 4] - base);
+        st[r * 4] = mx; st[r * 4 + 1] = st[r * 4 + 1] * f + sum; st[r * 4 + 2] = f;
+      }
     }
-    for (int idx = threadIdx.x; idx < n * D; idx += THREADS)  // stage the chunk's values (keys are no longer read)
-      kv[(idx / D) * KPAD + idx % D] = __float2half_rn(tail_elem<BITS, T>(a, b, h, sq, first, c0 + idx / D, idx % D, true, sv, rv));
+    cp_wait<0>();
     __syncthreads();
     const int d = threadIdx.x;  // THREADS == D: one output channel per thread
 #pragma unroll
-    for (int r = 0; r < MAXROWS; ++r) if (r < a.rows) acc[r] *= st[r * 3 + 2];
-    for (int t = 0; t < n; ++t) {
-      const float x = __half2float(kv[t * KPAD + d]);
+    for (int r = 0; r < MAXROWS; ++r) if (r < a.rows) acc[r] *= st[r * 4 + 2];
+    for (int t0 = 0; t0 < n; t0 += 4) {
+      float x[4];
 #pragma unroll
-      for (int r = 0; r < MAXROWS; ++r) acc[r] += sc[r * 128 + t] * x;
+      for (int j = 0; j < 4; ++j) x[j] = t0 + j < n ? to_f(kv[(t0 + j) * KPAD + d]) : 0.f;
+#pragma unroll
+      for (int r = 0; r < MAXROWS; ++r) {
+        if (r < a.rows) {
+          const float4 p = *reinterpret_cast<const float4*>(sc + r * TAIL_CHUNK + t0);
+          acc[r] += p.x * x[0] + p.y * x[1] + p.z * x[2] + p.w * x[3];
+        }
+      }
     }
     __syncthreads();
   }
@@ -553,8 +602,8 @@ __device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* s
 #pragma unroll
   for (int r = 0; r < MAXROWS; ++r) if (r < a.rows) a.part_acc[(part + r) * D + threadIdx.x] = acc[r];
   if (threadIdx.x < a.rows) {
-    a.part_ml[(part + threadIdx.x) * 2] = st[threadIdx.x * 3];
-    a.part_ml[(part + threadIdx.x) * 2 + 1] = st[threadIdx.x * 3 + 1];
+    a.part_ml[(part + threadIdx.x) * 2] = st[threadIdx.x * 4];
+    a.part_ml[(part + threadIdx.x) * 2 + 1] = st[threadIdx.x * 4 + 1];
   }
 }
 
@@ -563,26 +612,45 @@ __global__ void __launch_bounds__(THREADS, LOWBIT_PAGED_MINBLOCKS) kivi_paged_ke
   extern __shared__ __align__(16) uint8_t smem[];
   const int b = blockIdx.x / a.hkv, h = blockIdx.x % a.hkv;
   const Seq sq = load_seq(a, b);
-  if ((int)blockIdx.y == a.splits) tail_part<BITS, T>(a, b, h, sq, smem);
-  else paged_part<BITS, STAGES, FOLD, T>(a, b, h, blockIdx.y, sq, smem);
+  if (blockIdx.y == 0) tail_part<BITS, T>(a, b, h, sq, smem);  // first: its latency hides under the pages
+  else paged_part<BITS, STAGES, FOLD, T>(a, b, h, blockIdx.y - 1, sq, smem);
 }
 
+constexpr int COMBINE_WAYS = 4;  // threads per output element, each summing every 4th split (loads in flight)
+
 template <typename T>
-__global__ void combine_kernel(Args a) {
-  const int bh = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
+__global__ void __launch_bounds__(COMBINE_WAYS * D) combine_kernel(Args a) {
+  // One program per (sequence x KV head, row). The splits' loads are independent (a select, not a branch, skips
+  // empty ones), so a thread keeps several in flight: a serial, branchy loop over 65 splits cost ~20 us at B1.
+  const int bh = blockIdx.x, row = blockIdx.y, d = threadIdx.x % D, way = threadIdx.x / D;
   const int b = bh / a.hkv, h = bh % a.hkv, gi = row / a.nq, qi = row % a.nq;
-  const long long base = (long long)bh * (a.splits + 1);
+  const int n = a.splits + 1;
+  const float* ml = a.part_ml + ((long long)bh * n * a.rows + row) * 2;  // split s at ml[s * rows * 2]
+  const float* acc = a.part_acc + ((long long)bh * n * a.rows + row) * D + d;
+  __shared__ float red[COMBINE_WAYS * D / 32];
+  __shared__ float sum_num[COMBINE_WAYS][D], sum_den[COMBINE_WAYS];
   float M = -INFINITY;
-  for (int s = 0; s <= a.splits; ++s) M = fmaxf(M, a.part_ml[((base + s) * a.rows + row) * 2]);
+  for (int s = threadIdx.x; s < n; s += COMBINE_WAYS * D) M = fmaxf(M, ml[(long long)s * a.rows * 2]);
+#pragma unroll
+  for (int o = 16; o; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffff, M, o));
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = M;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < COMBINE_WAYS * D / 32; ++w) M = fmaxf(M, red[w]);
   float num = 0.f, den = 0.f;
-  for (int s = 0; s <= a.splits; ++s) {
-    long long i = (base + s) * a.rows + row;
-    float m = a.part_ml[i * 2];
-    if (m == -INFINITY) continue;
-    float f = exp2f(m - M);
-    num += f * a.part_acc[i * D + d];
-    den += f * a.part_ml[i * 2 + 1];
+#pragma unroll 4
+  for (int s = way; s < n; s += COMBINE_WAYS) {
+    const float m = ml[(long long)s * a.rows * 2];
+    const float f = m == -INFINITY ? 0.f : exp2f(m - M);  // every partial is written (empty ones: m = -inf, 0)
+    num += f * acc[(long long)s * a.rows * D];
+    den += f * ml[(long long)s * a.rows * 2 + 1];
   }
+  sum_num[way][d] = num;
+  if (d == 0) sum_den[way] = den;
+  __syncthreads();
+  if (way) return;
+#pragma unroll
+  for (int w = 1; w < COMBINE_WAYS; ++w) { num += sum_num[w][d]; den += sum_den[w]; }
   T* o = reinterpret_cast<T*>(a.out);
   o[b * a.o_sb + (long long)qi * a.o_st + (long long)(h * a.gqa + gi) * a.o_sh + d] = from_f<T>(num / den);
 }
@@ -592,7 +660,7 @@ int launch(const Args& a, cudaStream_t stream) {
   using L = Lay<BITS>;
   size_t main_smem = (size_t)4 * STAGES * L::SLAB;
   size_t merge_smem = (size_t)(8 * MAXROWS + 32 * MAXROWS + 4 * MAXROWS * D) * sizeof(float);
-  size_t tail_smem = (size_t)(MAXROWS * D + MAXROWS * 128 + 4 * MAXROWS) * sizeof(float) + 128 * KPAD * sizeof(__half);
+  size_t tail_smem = (size_t)(MAXROWS * D + MAXROWS * TAIL_CHUNK + 4 * MAXROWS) * sizeof(float) + TAIL_CHUNK * KPAD * sizeof(T);
   size_t smem = main_smem > merge_smem ? main_smem : merge_smem;
   if (tail_smem > smem) smem = tail_smem;
   auto kern = kivi_paged_kernel<BITS, STAGES, FOLD, T>;
@@ -609,7 +677,7 @@ int launch(const Args& a, cudaStream_t stream) {
   kern<<<grid, THREADS, smem, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess) return (int)err;
-  combine_kernel<T><<<dim3(a.batch * a.hkv, a.rows), D, 0, stream>>>(a);
+  combine_kernel<T><<<dim3(a.batch * a.hkv, a.rows), COMBINE_WAYS * D, 0, stream>>>(a);
   return (int)cudaGetLastError();
 }
 
