@@ -198,7 +198,7 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     import torch.nn.functional as F
 
     from lowbit.kernels.gemm import quantize_activation, w4a8_gemm
-    from lowbit.kernels.w4ax_fused import fused_supported, w4ax_linear
+    from lowbit.kernels.w4ax_fused import FUSED_CONFIG, fused_supported, w4ax_linear
 
     fused = fused_supported(x.shape[0], block, group)
     out, k = {"cublas_bf16_eager_us": bench_sets(lambda w: F.linear(x, w), bsets, graph=False) * 1e3}, x.shape[1]
@@ -209,11 +209,13 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
 
         def one(st, mask=mask, bits=bits, p=p):
             return w4ax_linear(x, block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p,
-                               config=None if cfg.unpacked else cfg)
+                               config=None)  # its own default tile (wider: see w4ax_fused.FUSED_CONFIG)
 
         paths = (("two_launch", two), ("fused", one)) if fused else (("two_launch", two),)
-        if fused:
-            out[f"fused_{name}_bit_exact"] = bool(torch.equal(one(wsets[0]), two(wsets[0])))
+        if fused:  # bit-exact at one config (split-K order follows the tile width): the two-launch call at the fused tile
+            c, sc = quantize_activation(x, block, mask, bits, perm=p, padded_in=k)
+            same = w4a8_gemm(c, sc, block, wsets[0][1], wsets[0][2], group, config=FUSED_CONFIG)
+            out[f"fused_{name}_bit_exact"] = bool(torch.equal(one(wsets[0]), same))
         for label, fn in paths:
             out[f"{label}_{name}_us"] = bench_sets(fn, wsets) * 1e3
             out[f"{label}_{name}_eager_us"] = bench_sets(fn, wsets, graph=False) * 1e3

@@ -38,6 +38,9 @@ from lowbit.kernels.gemm import (
 from lowbit.kernels.layout import BufferPool, GemmConfig
 
 MAX_FUSED_M = 16  # the decode bucket (default_config's weight-streaming shape); larger M quantizes once, separately
+# Every N tile re-quantizes its activation slice, so wider tiles pay off more than for the two-launch GEMM: BN 128 was
+# 1.1-1.7x faster than BN 64 at every Llama-3-8B shape, M 1 and 16 (H200, tools/fused_sweep.py, 2026-12-02).
+FUSED_CONFIG = GemmConfig(16, 128, 4, 4)
 
 
 @triton.jit
@@ -52,6 +55,17 @@ def _quantized_half(X, s_xm, PERM, rm, mm, k, K_IN, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
+def _quantized_vec(X, PERM, k, K_IN, HAS_PERM: tl.constexpr):
+    """The one token's values ``x [HALF]`` of permuted channels `k` (M = 1)."""
+    valid = k < K_IN
+    if HAS_PERM:
+        src = tl.load(PERM + k, mask=valid, other=0)
+    else:
+        src = k
+    return tl.load(X + src, mask=valid, other=0).to(tl.float32)
+
+
+@triton.jit
 def _codes(x, scale, hi, USE_LIBDEVICE: tl.constexpr):
     c = _rint(tl.div_rn(x, scale[:, None]), USE_LIBDEVICE)
     return tl.minimum(tl.maximum(c, -hi[:, None] - 1.0), hi[:, None]).to(tl.int8)
@@ -62,7 +76,7 @@ def _w4ax_fused_kernel(X, s_xm, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS,
                        M, N, K, K_IN, TPS, SPLITS,
                        GROUP: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        GROUP_M: tl.constexpr, LOW_HI: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MASK: tl.constexpr,
-                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ONE_ROW: tl.constexpr,
                        USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     tile_id = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -73,16 +87,30 @@ def _w4ax_fused_kernel(X, s_xm, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS,
     acc = tl.zeros((BM, BN), tl.float32)
     for t in range(t0, t1):
         # prologue: this tile's activation block (block == TILE) quantized per token
-        x_lo = _quantized_half(X, s_xm, PERM, rm, mm, t * TILE + rk, K_IN, HAS_PERM)
-        x_hi = _quantized_half(X, s_xm, PERM, rm, mm, t * TILE + HALF + rk, K_IN, HAS_PERM)
-        amax = tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1))
-        hi = tl.zeros((BM,), tl.float32) + LOW_HI
-        if HAS_MASK:
-            hi = tl.where(tl.load(MASK + t) != 0, 127.0, hi)
-        scale = tl.div_rn(amax, hi)
-        scale = tl.where(scale > 0, scale, 1.0)
-        a_lo = _codes(x_lo, scale, hi, USE_LIBDEVICE)
-        a_hi = _codes(x_hi, scale, hi, USE_LIBDEVICE)
+        if ONE_ROW:  # M = 1: quantize the one token once, not once per row of the BM-row tile (15 of 16 masked)
+            v_lo = _quantized_vec(X, PERM, t * TILE + rk, K_IN, HAS_PERM)
+            v_hi = _quantized_vec(X, PERM, t * TILE + HALF + rk, K_IN, HAS_PERM)
+            amax1 = tl.maximum(tl.max(tl.abs(v_lo), 0), tl.max(tl.abs(v_hi), 0))
+            one = tl.zeros((1,), tl.float32)
+            hi1 = one + LOW_HI
+            if HAS_MASK:
+                hi1 = tl.where(tl.load(MASK + t) != 0, 127.0, hi1)
+            s1 = tl.div_rn(amax1 + one, hi1)
+            s1 = tl.where(s1 > 0, s1, 1.0)
+            a_lo = tl.broadcast_to(_codes(v_lo[None, :], s1, hi1, USE_LIBDEVICE), (BM, HALF))
+            a_hi = tl.broadcast_to(_codes(v_hi[None, :], s1, hi1, USE_LIBDEVICE), (BM, HALF))
+            scale = tl.broadcast_to(s1, (BM,))
+        else:
+            x_lo = _quantized_half(X, s_xm, PERM, rm, mm, t * TILE + rk, K_IN, HAS_PERM)
+            x_hi = _quantized_half(X, s_xm, PERM, rm, mm, t * TILE + HALF + rk, K_IN, HAS_PERM)
+            amax = tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1))
+            hi = tl.zeros((BM,), tl.float32) + LOW_HI
+            if HAS_MASK:
+                hi = tl.where(tl.load(MASK + t) != 0, 127.0, hi)
+            scale = tl.div_rn(amax, hi)
+            scale = tl.where(scale > 0, scale, 1.0)
+            a_lo = _codes(x_lo, scale, hi, USE_LIBDEVICE)
+            a_hi = _codes(x_hi, scale, hi, USE_LIBDEVICE)
         acc += _w4_tile_product(a_lo, a_hi, scale, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO,
                                 USE_ASM, FAST_CVT)  # the two-launch kernel's loop body
     omask = mm[:, None] & nm[None, :]
@@ -167,7 +195,7 @@ def w4ax_linear(
     x = x if x.stride(-1) == 1 else x.contiguous()
     dev = x.device
     tile = block  # = min(block, group)
-    plan = PLANS.get(m, n, k, tile, dev, _sm_count, config)
+    plan = PLANS.get(m, n, k, tile, dev, _sm_count, config or FUSED_CONFIG)
     cfg = plan.config
     if cfg.unpacked:
         raise ValueError(f"config {cfg.label()} is the unpacked large-M path; the fused linear streams packed weights")
@@ -192,7 +220,7 @@ def w4ax_linear(
         bias if has_bias else w_scale, out, out.stride(0), part, count,
         m, n, k, k_in, plan.tiles_per_split, split,
         GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m, LOW_HI=float((1 << (low_bits - 1)) - 1),
-        HAS_PERM=has_perm, HAS_MASK=has_mask, HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1,
+        HAS_PERM=has_perm, HAS_MASK=has_mask, HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, ONE_ROW=m == 1,
         USE_ASM=cfg.asm and not _interpreting(), FAST_CVT=cfg.fast_cvt and tile <= MAX_FAST_TILE,
         USE_LIBDEVICE=not _interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
