@@ -8,9 +8,9 @@
 //
 // Grid (B * H_kv, S + 1). Program s >= 1: the pages [(s-1)*pps, s*pps) whose keys AND values are quantized,
 // 4 warps, warp w owning tokens 32w..32w+31 of each page (= key group w); pages staged through shared
-// memory with cp.async (STAGES deep). Scores S = Q K^T with rows = the GQA group's query heads x query
-// tokens (<= 16, one m16 tile), online softmax in registers, O += P V with P reused from the score
-// accumulators. Program 0 (dispatched first, so it overlaps the pages): the sinks and the tail (tokens whose key
+// memory with cp.async (STAGES deep). Scores transposed, S^T = K Q^T: 16 tokens of key codes as the A operand,
+// the GQA group's query heads x query tokens (<= 8) as the n8 side; online softmax in registers; O^T += V^T P^T
+// with P^T's B fragments made from the score accumulators by 8x8 movmatrix transposes. Program 0 (dispatched first, so it overlaps the pages): the sinks and the tail (tokens whose key
 // or value is still full precision, or in a partly filled page), CUDA-core code over rows staged by cp.async.
 // Partials are stored with the tail last; a second kernel merges the S + 1 of them (log-sum-exp).
 #include <cuda_bf16.h>
@@ -137,6 +137,13 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 8x8 transpose of 16-bit elements across the warp: lane (g, q) holds row g, columns 2q, 2q+1 before and after
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -283,7 +290,7 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
   float acc[D / 16][4];
 #pragma unroll
   for (int i = 0; i < D / 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float m_row = -INFINITY, l_row = 0.f;  // row g
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};  // rows 2q, 2q + 1 (l: this lane's tokens only)
   float zs[4] = {0.f, 0.f, 0.f, 0.f};     // FOLD: row g's sums of p z (groups 2q, 2q+1) or p s (q >= 2)
 
   // each warp stages its own 32-token slab of every page (codes, scales, zeros) in a private ring:
@@ -321,10 +328,12 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
     const int page = p0 + it;
     const int k0 = page * P + warp * 32;  // quantized index of this warp's first token
 
-    // ---- scores of row g for this warp's 32 tokens: 4 n-tiles of 8 tokens (c0, c1: tokens 2q, 2q + 1)
-    float sc[4][4];
+    // ---- S^T = K Q^T for this warp's 32 tokens: 2 m-tiles of 16 tokens (A = key codes, B = Q^T, no zero rows);
+    // sc[mt]: (token 16 mt + g: rows 2q, 2q + 1), (token 16 mt + g + 8: rows 2q, 2q + 1). The A fragment of tokens
+    // 16 mt.. is the B fragments of the 8-token tiles 2 mt and 2 mt + 1 the codes are laid out for.
+    float sc[2][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+    for (int mt = 0; mt < 2; ++mt) sc[mt][0] = sc[mt][1] = sc[mt][2] = sc[mt][3] = 0.f;
     {
       const uint4* kw = reinterpret_cast<const uint4*>(sl) + lane;
       uint32_t words[L::WPT];
@@ -335,69 +344,89 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       }
       const __half2* ksc = reinterpret_cast<const __half2*>(sl + L::S_KS);
       const __half2* kzr = reinterpret_cast<const __half2*>(sl + L::S_KZ);
-      float bias[4] = {0.f, 0.f, 0.f, 0.f};  // FOLD: sum_c q_c z_c - sum_c base_c q_c s_c of row g
+      float bias[4] = {0.f, 0.f, 0.f, 0.f};  // FOLD: sum_c q_c z_c - sum_c base_c q_c s_c (every token row alike)
 #pragma unroll
       for (int kc = 0; kc < D / 16; ++kc) {
         const __half2 s0 = ksc[kc * 8 + qd], s1 = ksc[kc * 8 + 4 + qd];
         const __half2 z0 = kzr[kc * 8 + qd], z1 = kzr[kc * 8 + 4 + qd];
-        const uint32_t af[4] = {qa[kc][0], 0u, qa[kc][1], 0u};
         if (FOLD) {  // scales into Q, codes straight from lop3 (base + c), offsets and zeros as a bias
-          const uint32_t as[4] = {h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][0]), s0)), 0u,
-                                  h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][1]), s1)), 0u};
-          mma16816(bias, af, h2u(z0), h2u(z1));
-          mma16816(bias, as, base_bits<BITS>((2 * kc) % L::PPW, true), base_bits<BITS>((2 * kc + 1) % L::PPW, true));
+          const uint32_t bs0 = h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][0]), s0));
+          const uint32_t bs1 = h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][1]), s1));
+          const uint32_t az[4] = {h2u(z0), h2u(z0), h2u(z1), h2u(z1)};
+          const uint32_t nb0 = base_bits<BITS>((2 * kc) % L::PPW, true), nb1 = base_bits<BITS>((2 * kc + 1) % L::PPW, true);
+          const uint32_t ab[4] = {nb0, nb0, nb1, nb1};
+          mma16816(bias, az, qa[kc][0], qa[kc][1]);
+          mma16816(bias, ab, bs0, bs1);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int p = (j * (D / 16) + kc) * 2;
-            mma16816(sc[j], as, h2u(codes2<BITS>(words[p / L::PPW], p % L::PPW)),
-                     h2u(codes2<BITS>(words[(p + 1) / L::PPW], (p + 1) % L::PPW)));
+          for (int mt = 0; mt < 2; ++mt) {
+            const int p0 = ((2 * mt) * (D / 16) + kc) * 2, p1 = ((2 * mt + 1) * (D / 16) + kc) * 2;
+            const uint32_t ak[4] = {h2u(codes2<BITS>(words[p0 / L::PPW], p0 % L::PPW)),
+                                    h2u(codes2<BITS>(words[p1 / L::PPW], p1 % L::PPW)),
+                                    h2u(codes2<BITS>(words[(p0 + 1) / L::PPW], (p0 + 1) % L::PPW)),
+                                    h2u(codes2<BITS>(words[(p1 + 1) / L::PPW], (p1 + 1) % L::PPW))};
+            mma16816(sc[mt], ak, bs0, bs1);
           }
         } else {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int p = (j * (D / 16) + kc) * 2;
-            const __half2 c0 = codes2<BITS>(words[p / L::PPW], p % L::PPW);
-            const __half2 c1 = codes2<BITS>(words[(p + 1) / L::PPW], (p + 1) % L::PPW);
-            mma16816(sc[j], af, h2u(__hfma2(__hsub2(c0, base2<BITS>(p % L::PPW)), s0, z0)),
-                     h2u(__hfma2(__hsub2(c1, base2<BITS>((p + 1) % L::PPW)), s1, z1)));
+          for (int mt = 0; mt < 2; ++mt) {
+            const int p0 = ((2 * mt) * (D / 16) + kc) * 2, p1 = ((2 * mt + 1) * (D / 16) + kc) * 2;
+            const __half2 c00 = codes2<BITS>(words[p0 / L::PPW], p0 % L::PPW);
+            const __half2 c10 = codes2<BITS>(words[p1 / L::PPW], p1 % L::PPW);
+            const __half2 c01 = codes2<BITS>(words[(p0 + 1) / L::PPW], (p0 + 1) % L::PPW);
+            const __half2 c11 = codes2<BITS>(words[(p1 + 1) / L::PPW], (p1 + 1) % L::PPW);
+            const __half2 b0 = base2<BITS>(p0 % L::PPW), b1 = base2<BITS>((p0 + 1) % L::PPW);
+            const uint32_t ak[4] = {h2u(__hfma2(__hsub2(c00, b0), s0, z0)), h2u(__hfma2(__hsub2(c10, b0), s0, z0)),
+                                    h2u(__hfma2(__hsub2(c01, b1), s1, z1)), h2u(__hfma2(__hsub2(c11, b1), s1, z1))};
+            mma16816(sc[mt], ak, qa[kc][0], qa[kc][1]);
           }
         }
       }
       if (FOLD) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) { sc[j][0] += bias[0]; sc[j][1] += bias[1]; }
+        for (int mt = 0; mt < 2; ++mt) { sc[mt][0] += bias[0]; sc[mt][1] += bias[1]; sc[mt][2] += bias[2]; sc[mt][3] += bias[3]; }
       }
     }
-    // ---- mask (left padding, keys past n_qk in the last page), online softmax of row g
+    // ---- mask (left padding, keys past n_qk in the last page), online softmax of rows 2q, 2q + 1
     const int pos0 = sq.n_sink + k0;
     if (pos0 < sq.start || k0 + 32 > sq.n_qk) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int t = j * 8 + qd * 2 + e;
-          if (pos0 + t < sq.start || k0 + t >= sq.n_qk) sc[j][e] = -INFINITY;
+        for (int e = 0; e < 4; ++e) {
+          const int t = mt * 16 + g + (e >> 1) * 8;
+          if (pos0 + t < sq.start || k0 + t >= sq.n_qk) sc[mt][e] = -INFINITY;
         }
     }
-    float mx = m_row;
+    float r_r[2];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) mx = fmaxf(mx, fmaxf(sc[j][0], sc[j][1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-    const float base = mx == -INFINITY ? 0.f : mx;
-    const float r = exp2f(m_row - base);
-    m_row = mx;
-    l_row *= r;
-    zs[0] *= r; zs[1] *= r;
-    const float ra = __shfl_sync(0xffffffff, r, (2 * qd) * 4), rb = __shfl_sync(0xffffffff, r, (2 * qd + 1) * 4);
+    for (int e = 0; e < 2; ++e) {
+      float mx = fmaxf(m_r[e], fmaxf(fmaxf(sc[0][e], sc[0][e + 2]), fmaxf(sc[1][e], sc[1][e + 2])));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 16));
+      const float base = mx == -INFINITY ? 0.f : mx;
+      r_r[e] = exp2f(m_r[e] - base);
+      m_r[e] = mx;
+      l_r[e] *= r_r[e];
 #pragma unroll
-    for (int i = 0; i < D / 16; ++i) { acc[i][0] *= ra; acc[i][1] *= rb; acc[i][2] *= ra; acc[i][3] *= rb; }
+      for (int mt = 0; mt < 2; ++mt) {
+        sc[mt][e] = exp2f(sc[mt][e] - base);
+        sc[mt][e + 2] = exp2f(sc[mt][e + 2] - base);
+        l_r[e] += sc[mt][e] + sc[mt][e + 2];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < D / 16; ++i) { acc[i][0] *= r_r[0]; acc[i][1] *= r_r[1]; acc[i][2] *= r_r[0]; acc[i][3] *= r_r[1]; }
+    {  // zs holds row g: its factor comes from the lane holding row g (lane g / 2: rows 2q, 2q + 1 with q = g / 2)
+      const float ra = __shfl_sync(0xffffffff, r_r[0], g >> 1), rb = __shfl_sync(0xffffffff, r_r[1], g >> 1);
+      const float rg = (g & 1) ? rb : ra;
+      zs[0] *= rg; zs[1] *= rg;
+    }
     uint32_t pb[2][2];  // P^T as B fragments of the two 16-token k-chunks: tokens 2q.. (0) and 2q+8.. (1) of row g
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float e0 = exp2f(sc[j][0] - base), e1 = exp2f(sc[j][1] - base);
-      l_row += e0 + e1;
-      pb[j / 2][j & 1] = h2u(__floats2half2_rn(e0, e1));
+    for (int mt = 0; mt < 2; ++mt) {
+      pb[mt][0] = transpose8x8(h2u(__floats2half2_rn(sc[mt][0], sc[mt][1])));
+      pb[mt][1] = transpose8x8(h2u(__floats2half2_rn(sc[mt][2], sc[mt][3])));
     }
     // ---- O^T += V^T P^T over this warp's 32 tokens
     {
@@ -425,13 +454,20 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
 
   // ---- merge the 4 warps (shared memory), write this split's partial
   __syncthreads();
-  l_row += __shfl_xor_sync(0xffffffff, l_row, 1);
-  l_row += __shfl_xor_sync(0xffffffff, l_row, 2);
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    l_r[e] += __shfl_xor_sync(0xffffffff, l_r[e], 4);
+    l_r[e] += __shfl_xor_sync(0xffffffff, l_r[e], 8);
+    l_r[e] += __shfl_xor_sync(0xffffffff, l_r[e], 16);
+  }
   float* wm = reinterpret_cast<float*>(smem);  // [4 warps][8 rows] max
   float* wl = wm + 4 * MAXROWS;                // [4][8] sums
   float* wzs = wl + 4 * MAXROWS;               // [4][8][8]: per row, FOLD's p z sums of groups 0-3
   float* wacc = wzs + 4 * MAXROWS * 8;         // [4][8][D]
-  if (qd == 0) { wm[warp * MAXROWS + g] = m_row; wl[warp * MAXROWS + g] = l_row; }
+  if (g == 0) {
+    wm[warp * MAXROWS + 2 * qd] = m_r[0]; wm[warp * MAXROWS + 2 * qd + 1] = m_r[1];
+    wl[warp * MAXROWS + 2 * qd] = l_r[0]; wl[warp * MAXROWS + 2 * qd + 1] = l_r[1];
+  }
   wzs[(warp * MAXROWS + g) * 8 + qd * 2] = zs[0];
   wzs[(warp * MAXROWS + g) * 8 + qd * 2 + 1] = zs[1];
 #pragma unroll
