@@ -23,6 +23,14 @@
 #ifndef LOWBIT_PAGED_MINBLOCKS
 #define LOWBIT_PAGED_MINBLOCKS 4
 #endif
+// Independent accumulators for the score bias (each MMA waits for the previous one on its accumulator: one chain of
+// 16 dependent MMAs per page with 1), and page-loop unrolling (lets one page's P V overlap the next page's scores).
+#ifndef LOWBIT_PAGED_BIAS_CHAINS
+#define LOWBIT_PAGED_BIAS_CHAINS 2
+#endif
+#ifndef LOWBIT_PAGED_UNROLL
+#define LOWBIT_PAGED_UNROLL 1
+#endif
 
 namespace {
 
@@ -319,6 +327,7 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
     if (p0 + st < p1) issue(p0 + st, st);
     cp_commit();
   }
+#pragma unroll LOWBIT_PAGED_UNROLL
   for (int it = 0; p0 + it < p1; ++it) {
     if (p0 + it + STAGES - 1 < p1) issue(p0 + it + STAGES - 1, (it + STAGES - 1) % STAGES);
     cp_commit();
@@ -344,7 +353,10 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       }
       const __half2* ksc = reinterpret_cast<const __half2*>(sl + L::S_KS);
       const __half2* kzr = reinterpret_cast<const __half2*>(sl + L::S_KZ);
-      float bias[4] = {0.f, 0.f, 0.f, 0.f};  // FOLD: sum_c q_c z_c - sum_c base_c q_c s_c (every token row alike)
+      constexpr int NB = LOWBIT_PAGED_BIAS_CHAINS;
+      float bias[NB][4];  // FOLD: sum_c q_c z_c - sum_c base_c q_c s_c (every token row alike), in NB partial sums
+#pragma unroll
+      for (int i = 0; i < NB; ++i) bias[i][0] = bias[i][1] = bias[i][2] = bias[i][3] = 0.f;
 #pragma unroll
       for (int kc = 0; kc < D / 16; ++kc) {
         const __half2 s0 = ksc[kc * 8 + qd], s1 = ksc[kc * 8 + 4 + qd];
@@ -355,8 +367,8 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
           const uint32_t az[4] = {h2u(z0), h2u(z0), h2u(z1), h2u(z1)};
           const uint32_t nb0 = base_bits<BITS>((2 * kc) % L::PPW, true), nb1 = base_bits<BITS>((2 * kc + 1) % L::PPW, true);
           const uint32_t ab[4] = {nb0, nb0, nb1, nb1};
-          mma16816(bias, az, qa[kc][0], qa[kc][1]);
-          mma16816(bias, ab, bs0, bs1);
+          mma16816(bias[(2 * kc) % NB], az, qa[kc][0], qa[kc][1]);
+          mma16816(bias[(2 * kc + 1) % NB], ab, bs0, bs1);
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             const int p0 = ((2 * mt) * (D / 16) + kc) * 2, p1 = ((2 * mt + 1) * (D / 16) + kc) * 2;
@@ -383,7 +395,9 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       }
       if (FOLD) {
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) { sc[mt][0] += bias[0]; sc[mt][1] += bias[1]; sc[mt][2] += bias[2]; sc[mt][3] += bias[3]; }
+        for (int i = 1; i < NB; ++i) { bias[0][0] += bias[i][0]; bias[0][1] += bias[i][1]; bias[0][2] += bias[i][2]; bias[0][3] += bias[i][3]; }
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) { sc[mt][0] += bias[0][0]; sc[mt][1] += bias[0][1]; sc[mt][2] += bias[0][2]; sc[mt][3] += bias[0][3]; }
       }
     }
     // ---- mask (left padding, keys past n_qk in the last page), online softmax of rows 2q, 2q + 1
