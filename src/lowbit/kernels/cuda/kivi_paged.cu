@@ -24,12 +24,9 @@
 #define LOWBIT_PAGED_MINBLOCKS 4
 #endif
 // Independent accumulators for the score bias (each MMA waits for the previous one on its accumulator: one chain of
-// 16 dependent MMAs per page with 1), and page-loop unrolling (lets one page's P V overlap the next page's scores).
+// 16 dependent MMAs per page with 1).
 #ifndef LOWBIT_PAGED_BIAS_CHAINS
 #define LOWBIT_PAGED_BIAS_CHAINS 2
-#endif
-#ifndef LOWBIT_PAGED_UNROLL
-#define LOWBIT_PAGED_UNROLL 1
 #endif
 
 namespace {
@@ -327,7 +324,6 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
     if (p0 + st < p1) issue(p0 + st, st);
     cp_commit();
   }
-#pragma unroll LOWBIT_PAGED_UNROLL
   for (int it = 0; p0 + it < p1; ++it) {
     if (p0 + it + STAGES - 1 < p1) issue(p0 + it + STAGES - 1, (it + STAGES - 1) % STAGES);
     cp_commit();
