@@ -138,3 +138,20 @@ def test_split_plan_and_its_experiment_knob(monkeypatch):
     kivi_paged._split_model.cache_clear()
     monkeypatch.delenv("LOWBIT_PAGED_SPLIT")
     assert kivi_paged._split_model() == (4, 3.0)
+
+
+def test_residual_rows_are_passed_16_byte_aligned():
+    # the kernel copies sink and residual rows 16 bytes at a time (cp.async): odd views are copied, aligned ones not
+    from lowbit.kernels.kivi_paged import _rows16
+
+    base = torch.randn(2, 8, 130, 128, dtype=torch.float16)
+    aligned = base[:, :, 2:]  # row offset 2 x 128 halves: still on a 16-byte boundary
+    assert _rows16(aligned) is aligned
+    odd = base.flatten()[3:].unflatten(0, (-1,))[: 2 * 8 * 129 * 128].view(2, 8, 129, 128)  # 6-byte offset
+    assert odd.data_ptr() % 16 != 0
+    fixed = _rows16(odd)
+    assert fixed.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in fixed.stride()[:-1])
+    assert torch.equal(fixed, odd)
+    strided = torch.randn(2, 8, 129, 132, dtype=torch.float16)[..., :128]  # row stride 132 halves: not a multiple of 8
+    assert torch.equal(_rows16(strided), strided) and _rows16(strided).stride(-2) % 8 == 0
+    assert _rows16(None) is None

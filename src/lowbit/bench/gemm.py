@@ -162,6 +162,7 @@ def measure_point(m: int, k: int, n: int, block: int, group: int, int8_frac: flo
     maskf[: math.ceil(int8_frac * nb)] = True
     perm = torch.randperm(k, device="cuda").int()
     c8, s8, c4, s4, act_exact, errs = _check_point(x, block, group, mask8, maskf, perm, wsets[0], m, k, n)
+    mask8, maskf = mask8.to(torch.int8), maskf.to(torch.int8)  # as QuantLinear caches them: no cast launch per call
     cands = [default_config(m, n, k)]
     if tune:
         cands += gemm_candidates(bucket(m))
