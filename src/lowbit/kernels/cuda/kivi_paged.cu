@@ -28,6 +28,11 @@
 #ifndef LOWBIT_PAGED_BIAS_CHAINS
 #define LOWBIT_PAGED_BIAS_CHAINS 2
 #endif
+// Experiment (off; not yet timed or tested on a GPU): skip the accumulator rescale of a page when no row's running max
+// moved (the factor is exactly 1 then, so the result is the same bit for bit).
+#ifndef LOWBIT_PAGED_LAZY_RESCALE
+#define LOWBIT_PAGED_LAZY_RESCALE 0
+#endif
 
 namespace {
 
@@ -425,8 +430,10 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
         l_r[e] += sc[mt][e] + sc[mt][e + 2];
       }
     }
+    if (!LOWBIT_PAGED_LAZY_RESCALE || __any_sync(0xffffffff, r_r[0] != 1.f || r_r[1] != 1.f)) {
 #pragma unroll
-    for (int i = 0; i < D / 16; ++i) { acc[i][0] *= r_r[0]; acc[i][1] *= r_r[1]; acc[i][2] *= r_r[0]; acc[i][3] *= r_r[1]; }
+      for (int i = 0; i < D / 16; ++i) { acc[i][0] *= r_r[0]; acc[i][1] *= r_r[1]; acc[i][2] *= r_r[0]; acc[i][3] *= r_r[1]; }
+    }
     {  // zs holds row g: its factor comes from the lane holding row g (lane g / 2: rows 2q, 2q + 1 with q = g / 2)
       const float ra = __shfl_sync(0xffffffff, r_r[0], g >> 1), rb = __shfl_sync(0xffffffff, r_r[1], g >> 1);
       const float rg = (g & 1) ? rb : ra;
