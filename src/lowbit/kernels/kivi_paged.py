@@ -3,8 +3,9 @@
 Storage is :class:`lowbit.quant.kivi.PageLayout` pages of 128 tokens per sequence and KV head, addressed by
 a block table (the serving engine) or laid out ``[B, max_pages, H_kv, page bytes]`` without one (one
 sequence batch, as the transformers cache holds it), plus each sequence's full-precision sinks and
-residual. Two launches per call: the split-K kernel (pages in tensor-core tiles, one extra program per
-sequence and head for the sinks and the tail) and the log-sum-exp merge.
+residual. One or two launches per call: the split-K kernel (pages in tensor-core tiles, one extra program per
+sequence and head for the sinks and the tail), then the log-sum-exp merge, or that merge done by the last program
+of each sequence and head (``$LOWBIT_PAGED_FUSED_MERGE``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _sms(device_index: int) -> int:
 
 _I, _L, _P, _F = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_float
 _ARGTYPES = [_I, _I, _I, _I, _P, _L, _L, _P, _I, _P, _L, _L, _L, _I, _I, _I, _I, _F, _P, _I, _I, _I, _I, _P,
-             _P, _P, _L, _L, _P, _L, _L, _P, _L, _L, _P, _P, _I, _I, _P, _L, _L, _L, _P]
+             _P, _P, _L, _L, _P, _L, _L, _P, _L, _L, _P, _P, _I, _I, _P, _L, _L, _L, _P, _P, _P]
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,6 +109,39 @@ def _split_model() -> tuple[int, float]:
         return max(int(per_sm), 1), max(float(startup), 0.0)
     except ValueError:
         raise ValueError(f"$LOWBIT_PAGED_SPLIT must be 'programs_per_sm,startup_pages' (e.g. 4,3), got {raw!r}") from None
+
+
+@functools.cache
+def _merge_policy() -> int:
+    """Most splits merged in-kernel by the last program (one launch; more go to the separate merge kernel, which
+    spreads a long merge over more threads). ``$LOWBIT_PAGED_FUSED_MERGE`` overrides it (0: never), read once."""
+    raw = os.environ.get("LOWBIT_PAGED_FUSED_MERGE", "")
+    if not raw:
+        return 0
+    try:
+        return max(int(raw), 0)
+    except ValueError:
+        raise ValueError(f"$LOWBIT_PAGED_FUSED_MERGE must be the most splits to merge in-kernel (0: never), got {raw!r}") from None
+
+
+_COUNTERS: dict[tuple[str, int, int], list[torch.Tensor]] = {}
+
+
+def _zeroed_ints(kind: str, device: torch.device, stream: int, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``n`` the kernel leaves zeroed: ``"merge"`` (a counter per (sequence, KV
+    head) for the in-kernel merge) or ``"claims"`` (four page-claim counters per (sequence, KV head)); one set per
+    kind and stream, since calls on one stream run in order. Kept for the process's life (a captured CUDA graph holds
+    the address); a larger need adds a new set."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    held = _COUNTERS.setdefault((kind, idx, stream), [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def _merge_counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
+    """The in-kernel merge's counters (see :func:`_zeroed_ints`)."""
+    return _zeroed_ints("merge", device, stream, n)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -185,6 +219,9 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     stages = stages or (3 if cache.bits == 2 else 2)
     if variant not in VARIANTS:
         raise ValueError(f"unknown paged kernel variant '{variant}': allowed are {', '.join(VARIANTS)}")
+    stream = torch.cuda.current_stream(query.device).cuda_stream
+    counters = _merge_counters(query.device, stream, b * hkv) if 0 < splits <= _merge_policy() else None
+    claims = _zeroed_ints("claims", query.device, stream, 4 * b * hkv) if splits > 0 else None
     rc = launch(
         cache.bits, int(query.dtype == torch.bfloat16), stages, VARIANTS[variant] | (2 if ring else 0),
         _ptr(pool), pool.stride(-3), pool.stride(-2), _ptr(table), max_pages,
@@ -195,7 +232,7 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
         _ptr(res_k), rk_sb, rk_sh, _ptr(res_v), rv_sb, rv_sh,
         _ptr(part_acc), _ptr(part_ml), splits, per,
         _ptr(out), out.stride(0), out.stride(1), out.stride(2),
-        torch.cuda.current_stream(query.device).cuda_stream,
+        stream, _ptr(counters), _ptr(claims),
     )
     if rc != 0:
         raise RuntimeError(f"paged KIVI decode kernel failed to launch (code {rc})")

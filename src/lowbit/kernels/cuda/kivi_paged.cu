@@ -2,17 +2,20 @@
 //
 // Storage: pages of P = 128 tokens of one sequence and KV head (lowbit.quant.kivi.PageLayout):
 //   [key codes | value codes | key scale | key zero | value scale | value zero]
-// codes in the order the mma.m16n8k16 B fragments need them (lowbit.quant.kivi.fragment_index), so each
-// lane reads its operands with 16-byte loads and turns two codes into a half2 with one lop3 (an fp16 exponent
-// "magic" per bit position: base + code, no shift; see codes2), then folds scale, zero and base into the MMAs.
+// codes in the order the mma.m16n8k16 B fragments need them (lowbit.quant.kivi.fragment_index), so each lane reads
+// its operands with 16-byte loads and turns two codes into a half2 with one AND (fp16 subnormals, code * 2^(pos-24),
+// LOWBIT_PAGED_SUBNORMAL_K/V) or one lop3 (base + code, the older path), then folds scale, zero and the power of two
+// into the MMAs' other operand.
 //
-// Grid (B * H_kv, S + 1). Program s >= 1: the pages [(s-1)*pps, s*pps) whose keys AND values are quantized,
-// 4 warps, warp w owning tokens 32w..32w+31 of each page (= key group w); pages staged through shared
-// memory with cp.async (STAGES deep). Scores transposed, S^T = K Q^T: 16 tokens of key codes as the A operand,
+// Grid (B * H_kv, S + 1). Programs s >= 1: the pages whose keys AND values are quantized, claimed dynamically (see
+// LOWBIT_PAGED_DYNAMIC); 4 warps, warp w owning tokens 32w..32w+31 of each page (= key group w); pages staged through
+// shared memory with cp.async (STAGES deep). Scores transposed, S^T = K Q^T: 16 tokens of key codes as the A operand,
 // the GQA group's query heads x query tokens (<= 8) as the n8 side; online softmax in registers; O^T += V^T P^T
-// with P^T's B fragments made from the score accumulators by 8x8 movmatrix transposes. Program 0 (dispatched first, so it overlaps the pages): the sinks and the tail (tokens whose key
-// or value is still full precision, or in a partly filled page), CUDA-core code over rows staged by cp.async.
-// Partials are stored with the tail last; a second kernel merges the S + 1 of them (log-sum-exp).
+// with P^T's B fragments made from the score accumulators by 8x8 movmatrix transposes. Program 0 (dispatched first,
+// so it overlaps the pages): the sinks and the tail (tokens whose key or value is still full precision, or in a
+// partly filled page), CUDA-core code over rows staged by cp.async. Partials are stored with the tail last; a second
+// kernel merges the S + 1 of them (log-sum-exp) and resets the page claims, or, given a zeroed counter per
+// (sequence, KV head), the last of its programs to finish does (one launch; merge_if_last).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,10 +31,44 @@
 #ifndef LOWBIT_PAGED_BIAS_CHAINS
 #define LOWBIT_PAGED_BIAS_CHAINS 2
 #endif
-// Experiment (off; not yet timed or tested on a GPU): skip the accumulator rescale of a page when no row's running max
-// moved (the factor is exactly 1 then, so the result is the same bit for bit).
+// Experiment (off): skip the accumulator rescale of a page when no row's running max moved (the factor is exactly 1
+// then, so the result is the same bit for bit). H200, 2026-12-02/03: within noise (B8/32K 87.5-88.3 vs 87.9-88.4 us).
 #ifndef LOWBIT_PAGED_LAZY_RESCALE
 #define LOWBIT_PAGED_LAZY_RESCALE 0
+#endif
+// Folded variant: code pairs enter the MMAs as fp16 subnormals (code << pos, exponent 0: code * 2^(pos - 24), one
+// AND, no base to subtract or cancel); the per-position power of two is folded into the other operand (values: P of
+// the lower 8 tokens of each 16-token chunk, then one fix per channel half; keys: Q per channel, then 2^24 on the
+// scores). 0 keeps the base + code magic with the base subtracted (values) or cancelled by bias MMAs (keys).
+#ifndef LOWBIT_PAGED_SUBNORMAL_V
+#define LOWBIT_PAGED_SUBNORMAL_V 1
+#endif
+#ifndef LOWBIT_PAGED_SUBNORMAL_K
+#define LOWBIT_PAGED_SUBNORMAL_K 1
+#endif
+// Programmatic dependent launch (sm_90+): the merge kernel is launched while the last page programs still run and
+// waits on the device (griddepcontrol) instead of behind a full launch gap. Off: no measurable effect on the H200
+// (2026-12-03: B8/32K 88.4 vs 88.2 us, B32/32K 285-288 vs 291, B1/128K 55.1-55.5 vs 54.5-54.8).
+#ifndef LOWBIT_PAGED_PDL
+#define LOWBIT_PAGED_PDL 0
+#endif
+// Page programs of one (sequence, KV head) share its pages dynamically: each warp takes its first STAGES - 1 pages
+// by split index, then claims the next from a counter per (sequence, KV head, warp) (`claims`, zeroed; the merge
+// resets it), so programs on SMs that stream faster take more pages and none trails the rest. 0: static page ranges.
+#ifndef LOWBIT_PAGED_DYNAMIC
+#define LOWBIT_PAGED_DYNAMIC 0
+#endif
+// Debug build (tools/paged_timeline.py): each main-kernel program writes (start ns, end ns, SM, split) into the buffer
+// passed as `counters` (no in-kernel merge then), to see the launch ramp, program durations and the last wave.
+#ifndef LOWBIT_PAGED_TIMELINE
+#define LOWBIT_PAGED_TIMELINE 0
+#endif
+#if LOWBIT_PAGED_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define LOWBIT_PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define LOWBIT_PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#define LOWBIT_PDL_TRIGGER() do {} while (0)
+#define LOWBIT_PDL_WAIT() do {} while (0)
 #endif
 
 namespace {
@@ -73,6 +110,8 @@ struct Args {
   const void* res_v; long long rv_sb, rv_sh;
   float* part_acc; float* part_ml;                            // [B*Hkv, S+1, rows, D], [B*Hkv, S+1, rows, 2]
   int splits, pages_per_split;
+  int* counters;                                              // [B*Hkv] zeros, or null: merge in-kernel (see merge_if_last)
+  int* claims;                                                // [B*Hkv*4] zeros: dynamic page claims (LOWBIT_PAGED_DYNAMIC)
   int ring;                                                   // 0: residual rows from n_q on; P: a ring indexed by k % P
   void* out; long long o_sb, o_st, o_sh;                      // [B, nq, Hq, D] (elements)
 };
@@ -130,6 +169,11 @@ __device__ __forceinline__ __half2 codes2(uint32_t word, int i) {  // (base(i) +
   return *reinterpret_cast<__half2*>(&v);
 }
 template <int BITS>
+__device__ __forceinline__ uint32_t codes2_sub(uint32_t word, int i) {  // pair i as fp16 subnormals: code * 2^(pos(i) - 24)
+  const uint32_t src = i < 8 / BITS ? word : word >> 8;
+  return src & (Lay<BITS>::MASK << code_pos<BITS>(i));
+}
+template <int BITS>
 __device__ __forceinline__ uint32_t base_bits(int i, bool negative) {  // half2(±base(i), ±base(i)) as bits
   const uint32_t h = ((uint32_t)(25 - code_pos<BITS>(i)) << 10) | (negative ? 0x8000u : 0u);
   return h | (h << 16);
@@ -139,6 +183,13 @@ __device__ __forceinline__ __half2 base2(int i) {
   const uint32_t v = base_bits<BITS>(i, false);
   return *reinterpret_cast<const __half2*>(&v);
 }
+
+// keys (transposed scores): the A fragment of 16 tokens x channel chunk kc holds code pair (2 kc) % PPW for channels
+// 2q.. (hf 0) and the next pair for 2q+8.. (hf 1)
+template <int BITS>
+__device__ __forceinline__ constexpr int key_pos(int kc, int hf) { return code_pos<BITS>((2 * kc) % (16 / BITS) + hf); }
+template <int BITS>
+__device__ __forceinline__ float key_pos_scale(int kc, int hf) { return 1.f / float(1 << key_pos<BITS>(kc, hf)); }
 
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 
@@ -235,7 +286,12 @@ __device__ __forceinline__ void value_product_folded(float (&acc)[D / 16][4], fl
   // value scales folded into P (B = P^T * s, per 32-channel group), exact codes in A (lop3 magic, minus its base:
   // no offset left to cancel against the rounded P * s); zs accumulates, for row g, sum_t p_t z_t of each group
   // (columns 0-3) with one extra MMA per 16 tokens (A = P, B = z); the merge adds them.
+  // LOWBIT_PAGED_SUBNORMAL_V: register w4 of a value A fragment (channel half h = w4 & 1, token half w4 >> 1) holds
+  // codes at bit code_pos(w4), i.e. code * 2^(code_pos(w4) - 24); P of the lower token half is scaled by
+  // 2^V_TOKEN_SHIFT so both halves carry 2^(code_pos(2 + h) - 24), undone per channel half by value_unscale.
   using L = Lay<BITS>;
+  constexpr bool SUB = LOWBIT_PAGED_SUBNORMAL_V;
+  constexpr int V_TOKEN_SHIFT = code_pos<BITS>(2) - code_pos<BITS>(0);
 #pragma unroll
   for (int kt = 0; kt < 2; ++kt) {
     const int tl = kt * 16 + qd * 2;
@@ -245,11 +301,13 @@ __device__ __forceinline__ void value_product_folded(float (&acc)[D / 16][4], fl
       const uint32_t ap[4] = {pb[kt][0], 0u, pb[kt][1], 0u};  // A = P: row g, tokens 2q.. and 2q+8..
       mma16816(zs, ap, b0, b1);
     }
+    __half2 plo = *reinterpret_cast<const __half2*>(&pb[kt][0]);
+    if (SUB && V_TOKEN_SHIFT) plo = __hmul2(plo, __float2half2_rn(float(1 << V_TOKEN_SHIFT)));  // exact
 #pragma unroll
     for (int vg = 0; vg < D / 32; ++vg) {
       const __half2 s0 = *reinterpret_cast<const __half2*>(vsc + vg * 32 + tl);
       const __half2 s1 = *reinterpret_cast<const __half2*>(vsc + vg * 32 + tl + 8);
-      const uint32_t b0 = h2u(__hmul2(*reinterpret_cast<const __half2*>(&pb[kt][0]), s0));
+      const uint32_t b0 = h2u(__hmul2(plo, s0));
       const uint32_t b1 = h2u(__hmul2(*reinterpret_cast<const __half2*>(&pb[kt][1]), s1));
 #pragma unroll
       for (int m2 = 0; m2 < 2; ++m2) {
@@ -257,20 +315,44 @@ __device__ __forceinline__ void value_product_folded(float (&acc)[D / 16][4], fl
         const int p = (kt * (D / 16) + m) * 4;
         uint32_t af[4];
 #pragma unroll
-        for (int w4 = 0; w4 < 4; ++w4) af[w4] = h2u(__hsub2(codes2<BITS>(words[(p + w4) / L::PPW], (p + w4) % L::PPW), base2<BITS>((p + w4) % L::PPW)));
+        for (int w4 = 0; w4 < 4; ++w4) {
+          const uint32_t word = words[(p + w4) / L::PPW];
+          const int i = (p + w4) % L::PPW;
+          af[w4] = SUB ? codes2_sub<BITS>(word, i) : h2u(__hsub2(codes2<BITS>(word, i), base2<BITS>(i)));
+        }
         mma16816(acc[m], af, b0, b1);
       }
     }
   }
 }
 
+template <int BITS>
+__device__ __forceinline__ void value_unscale(float (&acc)[D / 16][4]) {
+  // the subnormal value products' power of two, per channel half (acc[m][0, 1]: channel m*16 + g, [2, 3]: + 8)
+  const float f0 = exp2f(float(24 - code_pos<BITS>(2))), f1 = exp2f(float(24 - code_pos<BITS>(3)));
+#pragma unroll
+  for (int m = 0; m < D / 16; ++m) { acc[m][0] *= f0; acc[m][1] *= f0; acc[m][2] *= f1; acc[m][3] *= f1; }
+}
+
 template <int BITS, int STAGES, bool FOLD, typename T>
-__device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq, uint8_t* smem) {
+__device__ int paged_part(const Args& a, int b, int h, int split, const Seq& sq, uint8_t* smem) {
   using L = Lay<BITS>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, qd = lane % 4;
   const int kpages = (sq.n_qk + P - 1) / P;  // pages holding quantized keys (the last may be partial)
+#if LOWBIT_PAGED_DYNAMIC
+  // this warp's pages: split * (STAGES - 1) + j for j < STAGES - 1, then (STAGES - 1) * splits + its claims
+  const int p1 = kpages;
+#define LOWBIT_CLAIM() atomicAdd(a.claims + (b * a.hkv + h) * 4 + warp, 1)  // recomputed: no register held
+  int q[STAGES];  // pages of the stages in flight, q[0] computed this iteration (>= p1: none)
+#pragma unroll
+  for (int j = 0; j < STAGES - 1; ++j) q[j] = split * (STAGES - 1) + j;
+  int claimed = 0;  // lane 0: the counter value its last atomic returned (read one iteration later)
+  if (lane == 0 && q[STAGES - 2] < p1) claimed = LOWBIT_CLAIM();
+#else
   const int p0 = split * a.pages_per_split, p1 = min(kpages, p0 + a.pages_per_split);
+#endif
+  int done = 0;
   const long long part = ((long long)(b * a.hkv + h) * (a.splits + 1) + split) * a.rows;
   const T* rv = reinterpret_cast<const T*>(a.res_v) + b * a.rv_sb + h * a.rv_sh;
   const int n_kept = sq.total - sq.n_sink;  // tokens after the sinks
@@ -289,8 +371,10 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
         if (g < a.rows) {
           const int gi = g / a.nq, qi = g % a.nq;
           const T* src = q + b * a.q_sb + (long long)(h * a.gqa + gi) * a.q_sh + (long long)qi * a.q_st + c;
-          x0 = to_f(src[0]) * a.scale_log2;
-          x1 = to_f(src[1]) * a.scale_log2;
+          // FOLD + LOWBIT_PAGED_SUBNORMAL_K: times 2^-pos of the codes this channel meets (exact but for underflow)
+          const float f = FOLD && LOWBIT_PAGED_SUBNORMAL_K ? a.scale_log2 * key_pos_scale<BITS>(kc, hf) : a.scale_log2;
+          x0 = to_f(src[0]) * f;
+          x1 = to_f(src[1]) * f;
         }
         qa[kc][hf] = h2u(__floats2half2_rn(x0, x1));
       }
@@ -302,28 +386,52 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
   for (int i = 0; i < D / 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};  // rows 2q, 2q + 1 (l: this lane's tokens only)
   float zs[4] = {0.f, 0.f, 0.f, 0.f};     // FOLD: row g's sums of p z (groups 2q, 2q+1) or p s (q >= 2)
+  bool v_scaled = FOLD && LOWBIT_PAGED_SUBNORMAL_V;  // acc holds value_product_folded's scaled products (warp-uniform)
 
   // each warp stages its own 32-token slab of every page (codes, scales, zeros) in a private ring:
   // no block-wide barrier inside the loop, warps drift independently
   uint8_t* ring = smem + warp * STAGES * L::SLAB;
+  // lane's 16-byte chunks of the slab: chunk j at slab offset 16 lane + 512 j. Codes: the first 2 NJC chunks
+  // (keys, then values); then key scale | zero (lanes 0-15 | 16-31) and value scale | zero (D/32 groups of 64 bytes)
+  constexpr int NJC = L::SLAB_CODE / 512;
+  static_assert(L::SLAB == 512 * (2 * NJC + 2) && L::S_KS == 512 * 2 * NJC, "slab layout");
+  const int code_src = warp * L::SLAB_CODE + 16 * lane;
+  const int kscz_src = L::KS + warp * D * 2 + 16 * lane + (lane >= 16 ? L::KZ - L::KS - 256 : 0);
+  const int vscz_src = L::VS + (lane / 4) * P * 2 + warp * 64 + (lane % 4) * 16;  // lanes 16-31 land in VZ
+  static_assert(L::VZ - L::VS == 4 * P * 2 && D / 32 == 4, "value scale/zero chunk formula");
   auto issue = [&](int page, int stage) {
     const uint8_t* src = page_ptr(a, b, h, page);
-    uint8_t* dst = ring + stage * L::SLAB;
+    uint8_t* dst = ring + stage * L::SLAB + 16 * lane;
 #pragma unroll
-    for (int ci = lane; ci < L::SLAB / 16; ci += 32) {
-      const int off = ci * 16;
-      int from;
-      if (off < L::SLAB_CODE) from = warp * L::SLAB_CODE + off;                                // key codes
-      else if (off < L::S_KS) from = L::CODE + warp * L::SLAB_CODE + (off - L::SLAB_CODE);   // value codes
-      else if (off < L::S_KZ) from = L::KS + warp * D * 2 + (off - L::S_KS);                 // key scale
-      else if (off < L::S_VS) from = L::KZ + warp * D * 2 + (off - L::S_KZ);                 // key zero
-      else {  // value scale / zero: 64 bytes (32 tokens) of each of the D/32 groups
-        const int j = off < L::S_VZ ? off - L::S_VS : off - L::S_VZ;
-        from = (off < L::S_VZ ? L::VS : L::VZ) + (j / 64) * P * 2 + warp * 64 + j % 64;
-      }
-      cp_async16(dst + off, src + from);
-    }
+    for (int j = 0; j < 2 * NJC; ++j)
+      cp_async16(dst + 512 * j, src + code_src + (j < NJC ? 512 * j : L::CODE + 512 * (j - NJC)));
+    cp_async16(dst + 512 * (2 * NJC), src + kscz_src);
+    cp_async16(dst + 512 * (2 * NJC + 1), src + vscz_src);
   };
+#if LOWBIT_PAGED_DYNAMIC
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (q[st] < p1) issue(q[st], st);
+    cp_commit();
+  }
+  for (int it = 0; q[0] < p1; ++it) {
+    if (q[STAGES - 2] < p1) {  // the previous claim is due: its page goes in the next free stage, claim another
+      q[STAGES - 1] = (STAGES - 1) * a.splits + __shfl_sync(0xffffffff, claimed, 0);
+      if (q[STAGES - 1] < p1) {
+        issue(q[STAGES - 1], (it + STAGES - 1) % STAGES);
+        if (lane == 0) claimed = LOWBIT_CLAIM();
+      }
+    } else {
+      q[STAGES - 1] = p1;
+    }
+    cp_commit();
+    cp_wait<STAGES - 1>();
+    __syncwarp();
+    const uint8_t* sl = ring + (it % STAGES) * L::SLAB;
+    const int page = q[0];
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; ++j) q[j] = q[j + 1];
+#else
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (p0 + st < p1) issue(p0 + st, st);
@@ -336,6 +444,8 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
     __syncwarp();
     const uint8_t* sl = ring + (it % STAGES) * L::SLAB;
     const int page = p0 + it;
+#endif
+    ++done;
     const int k0 = page * P + warp * 32;  // quantized index of this warp's first token
 
     // ---- S^T = K Q^T for this warp's 32 tokens: 2 m-tiles of 16 tokens (A = key codes, B = Q^T, no zero rows);
@@ -362,7 +472,25 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
       for (int kc = 0; kc < D / 16; ++kc) {
         const __half2 s0 = ksc[kc * 8 + qd], s1 = ksc[kc * 8 + 4 + qd];
         const __half2 z0 = kzr[kc * 8 + qd], z1 = kzr[kc * 8 + 4 + qd];
-        if (FOLD) {  // scales into Q, codes straight from lop3 (base + c), offsets and zeros as a bias
+        if (FOLD && LOWBIT_PAGED_SUBNORMAL_K) {
+          // codes as subnormals (code * 2^(pos - 24)) against Q * 2^-pos * s: every product is c q s 2^-24; the
+          // zero term sum_c q_c z_c with z of the lower channels times 2^-BITS, so chain kc % NB carries 2^-pos(kc, 1)
+          static_assert(BITS == 4 || NB % 2 == 0, "2-bit subnormal keys need an even number of bias chains");
+          const uint32_t bs0 = h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][0]), s0));
+          const uint32_t bs1 = h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][1]), s1));
+          const uint32_t zl = h2u(__hmul2(z0, __float2half2_rn(1.f / (1 << BITS))));
+          const uint32_t az[4] = {zl, zl, h2u(z1), h2u(z1)};
+          mma16816(bias[kc % NB], az, qa[kc][0], qa[kc][1]);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            const int p0 = ((2 * mt) * (D / 16) + kc) * 2, p1 = ((2 * mt + 1) * (D / 16) + kc) * 2;
+            const uint32_t ak[4] = {codes2_sub<BITS>(words[p0 / L::PPW], p0 % L::PPW),
+                                    codes2_sub<BITS>(words[p1 / L::PPW], p1 % L::PPW),
+                                    codes2_sub<BITS>(words[(p0 + 1) / L::PPW], (p0 + 1) % L::PPW),
+                                    codes2_sub<BITS>(words[(p1 + 1) / L::PPW], (p1 + 1) % L::PPW)};
+            mma16816(sc[mt], ak, bs0, bs1);
+          }
+        } else if (FOLD) {  // scales into Q, codes straight from lop3 (base + c), offsets and zeros as a bias
           const uint32_t bs0 = h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][0]), s0));
           const uint32_t bs1 = h2u(__hmul2(*reinterpret_cast<const __half2*>(&qa[kc][1]), s1));
           const uint32_t az[4] = {h2u(z0), h2u(z0), h2u(z1), h2u(z1)};
@@ -394,7 +522,16 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
           }
         }
       }
-      if (FOLD) {
+      if (FOLD && LOWBIT_PAGED_SUBNORMAL_K) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float bt = 0.f;
+#pragma unroll
+          for (int i = 0; i < NB; ++i) bt += bias[i][e] * float(1 << key_pos<BITS>(i, 1));
+          sc[0][e] = fmaf(sc[0][e], 16777216.f, bt);  // 2^24
+          sc[1][e] = fmaf(sc[1][e], 16777216.f, bt);
+        }
+      } else if (FOLD) {
 #pragma unroll
         for (int i = 1; i < NB; ++i) { bias[0][0] += bias[i][0]; bias[0][1] += bias[i][1]; bias[0][2] += bias[i][2]; bias[0][3] += bias[i][3]; }
 #pragma unroll
@@ -462,12 +599,14 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
         if (FOLD) value_product_folded<BITS>(acc, zs, pb, words, vsc, vzr, g, qd);
         else value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, a.ring);
       } else {
+        if (v_scaled) { value_unscale<BITS>(acc); v_scaled = false; }  // this and later pages: true scale
         value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, a.ring);
       }
     }
     __syncwarp();  // this stage is refilled next iteration
   }
   cp_wait<0>();
+  if (v_scaled) value_unscale<BITS>(acc);
 
   // ---- merge the 4 warps (shared memory), write this split's partial
   __syncthreads();
@@ -509,6 +648,8 @@ __device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq
     a.part_acc[(part + row) * D + d] = s;
     if (d == 0) { a.part_ml[(part + row) * 2] = M; a.part_ml[(part + row) * 2 + 1] = lsum; }
   }
+  return done;
+#undef LOWBIT_CLAIM
 }
 
 // ------------------------------------------------------------------------------------------------ tail
@@ -660,13 +801,69 @@ __device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* s
   }
 }
 
+template <typename T>
+__device__ void merge_if_last(const Args& a, int bh) {
+  // With counters: the last of the S + 1 programs of (sequence, KV head) to finish merges their partials (log-sum-exp)
+  // and writes the output, so no second launch; it resets the counter for the next call (stream order).
+  __shared__ int is_last;
+  __threadfence();  // this program's partial, visible device-wide before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(a.counters + bh, 1) == a.splits;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int n = a.splits + 1, warp = threadIdx.x / 32, d = (threadIdx.x % 32) * 4;  // a warp per row, 4 channels a lane
+  const int b = bh / a.hkv, h = bh % a.hkv;
+  for (int r = warp; r < a.rows; r += THREADS / 32) {
+    const float* ml = a.part_ml + ((long long)bh * n * a.rows + r) * 2;  // split s at ml[s * rows * 2]
+    const float* acc = a.part_acc + ((long long)bh * n * a.rows + r) * D + d;
+    float M = -INFINITY;
+    for (int s = 0; s < n; ++s) M = fmaxf(M, __ldcg(ml + (long long)s * a.rows * 2));
+    float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+    float den = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < n; ++s) {
+      const float m = __ldcg(ml + (long long)s * a.rows * 2);
+      const float f = m == -INFINITY ? 0.f : exp2f(m - M);  // every partial is written (empty ones: -inf, 0)
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(acc + (long long)s * a.rows * D));
+      num.x += f * x.x; num.y += f * x.y; num.z += f * x.z; num.w += f * x.w;
+      den += f * __ldcg(ml + (long long)s * a.rows * 2 + 1);
+    }
+    const int gi = r / a.nq, qi = r % a.nq;
+    T* o = reinterpret_cast<T*>(a.out) + b * a.o_sb + (long long)qi * a.o_st + (long long)(h * a.gqa + gi) * a.o_sh + d;
+    o[0] = from_f<T>(num.x / den); o[1] = from_f<T>(num.y / den); o[2] = from_f<T>(num.z / den); o[3] = from_f<T>(num.w / den);
+  }
+  if (a.claims && threadIdx.x < 4) a.claims[bh * 4 + threadIdx.x] = 0;
+  if (threadIdx.x == 0) a.counters[bh] = 0;
+}
+
 template <int BITS, int STAGES, bool FOLD, typename T>
 __global__ void __launch_bounds__(THREADS, LOWBIT_PAGED_MINBLOCKS) kivi_paged_kernel(Args a) {
   extern __shared__ __align__(16) uint8_t smem[];
+  LOWBIT_PDL_TRIGGER();  // the merge kernel may be scheduled once every program has started; it waits for them all
+#if LOWBIT_PAGED_TIMELINE
+  unsigned long long t0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+#endif
   const int b = blockIdx.x / a.hkv, h = blockIdx.x % a.hkv;
   const Seq sq = load_seq(a, b);
+  int pages = 0;
   if (blockIdx.y == 0) tail_part<BITS, T>(a, b, h, sq, smem);  // first: its latency hides under the pages
-  else paged_part<BITS, STAGES, FOLD, T>(a, b, h, blockIdx.y - 1, sq, smem);
+  else pages = paged_part<BITS, STAGES, FOLD, T>(a, b, h, blockIdx.y - 1, sq, smem);
+  (void)pages;
+#if LOWBIT_PAGED_TIMELINE
+  __syncthreads();
+  if (threadIdx.x == 0 && a.counters) {
+    unsigned long long t1;
+    unsigned sm;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    unsigned long long* tl = reinterpret_cast<unsigned long long*>(a.counters) + 4 * (blockIdx.y * gridDim.x + blockIdx.x);
+    tl[0] = t0; tl[1] = t1; tl[2] = sm; tl[3] = (blockIdx.y << 16) | pages;  // warp 0's pages
+  }
+#else
+  if (a.counters) merge_if_last<T>(a, blockIdx.x);
+#endif
 }
 
 constexpr int COMBINE_WAYS = 4;  // threads per output element, each summing every 4th split (loads in flight)
@@ -675,6 +872,7 @@ template <typename T>
 __global__ void __launch_bounds__(COMBINE_WAYS * D) combine_kernel(Args a) {
   // One program per (sequence x KV head, row). The splits' loads are independent (a select, not a branch, skips
   // empty ones), so a thread keeps several in flight: a serial, branchy loop over 65 splits cost ~20 us at B1.
+  LOWBIT_PDL_WAIT();  // launched early (programmatic dependent launch): the partials are complete past this point
   const int bh = blockIdx.x, row = blockIdx.y, d = threadIdx.x % D, way = threadIdx.x / D;
   const int b = bh / a.hkv, h = bh % a.hkv, gi = row / a.nq, qi = row % a.nq;
   const int n = a.splits + 1;
@@ -700,6 +898,7 @@ __global__ void __launch_bounds__(COMBINE_WAYS * D) combine_kernel(Args a) {
   }
   sum_num[way][d] = num;
   if (d == 0) sum_den[way] = den;
+  if (a.claims && row == 0 && threadIdx.x < 4) a.claims[bh * 4 + threadIdx.x] = 0;  // every page program is done: reset the claims
   __syncthreads();
   if (way) return;
 #pragma unroll
@@ -718,20 +917,33 @@ int launch(const Args& a, cudaStream_t stream) {
   if (tail_smem > smem) smem = tail_smem;
   auto kern = kivi_paged_kernel<BITS, STAGES, FOLD, T>;
   static int configured = -1;  // the device whose shared-memory limit was raised for this instantiation
+  static bool pdl = false;     // that device runs programmatic dependent launches (sm_90+)
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return (int)err;
   if (configured != dev) {
     err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return (int)err;
+    int major = 0;
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (err != cudaSuccess) return (int)err;
+    pdl = LOWBIT_PAGED_PDL && major >= 9;
     configured = dev;
   }
   dim3 grid(a.batch * a.hkv, a.splits + 1);
   kern<<<grid, THREADS, smem, stream>>>(a);
   err = cudaGetLastError();
-  if (err != cudaSuccess) return (int)err;
-  combine_kernel<T><<<dim3(a.batch * a.hkv, a.rows), COMBINE_WAYS * D, 0, stream>>>(a);
-  return (int)cudaGetLastError();
+  if (err != cudaSuccess || (a.counters && !LOWBIT_PAGED_TIMELINE)) return (int)err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(a.batch * a.hkv, a.rows);
+  cfg.blockDim = dim3(COMBINE_WAYS * D);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return (int)cudaLaunchKernelEx(&cfg, combine_kernel<T>, a);
 }
 
 }  // namespace
@@ -745,7 +957,7 @@ extern "C" int lowbit_kivi_paged_decode(
     const void* sink_k, const void* sink_v, long long sk_sb, long long sk_sh,
     const void* res_k, long long rk_sb, long long rk_sh, const void* res_v, long long rv_sb, long long rv_sh,
     float* part_acc, float* part_ml, int splits, int pages_per_split,
-    void* out, long long o_sb, long long o_st, long long o_sh, void* stream) {
+    void* out, long long o_sb, long long o_st, long long o_sh, void* stream, int* counters, int* claims) {
   Args a;
   a.pool = reinterpret_cast<const uint8_t*>(pool); a.stride_block = stride_block; a.stride_head = stride_head;
   a.table = table; a.max_pages = max_pages;
@@ -756,6 +968,9 @@ extern "C" int lowbit_kivi_paged_decode(
   a.sink_k = sink_k; a.sink_v = sink_v; a.sk_sb = sk_sb; a.sk_sh = sk_sh;
   a.res_k = res_k; a.rk_sb = rk_sb; a.rk_sh = rk_sh; a.res_v = res_v; a.rv_sb = rv_sb; a.rv_sh = rv_sh;
   a.part_acc = part_acc; a.part_ml = part_ml; a.splits = splits; a.pages_per_split = pages_per_split;
+  a.counters = counters;
+  a.claims = claims;
+  if (LOWBIT_PAGED_DYNAMIC && splits > 0 && !claims) return -3;
   a.ring = (variant & 2) ? P : 0;  // variant bit 1: residuals in a ring of P rows (the serving engine)
   a.out = out; a.o_sb = o_sb; a.o_st = o_st; a.o_sh = o_sh;
   if (a.rows > MAXROWS || a.rows < 1) return -1;

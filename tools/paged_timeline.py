@@ -1,0 +1,62 @@
+"""Where a paged KIVI decode call's time goes, program by program (GPU): builds the kernel with
+-DLOWBIT_PAGED_TIMELINE=1 (each program records its start and end on the global timer and its SM), runs the call,
+and prints the launch ramp, program durations (tail vs page programs), pages taken and how late the last programs start and end.
+
+    python tools/paged_timeline.py 8x32768x2 32x32768x2 1x131072x2      # batch x context x bits
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["LOWBIT_NVCC_FLAGS"] = (os.environ.get("LOWBIT_NVCC_FLAGS", "") + " -DLOWBIT_PAGED_TIMELINE=1").strip()
+
+import torch  # noqa: E402
+
+import lowbit.kernels.kivi_paged as kp  # noqa: E402
+from lowbit.bench.paged import _query, random_paged  # noqa: E402
+
+
+def pct(x: torch.Tensor, qs=(0.0, 0.1, 0.5, 0.9, 1.0)) -> str:
+    return " ".join(f"{torch.quantile(x.double(), q).item() / 1e3:6.2f}" for q in qs)
+
+
+def main(points: list[str]) -> None:
+    buf = torch.zeros(1 << 22, dtype=torch.int64, device="cuda")
+    kp._merge_policy = lambda: 1 << 30                  # hand the buffer to every call as `counters`
+    kp._merge_counters = lambda device, stream, n: buf.view(torch.int32)
+    for p in points:
+        b, t, bits = (int(x) for x in p.split("x"))
+        cache, q = random_paged(b, t, bits), _query(b)
+        hkv = cache.pool.shape[-2]
+        splits, per = kp.choose_splits(b * hkv, cache.key_pages, kp._sms(0), *kp._split_model())
+        n = b * hkv * (splits + 1)
+        spans = []
+        for _ in range(6):
+            buf.zero_()
+            kp.paged_decode_attention(q, cache)
+            torch.cuda.synchronize()
+            tl = buf[: 4 * n].view(n, 4).cpu()
+            spans.append((tl[:, 1].max() - tl[:, 0].min()).item())
+        t0 = tl[:, 0].min()
+        start, end, sm = tl[:, 0] - t0, tl[:, 1] - t0, tl[:, 2]
+        split, pages = tl[:, 3] >> 16, tl[:, 3] & 0xFFFF
+        dur, tail = end - start, split == 0
+        late = end >= torch.quantile(end.double(), 0.95).to(end.dtype)
+        print(f"B{b}/{t // 1024}K KIVI-{bits}: {splits} splits x {per} pages, {n} programs on {int(sm.unique().numel())} SMs; "
+              f"kernel span us (6 calls): {' '.join(f'{s / 1e3:.1f}' for s in spans)}")
+        print("   quantiles (0 .1 .5 .9 1) in us:")
+        print(f"   start, page programs  {pct(start[~tail])}")
+        print(f"   start, tail programs  {pct(start[tail])}")
+        print(f"   duration, page        {pct(dur[~tail])}")
+        print(f"   duration, tail        {pct(dur[tail])}")
+        print(f"   end, page programs    {pct(end[~tail])}")
+        print(f"   pages (warp 0)        {' '.join(str(int(torch.quantile(pages[~tail].double(), q))) for q in (0, .1, .5, .9, 1))}")
+        print(f"   the last 5% to end: start {pct(start[late])}; duration {pct(dur[late])}")
+        per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)
+        print(f"   programs per SM: min {per_sm.min().item()} max {per_sm.max().item()}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["8x32768x2", "32x32768x2", "1x131072x2"])
