@@ -68,7 +68,7 @@ def _sms(device_index: int) -> int:
 
 _I, _L, _P, _F = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_float
 _ARGTYPES = [_I, _I, _I, _I, _P, _L, _L, _P, _I, _P, _L, _L, _L, _I, _I, _I, _I, _F, _P, _I, _I, _I, _I, _P,
-             _P, _P, _L, _L, _P, _L, _L, _P, _L, _L, _P, _P, _I, _I, _P, _L, _L, _L, _P, _P, _P]
+             _P, _P, _L, _L, _P, _L, _L, _P, _L, _L, _P, _P, _I, _I, _P, _L, _L, _L, _P, _P]
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,24 +124,18 @@ def _merge_policy() -> int:
         raise ValueError(f"$LOWBIT_PAGED_FUSED_MERGE must be the most splits to merge in-kernel (0: never), got {raw!r}") from None
 
 
-_COUNTERS: dict[tuple[str, int, int], list[torch.Tensor]] = {}
-
-
-def _zeroed_ints(kind: str, device: torch.device, stream: int, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``n`` the kernel leaves zeroed: ``"merge"`` (a counter per (sequence, KV
-    head) for the in-kernel merge) or ``"claims"`` (four page-claim counters per (sequence, KV head)); one set per
-    kind and stream, since calls on one stream run in order. Kept for the process's life (a captured CUDA graph holds
-    the address); a larger need adds a new set."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    held = _COUNTERS.setdefault((kind, idx, stream), [])
-    if not held or held[-1].numel() < n:
-        held.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return held[-1]
+_COUNTERS: dict[tuple[int, int], list[torch.Tensor]] = {}
 
 
 def _merge_counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
-    """The in-kernel merge's counters (see :func:`_zeroed_ints`)."""
-    return _zeroed_ints("merge", device, stream, n)
+    """A zeroed int32 counter per (sequence, KV head) for the in-kernel merge, one set per stream (calls on one
+    stream run in order; the kernel leaves them zeroed). Kept for the process's life (a captured CUDA graph holds
+    the address); a larger need adds a new set."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    held = _COUNTERS.setdefault((idx, stream), [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -221,7 +215,6 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
         raise ValueError(f"unknown paged kernel variant '{variant}': allowed are {', '.join(VARIANTS)}")
     stream = torch.cuda.current_stream(query.device).cuda_stream
     counters = _merge_counters(query.device, stream, b * hkv) if 0 < splits <= _merge_policy() else None
-    claims = _zeroed_ints("claims", query.device, stream, 4 * b * hkv) if splits > 0 else None
     rc = launch(
         cache.bits, int(query.dtype == torch.bfloat16), stages, VARIANTS[variant] | (2 if ring else 0),
         _ptr(pool), pool.stride(-3), pool.stride(-2), _ptr(table), max_pages,
@@ -232,7 +225,7 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
         _ptr(res_k), rk_sb, rk_sh, _ptr(res_v), rv_sb, rv_sh,
         _ptr(part_acc), _ptr(part_ml), splits, per,
         _ptr(out), out.stride(0), out.stride(1), out.stride(2),
-        stream, _ptr(counters), _ptr(claims),
+        stream, _ptr(counters),
     )
     if rc != 0:
         raise RuntimeError(f"paged KIVI decode kernel failed to launch (code {rc})")

@@ -7,15 +7,15 @@
 // LOWBIT_PAGED_SUBNORMAL_K/V) or one lop3 (base + code, the older path), then folds scale, zero and the power of two
 // into the MMAs' other operand.
 //
-// Grid (B * H_kv, S + 1). Programs s >= 1: the pages whose keys AND values are quantized, claimed dynamically (see
-// LOWBIT_PAGED_DYNAMIC); 4 warps, warp w owning tokens 32w..32w+31 of each page (= key group w); pages staged through
-// shared memory with cp.async (STAGES deep). Scores transposed, S^T = K Q^T: 16 tokens of key codes as the A operand,
-// the GQA group's query heads x query tokens (<= 8) as the n8 side; online softmax in registers; O^T += V^T P^T
+// Grid (B * H_kv, S + 1). Program s >= 1: the pages [(s-1)*pps, s*pps) whose keys AND values are quantized; 4 warps,
+// warp w owning tokens 32w..32w+31 of each page (= key group w); pages staged through shared memory with cp.async
+// (STAGES deep). Scores transposed, S^T = K Q^T: 16 tokens of key codes as the A operand, the GQA group's query
+// heads x query tokens (<= 8) as the n8 side; online softmax in registers; O^T += V^T P^T
 // with P^T's B fragments made from the score accumulators by 8x8 movmatrix transposes. Program 0 (dispatched first,
 // so it overlaps the pages): the sinks and the tail (tokens whose key or value is still full precision, or in a
 // partly filled page), CUDA-core code over rows staged by cp.async. Partials are stored with the tail last; a second
-// kernel merges the S + 1 of them (log-sum-exp) and resets the page claims, or, given a zeroed counter per
-// (sequence, KV head), the last of its programs to finish does (one launch; merge_if_last).
+// kernel merges the S + 1 of them (log-sum-exp), or, given a zeroed counter per (sequence, KV head), the last of
+// its programs to finish does (one launch; merge_if_last).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -52,14 +52,11 @@
 #ifndef LOWBIT_PAGED_PDL
 #define LOWBIT_PAGED_PDL 0
 #endif
-// Page programs of one (sequence, KV head) share its pages dynamically: each warp takes its first STAGES - 1 pages
-// by split index, then claims the next from a counter per (sequence, KV head, warp) (`claims`, zeroed; the merge
-// resets it), so programs on SMs that stream faster take more pages and none trails the rest. 0: static page ranges.
-#ifndef LOWBIT_PAGED_DYNAMIC
-#define LOWBIT_PAGED_DYNAMIC 0
-#endif
-// Debug build (tools/paged_timeline.py): each main-kernel program writes (start ns, end ns, SM, split) into the buffer
-// passed as `counters` (no in-kernel merge then), to see the launch ramp, program durations and the last wave.
+// Debug build (tools/paged_timeline.py): each main-kernel program writes (start ns, end ns, SM, split and pages) into
+// the buffer passed as `counters` (no in-kernel merge then), to see the launch ramp, program durations and the last
+// wave. It showed static page runs of equal work taking 48-80 us at B8/32K (H200, 2026-12-03); pages claimed
+// dynamically per warp from atomic counters evened them out (65-78 us) but made each page slower (B8/32K 91.0 vs
+// 88.9 us, B1/128K 62.3 vs 54.2), so the runs stay static (the experiment: commit e40fe33).
 #ifndef LOWBIT_PAGED_TIMELINE
 #define LOWBIT_PAGED_TIMELINE 0
 #endif
@@ -111,7 +108,6 @@ struct Args {
   float* part_acc; float* part_ml;                            // [B*Hkv, S+1, rows, D], [B*Hkv, S+1, rows, 2]
   int splits, pages_per_split;
   int* counters;                                              // [B*Hkv] zeros, or null: merge in-kernel (see merge_if_last)
-  int* claims;                                                // [B*Hkv*4] zeros: dynamic page claims (LOWBIT_PAGED_DYNAMIC)
   int ring;                                                   // 0: residual rows from n_q on; P: a ring indexed by k % P
   void* out; long long o_sb, o_st, o_sh;                      // [B, nq, Hq, D] (elements)
 };
@@ -340,18 +336,7 @@ __device__ int paged_part(const Args& a, int b, int h, int split, const Seq& sq,
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, qd = lane % 4;
   const int kpages = (sq.n_qk + P - 1) / P;  // pages holding quantized keys (the last may be partial)
-#if LOWBIT_PAGED_DYNAMIC
-  // this warp's pages: split * (STAGES - 1) + j for j < STAGES - 1, then (STAGES - 1) * splits + its claims
-  const int p1 = kpages;
-#define LOWBIT_CLAIM() atomicAdd(a.claims + (b * a.hkv + h) * 4 + warp, 1)  // recomputed: no register held
-  int q[STAGES];  // pages of the stages in flight, q[0] computed this iteration (>= p1: none)
-#pragma unroll
-  for (int j = 0; j < STAGES - 1; ++j) q[j] = split * (STAGES - 1) + j;
-  int claimed = 0;  // lane 0: the counter value its last atomic returned (read one iteration later)
-  if (lane == 0 && q[STAGES - 2] < p1) claimed = LOWBIT_CLAIM();
-#else
   const int p0 = split * a.pages_per_split, p1 = min(kpages, p0 + a.pages_per_split);
-#endif
   int done = 0;
   const long long part = ((long long)(b * a.hkv + h) * (a.splits + 1) + split) * a.rows;
   const T* rv = reinterpret_cast<const T*>(a.res_v) + b * a.rv_sb + h * a.rv_sh;
@@ -408,30 +393,6 @@ __device__ int paged_part(const Args& a, int b, int h, int split, const Seq& sq,
     cp_async16(dst + 512 * (2 * NJC), src + kscz_src);
     cp_async16(dst + 512 * (2 * NJC + 1), src + vscz_src);
   };
-#if LOWBIT_PAGED_DYNAMIC
-#pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
-    if (q[st] < p1) issue(q[st], st);
-    cp_commit();
-  }
-  for (int it = 0; q[0] < p1; ++it) {
-    if (q[STAGES - 2] < p1) {  // the previous claim is due: its page goes in the next free stage, claim another
-      q[STAGES - 1] = (STAGES - 1) * a.splits + __shfl_sync(0xffffffff, claimed, 0);
-      if (q[STAGES - 1] < p1) {
-        issue(q[STAGES - 1], (it + STAGES - 1) % STAGES);
-        if (lane == 0) claimed = LOWBIT_CLAIM();
-      }
-    } else {
-      q[STAGES - 1] = p1;
-    }
-    cp_commit();
-    cp_wait<STAGES - 1>();
-    __syncwarp();
-    const uint8_t* sl = ring + (it % STAGES) * L::SLAB;
-    const int page = q[0];
-#pragma unroll
-    for (int j = 0; j < STAGES - 1; ++j) q[j] = q[j + 1];
-#else
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (p0 + st < p1) issue(p0 + st, st);
@@ -444,7 +405,6 @@ __device__ int paged_part(const Args& a, int b, int h, int split, const Seq& sq,
     __syncwarp();
     const uint8_t* sl = ring + (it % STAGES) * L::SLAB;
     const int page = p0 + it;
-#endif
     ++done;
     const int k0 = page * P + warp * 32;  // quantized index of this warp's first token
 
@@ -649,7 +609,6 @@ __device__ int paged_part(const Args& a, int b, int h, int split, const Seq& sq,
     if (d == 0) { a.part_ml[(part + row) * 2] = M; a.part_ml[(part + row) * 2 + 1] = lsum; }
   }
   return done;
-#undef LOWBIT_CLAIM
 }
 
 // ------------------------------------------------------------------------------------------------ tail
@@ -833,7 +792,6 @@ __device__ void merge_if_last(const Args& a, int bh) {
     T* o = reinterpret_cast<T*>(a.out) + b * a.o_sb + (long long)qi * a.o_st + (long long)(h * a.gqa + gi) * a.o_sh + d;
     o[0] = from_f<T>(num.x / den); o[1] = from_f<T>(num.y / den); o[2] = from_f<T>(num.z / den); o[3] = from_f<T>(num.w / den);
   }
-  if (a.claims && threadIdx.x < 4) a.claims[bh * 4 + threadIdx.x] = 0;
   if (threadIdx.x == 0) a.counters[bh] = 0;
 }
 
@@ -898,7 +856,6 @@ __global__ void __launch_bounds__(COMBINE_WAYS * D) combine_kernel(Args a) {
   }
   sum_num[way][d] = num;
   if (d == 0) sum_den[way] = den;
-  if (a.claims && row == 0 && threadIdx.x < 4) a.claims[bh * 4 + threadIdx.x] = 0;  // every page program is done: reset the claims
   __syncthreads();
   if (way) return;
 #pragma unroll
@@ -957,7 +914,7 @@ extern "C" int lowbit_kivi_paged_decode(
     const void* sink_k, const void* sink_v, long long sk_sb, long long sk_sh,
     const void* res_k, long long rk_sb, long long rk_sh, const void* res_v, long long rv_sb, long long rv_sh,
     float* part_acc, float* part_ml, int splits, int pages_per_split,
-    void* out, long long o_sb, long long o_st, long long o_sh, void* stream, int* counters, int* claims) {
+    void* out, long long o_sb, long long o_st, long long o_sh, void* stream, int* counters) {
   Args a;
   a.pool = reinterpret_cast<const uint8_t*>(pool); a.stride_block = stride_block; a.stride_head = stride_head;
   a.table = table; a.max_pages = max_pages;
@@ -969,8 +926,6 @@ extern "C" int lowbit_kivi_paged_decode(
   a.res_k = res_k; a.rk_sb = rk_sb; a.rk_sh = rk_sh; a.res_v = res_v; a.rv_sb = rv_sb; a.rv_sh = rv_sh;
   a.part_acc = part_acc; a.part_ml = part_ml; a.splits = splits; a.pages_per_split = pages_per_split;
   a.counters = counters;
-  a.claims = claims;
-  if (LOWBIT_PAGED_DYNAMIC && splits > 0 && !claims) return -3;
   a.ring = (variant & 2) ? P : 0;  // variant bit 1: residuals in a ring of P rows (the serving engine)
   a.out = out; a.o_sb = o_sb; a.o_st = o_st; a.o_sh = o_sh;
   if (a.rows > MAXROWS || a.rows < 1) return -1;
