@@ -56,6 +56,16 @@ def main(points: list[str]) -> None:
         print(f"   the last 5% to end: start {pct(start[late])}; duration {pct(dur[late])}")
         per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)
         print(f"   programs per SM: min {per_sm.min().item()} max {per_sm.max().item()}")
+        # is a program's speed its SM's (placement) or its own (its pages)? share of the page programs' duration
+        # variance between SMs, and the mean duration of the slowest and fastest SMs
+        d, s_ = dur[~tail].double(), sm[~tail]
+        n_sm = int(s_.max()) + 1
+        cnt = torch.bincount(s_, minlength=n_sm).double()
+        mean_sm = torch.bincount(s_, weights=d, minlength=n_sm) / cnt.clamp(min=1)
+        between = (cnt * (mean_sm - d.mean()) ** 2).sum() / ((d - d.mean()) ** 2).sum().clamp(min=1e-9)
+        busy = mean_sm[cnt > 0].sort().values / 1e3
+        print(f"   page-program duration variance between SMs: {between.item():.0%}; SM means us: fastest "
+              f"{' '.join(f'{x:.1f}' for x in busy[:4].tolist())}, slowest {' '.join(f'{x:.1f}' for x in busy[-4:].tolist())}")
 
 
 if __name__ == "__main__":
