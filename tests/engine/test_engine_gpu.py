@@ -123,3 +123,22 @@ def test_chunked_prefill_with_graphs_equals_eager(kind):
         outs.append([r.output for r in reqs])
         assert engine.store.used_blocks == 0
     assert outs[0] == outs[1]
+
+
+@cuda
+@pytest.mark.parametrize("graphs", [True, False])
+def test_decode_is_right_behind_a_busy_stream(graphs):
+    """Each step uploads the rows' positions asynchronously from pinned memory: with the stream held back by queued
+    work, the host must not change them before the step's sync (it did, and a step read the next step's positions)."""
+    model = _random_llama()
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 260)]
+    outs = []
+    for busy in (False, True):
+        engine = PagedEngine(model, kv="fp16", kv_budget_mb=256, max_batch=4, max_tokens=1024, graphs=graphs)
+        reqs = [engine.add(p, 40) for p in prompts]
+        while not engine.idle:
+            if busy:
+                torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time queued ahead of the step's position upload
+            engine.step()
+        outs.append([r.output for r in reqs])
+    assert outs[0] == outs[1]

@@ -163,8 +163,11 @@ class PagedEngine:
             logits = self.graphs.step(b, limit=self.store.rows - 1 if self.prefilling is not None else None)
             tokens = self._sample(logits, b, self.graphs.pos[:b] + 1)
             self.graphs.tokens[:b] = tokens
+            emitted = tokens.tolist()  # the step's one host sync
+            # only now may the host change pos_host: the upload above is asynchronous (pinned memory), and
+            # incrementing before the sync raced it (a step behind a busy stream read the next step's positions)
             self.pos_host[:b] += 1
-            for r, tok in zip(list(self.running), tokens.tolist()):  # the step's one host sync
+            for r, tok in zip(list(self.running), emitted):
                 self._emit(r, tok)
         stats = StepStats(prefilled, b, time.perf_counter() - t0, self.store.used_blocks, len(self.store.free_blocks))
         self.history.append(stats)
