@@ -185,8 +185,35 @@ def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, monke
     x = torch.randn(m, 200)
     kernel_forward(q, x)
     assert not seen  # off by default
-    monkeypatch.setattr(linear, "FUSED_DECODE", True)  # what $LOWBIT_W4AX_FUSED=1 sets at import
+    monkeypatch.setattr(linear, "FUSED_DECODE", "1")  # what $LOWBIT_W4AX_FUSED=1 sets at import
     torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
     assert bool(seen) == fused
     if fused:
         assert seen[0][0] == q.qweight.data_ptr() and seen[0][1] == q.cfg.a_bits
+    # "eager": the one-launch linear unless the call is being captured into a CUDA graph
+    monkeypatch.setattr(linear, "FUSED_DECODE", "eager")
+    for capturing in (False, True):
+        seen.clear()
+        monkeypatch.setattr(linear, "_fused_now", lambda x, c=capturing: not c)
+        torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
+        assert bool(seen) == (fused and not capturing)
+
+
+def test_fused_mode_values():
+    from lowbit.wa import linear
+
+    assert [linear.fused_mode(v) for v in (None, "", " 1 ", "eager", "0")] == ["0", "0", "1", "eager", "0"]
+    with pytest.raises(ValueError, match="LOWBIT_W4AX_FUSED must be one of 0, 1, eager"):
+        linear.fused_mode("yes")
+
+
+
+@pytest.mark.parametrize("mode,is_cuda,capturing,want", [("0", True, False, False), ("1", True, True, True),
+                                                          ("eager", True, False, True), ("eager", True, True, False),
+                                                          ("eager", False, False, True)])
+def test_fused_now_follows_the_mode_and_graph_capture(monkeypatch, mode, is_cuda, capturing, want):
+    from lowbit.wa import linear
+
+    monkeypatch.setattr(linear, "FUSED_DECODE", mode)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    assert linear._fused_now(types.SimpleNamespace(is_cuda=is_cuda)) == want

@@ -379,8 +379,29 @@ def kernel_inputs(ql: QuantLinear, device: torch.device) -> tuple[torch.Tensor |
     return ql._cache[key]
 
 
-FUSED_ENV = "LOWBIT_W4AX_FUSED"  # "1": decode-sized calls take the one-launch linear (kernels/w4ax_fused.py)
-FUSED_DECODE = os.environ.get(FUSED_ENV, "0") == "1"  # read once at import, not per call
+FUSED_ENV = "LOWBIT_W4AX_FUSED"  # which decode-sized calls take the one-launch linear (kernels/w4ax_fused.py)
+FUSED_MODES = ("0", "1", "eager")  # never, always, only outside CUDA-graph capture
+
+
+def fused_mode(raw: str | None) -> str:
+    """The value of ``$LOWBIT_W4AX_FUSED`` checked: one of :data:`FUSED_MODES` (unset or empty: "0")."""
+    mode = (raw or "").strip() or "0"
+    if mode not in FUSED_MODES:
+        raise ValueError(f"${FUSED_ENV} must be one of {', '.join(FUSED_MODES)} (0: two launches, 1: the one-launch "
+                         f"linear for M <= 16, eager: the one-launch linear unless a CUDA graph is being captured), "
+                         f"got {raw!r}")
+    return mode
+
+
+FUSED_DECODE = fused_mode(os.environ.get(FUSED_ENV))  # read once at import, not per call
+
+
+def _fused_now(x: torch.Tensor) -> bool:
+    """Whether this call takes the one-launch linear under :data:`FUSED_DECODE` ("eager": on the H200 one launch is
+    the faster eager call and two launches the faster captured one, BENCHMARKS.md 2026-12-02)."""
+    if FUSED_DECODE == "eager":
+        return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return FUSED_DECODE == "1"
 
 
 def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -392,8 +413,9 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     scales and split-K partials come from the shared workspace (:data:`lowbit.kernels.gemm.WORKSPACE`),
     and with ``ql.reuse_output`` the output is a per-layer buffer reused for every call (the caller must be
     done with one output before the next call: CUDA graphs, decode loops); without it, a fresh tensor.
-    With ``$LOWBIT_W4AX_FUSED=1`` at import (:data:`FUSED_DECODE`), decode-sized calls (M <= 16, block <= group) take the one-launch linear
-    (:mod:`lowbit.kernels.w4ax_fused`, bit-identical); off by default until it is measured on a GPU.
+    With ``$LOWBIT_W4AX_FUSED=1`` at import (:data:`FUSED_DECODE`), decode-sized calls (M <= 16, block <= group)
+    take the one-launch linear (:mod:`lowbit.kernels.w4ax_fused`, bit-identical at the same tile); with ``eager``,
+    only calls made outside CUDA-graph capture do. Off by default: slower under graphs on the H200.
     """
     from lowbit.kernels.gemm import WORKSPACE, quantize_activation, stream_key, w4a8_gemm
     from lowbit.kernels.layout import BufferPool
@@ -409,7 +431,7 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if ql._outputs is None:
             ql._outputs = BufferPool()
         out = ql._outputs.get("y", (m, ql.out_features), out_dtype, dev, sk)
-    if FUSED_DECODE:  # one launch: the quantizer in the GEMM's prologue
+    if FUSED_DECODE != "0" and _fused_now(x2):  # one launch: the quantizer in the GEMM's prologue
         from lowbit.kernels.w4ax_fused import fused_supported, w4ax_linear
 
         if fused_supported(m, ql.block, ql.group):
