@@ -3,12 +3,14 @@
 and prints the launch ramp, program durations (tail vs page programs), pages taken and how late the last programs start and end.
 
     python tools/paged_timeline.py 8x32768x2 32x32768x2 1x131072x2      # batch x context x bits
+    python tools/paged_timeline.py --json timeline.json 8x32768x2      # also every program's record, for analysis
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
 
 os.environ["LOWBIT_NVCC_FLAGS"] = (os.environ.get("LOWBIT_NVCC_FLAGS", "") + " -DLOWBIT_PAGED_TIMELINE=1").strip()
 
@@ -22,10 +24,11 @@ def pct(x: torch.Tensor, qs=(0.0, 0.1, 0.5, 0.9, 1.0)) -> str:
     return " ".join(f"{torch.quantile(x.double(), q).item() / 1e3:6.2f}" for q in qs)
 
 
-def main(points: list[str]) -> None:
+def main(points: list[str], json_out: str | None = None) -> None:
     buf = torch.zeros(1 << 22, dtype=torch.int64, device="cuda")
     kp._merge_policy = lambda: 1 << 30                  # hand the buffer to every call as `counters`
     kp._merge_counters = lambda device, stream, n: buf.view(torch.int32)
+    raw = {}
     for p in points:
         b, t, bits = (int(x) for x in p.split("x"))
         cache, q = random_paged(b, t, bits), _query(b)
@@ -64,9 +67,20 @@ def main(points: list[str]) -> None:
         mean_sm = torch.bincount(s_, weights=d, minlength=n_sm) / cnt.clamp(min=1)
         between = (cnt * (mean_sm - d.mean()) ** 2).sum() / ((d - d.mean()) ** 2).sum().clamp(min=1e-9)
         busy = mean_sm[cnt > 0].sort().values / 1e3
+        raw[p] = {"splits": splits, "pages_per_split": per, "start_ns": start.tolist(), "end_ns": end.tolist(),
+                  "sm": sm.tolist(), "split": split.tolist(), "pages_warp0": pages.tolist()}
         print(f"   page-program duration variance between SMs: {between.item():.0%}; SM means us: fastest "
               f"{' '.join(f'{x:.1f}' for x in busy[:4].tolist())}, slowest {' '.join(f'{x:.1f}' for x in busy[-4:].tolist())}")
 
 
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(raw, f)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["8x32768x2", "32x32768x2", "1x131072x2"])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("points", nargs="*", default=["8x32768x2", "32x32768x2", "1x131072x2"])
+    ap.add_argument("--json", dest="json_out", help="write every program's record here")
+    args = ap.parse_args()
+    main(args.points, args.json_out)
