@@ -55,7 +55,7 @@ def main(points: list[str], json_out: str | None = None) -> None:
         print(f"   duration, page        {pct(dur[~tail])}")
         print(f"   duration, tail        {pct(dur[tail])}")
         print(f"   end, page programs    {pct(end[~tail])}")
-        print(f"   pages (warp 0)        {' '.join(str(int(torch.quantile(pages[~tail].double(), q))) for q in (0, .1, .5, .9, 1))}")
+        print(f"   pages per program     {' '.join(str(int(torch.quantile(pages[~tail].double(), q))) for q in (0, .1, .5, .9, 1))}")
         print(f"   the last 5% to end: start {pct(start[late])}; duration {pct(dur[late])}")
         per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)
         print(f"   programs per SM: min {per_sm.min().item()} max {per_sm.max().item()}")
@@ -68,7 +68,7 @@ def main(points: list[str], json_out: str | None = None) -> None:
         between = (cnt * (mean_sm - d.mean()) ** 2).sum() / ((d - d.mean()) ** 2).sum().clamp(min=1e-9)
         busy = mean_sm[cnt > 0].sort().values / 1e3
         raw[p] = {"splits": splits, "pages_per_split": per, "start_ns": start.tolist(), "end_ns": end.tolist(),
-                  "sm": sm.tolist(), "split": split.tolist(), "pages_warp0": pages.tolist()}
+                  "sm": sm.tolist(), "split": split.tolist(), "pages": pages.tolist()}
         print(f"   page-program duration variance between SMs: {between.item():.0%}; SM means us: fastest "
               f"{' '.join(f'{x:.1f}' for x in busy[:4].tolist())}, slowest {' '.join(f'{x:.1f}' for x in busy[-4:].tolist())}")
 

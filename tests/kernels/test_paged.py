@@ -128,32 +128,30 @@ def test_split_plan_and_its_experiment_knob(monkeypatch):
     assert kivi_paged.choose_splits(8, 256, 132, 8, 3.0) == (128, 2)  # twice the slots: split finer
     assert kivi_paged.choose_splits(256, 256, 132) == (2, 128)  # B32 x 8 heads: two splits already fill a wave
     assert kivi_paged.choose_splits(8, 0, 132) == (0, 1)
-    kivi_paged._split_model.cache_clear()
-    monkeypatch.setenv("LOWBIT_PAGED_SPLIT", "8,1.5")
-    assert kivi_paged._split_model() == (8, 1.5)
-    kivi_paged._split_model.cache_clear()
-    monkeypatch.setenv("LOWBIT_PAGED_SPLIT", "eight")
-    with pytest.raises(ValueError, match="LOWBIT_PAGED_SPLIT"):
-        kivi_paged._split_model()
-    kivi_paged._split_model.cache_clear()
-    monkeypatch.delenv("LOWBIT_PAGED_SPLIT")
-    assert kivi_paged._split_model() == (4, 3.0)
+    assert _env_knob(monkeypatch, kivi_paged._split_model, "LOWBIT_PAGED_SPLIT", "8,1.5", "eight") == ((8, 1.5), (4, 3.0))
+
+
+def _env_knob(monkeypatch, read, name, good, bad):
+    """(what the cached reader `read` gives with $name=good, with $name unset); $name=bad must raise naming it."""
+    read.cache_clear()
+    monkeypatch.setenv(name, good)
+    got = read()
+    read.cache_clear()
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(ValueError, match=name):
+        read()
+    read.cache_clear()
+    monkeypatch.delenv(name)
+    default = read()
+    read.cache_clear()
+    return got, default
 
 
 def test_in_kernel_merge_knob(monkeypatch):
     from lowbit.kernels import kivi_paged
 
-    kivi_paged._merge_policy.cache_clear()
-    monkeypatch.setenv("LOWBIT_PAGED_FUSED_MERGE", "16")
-    assert kivi_paged._merge_policy() == 16
-    kivi_paged._merge_policy.cache_clear()
-    monkeypatch.setenv("LOWBIT_PAGED_FUSED_MERGE", "yes")
-    with pytest.raises(ValueError, match="LOWBIT_PAGED_FUSED_MERGE"):
-        kivi_paged._merge_policy()
-    kivi_paged._merge_policy.cache_clear()
-    monkeypatch.delenv("LOWBIT_PAGED_FUSED_MERGE")
-    assert kivi_paged._merge_policy() >= 0
-    kivi_paged._merge_policy.cache_clear()
+    got, default = _env_knob(monkeypatch, kivi_paged._merge_policy, "LOWBIT_PAGED_FUSED_MERGE", "16", "yes")
+    assert got == 16 and default >= 0
 
 
 @gpu

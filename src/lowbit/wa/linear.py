@@ -431,7 +431,7 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if ql._outputs is None:
             ql._outputs = BufferPool()
         out = ql._outputs.get("y", (m, ql.out_features), out_dtype, dev, sk)
-    if FUSED_DECODE != "0" and _fused_now(x2):  # one launch: the quantizer in the GEMM's prologue
+    if _fused_now(x2):  # one launch: the quantizer in the GEMM's prologue
         from lowbit.kernels.w4ax_fused import fused_supported, w4ax_linear
 
         if fused_supported(m, ql.block, ql.group):

@@ -331,13 +331,12 @@ __device__ __forceinline__ void value_unscale(float (&acc)[D / 16][4]) {
 }
 
 template <int BITS, int STAGES, bool FOLD, typename T>
-__device__ int paged_part(const Args& a, int b, int h, int split, const Seq& sq, uint8_t* smem) {
+__device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq, uint8_t* smem) {
   using L = Lay<BITS>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, qd = lane % 4;
   const int kpages = (sq.n_qk + P - 1) / P;  // pages holding quantized keys (the last may be partial)
   const int p0 = split * a.pages_per_split, p1 = min(kpages, p0 + a.pages_per_split);
-  int done = 0;
   const long long part = ((long long)(b * a.hkv + h) * (a.splits + 1) + split) * a.rows;
   const T* rv = reinterpret_cast<const T*>(a.res_v) + b * a.rv_sb + h * a.rv_sh;
   const int n_kept = sq.total - sq.n_sink;  // tokens after the sinks
@@ -405,7 +404,6 @@ __device__ int paged_part(const Args& a, int b, int h, int split, const Seq& sq,
     __syncwarp();
     const uint8_t* sl = ring + (it % STAGES) * L::SLAB;
     const int page = p0 + it;
-    ++done;
     const int k0 = page * P + warp * 32;  // quantized index of this warp's first token
 
     // ---- S^T = K Q^T for this warp's 32 tokens: 2 m-tiles of 16 tokens (A = key codes, B = Q^T, no zero rows);
@@ -608,7 +606,6 @@ __device__ int paged_part(const Args& a, int b, int h, int split, const Seq& sq,
     a.part_acc[(part + row) * D + d] = s;
     if (d == 0) { a.part_ml[(part + row) * 2] = M; a.part_ml[(part + row) * 2 + 1] = lsum; }
   }
-  return done;
 }
 
 // ------------------------------------------------------------------------------------------------ tail
@@ -805,10 +802,8 @@ __global__ void __launch_bounds__(THREADS, LOWBIT_PAGED_MINBLOCKS) kivi_paged_ke
 #endif
   const int b = blockIdx.x / a.hkv, h = blockIdx.x % a.hkv;
   const Seq sq = load_seq(a, b);
-  int pages = 0;
   if (blockIdx.y == 0) tail_part<BITS, T>(a, b, h, sq, smem);  // first: its latency hides under the pages
-  else pages = paged_part<BITS, STAGES, FOLD, T>(a, b, h, blockIdx.y - 1, sq, smem);
-  (void)pages;
+  else paged_part<BITS, STAGES, FOLD, T>(a, b, h, blockIdx.y - 1, sq, smem);
 #if LOWBIT_PAGED_TIMELINE
   __syncthreads();
   if (threadIdx.x == 0 && a.counters) {
@@ -817,7 +812,9 @@ __global__ void __launch_bounds__(THREADS, LOWBIT_PAGED_MINBLOCKS) kivi_paged_ke
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
     unsigned long long* tl = reinterpret_cast<unsigned long long*>(a.counters) + 4 * (blockIdx.y * gridDim.x + blockIdx.x);
-    tl[0] = t0; tl[1] = t1; tl[2] = sm; tl[3] = (blockIdx.y << 16) | pages;  // warp 0's pages
+    const int p0 = (blockIdx.y - 1) * a.pages_per_split, kpages = (sq.n_qk + P - 1) / P;
+    const int pages = blockIdx.y ? max(0, min(kpages, p0 + a.pages_per_split) - p0) : 0;  // paged_part's run
+    tl[0] = t0; tl[1] = t1; tl[2] = sm; tl[3] = (blockIdx.y << 16) | pages;
   }
 #else
   if (a.counters) merge_if_last<T>(a, blockIdx.x);
