@@ -1,6 +1,6 @@
 """Where a paged KIVI decode call's time goes, program by program (GPU): builds the kernel with
 -DLOWBIT_PAGED_TIMELINE=1 (each program records its start and end on the global timer and its SM), runs the call,
-and prints the launch ramp, program durations (tail vs page programs), pages taken and how late the last programs start and end.
+and prints the launch ramp, program durations (tails vs page slices), pages taken, and per SM its pages and last end.
 
     python tools/paged_timeline.py 8x32768x2 32x32768x2 1x131072x2      # batch x context x bits
     python tools/paged_timeline.py --json timeline.json 8x32768x2      # also every program's record, for analysis
@@ -26,52 +26,43 @@ def pct(x: torch.Tensor, qs=(0.0, 0.1, 0.5, 0.9, 1.0)) -> str:
 
 def main(points: list[str], json_out: str | None = None) -> None:
     buf = torch.zeros(1 << 22, dtype=torch.int64, device="cuda")
-    kp._merge_policy = lambda: 1 << 30                  # hand the buffer to every call as `counters`
-    kp._merge_counters = lambda device, stream, n: buf.view(torch.int32)
+    kp.TIMELINE = buf  # every call writes its programs' records here
     raw = {}
     for p in points:
         b, t, bits = (int(x) for x in p.split("x"))
         cache, q = random_paged(b, t, bits), _query(b)
         hkv = cache.pool.shape[-2]
-        splits, per = kp.choose_splits(b * hkv, cache.key_pages, kp._sms(0), *kp._split_model())
-        n = b * hkv * (splits + 1)
+        plan = kp.plan_split(b * hkv, cache.key_pages, kp._sms(0), *kp._split_model())
         spans = []
         for _ in range(6):
             buf.zero_()
             kp.paged_decode_attention(q, cache)
             torch.cuda.synchronize()
-            tl = buf[: 4 * n].view(n, 4).cpu()
+            tl = buf.view(-1, 4)
+            tl = tl[: int((tl[:, 1] != 0).sum())].cpu()  # programs write records 0..grid-1
             spans.append((tl[:, 1].max() - tl[:, 0].min()).item())
         t0 = tl[:, 0].min()
         start, end, sm = tl[:, 0] - t0, tl[:, 1] - t0, tl[:, 2]
-        split, pages = tl[:, 3] >> 16, tl[:, 3] & 0xFFFF
-        dur, tail = end - start, split == 0
-        late = end >= torch.quantile(end.double(), 0.95).to(end.dtype)
-        print(f"B{b}/{t // 1024}K KIVI-{bits}: {splits} splits x {per} pages, {n} programs on {int(sm.unique().numel())} SMs; "
+        tail, pages = (tl[:, 3] >> 32) == 1, tl[:, 3] & 0xFFFFFFFF
+        dur = end - start
+        print(f"B{b}/{t // 1024}K KIVI-{bits}: {b * hkv} tails + {plan.chunks} slices of {plan.chunk} pages on "
+              f"{int(sm.unique().numel())} SMs; "
               f"kernel span us (6 calls): {' '.join(f'{s / 1e3:.1f}' for s in spans)}")
-        print("   quantiles (0 .1 .5 .9 1) in us:")
-        print(f"   start, page programs  {pct(start[~tail])}")
-        print(f"   start, tail programs  {pct(start[tail])}")
-        print(f"   duration, page        {pct(dur[~tail])}")
-        print(f"   duration, tail        {pct(dur[tail])}")
-        print(f"   end, page programs    {pct(end[~tail])}")
-        print(f"   pages per program     {' '.join(str(int(torch.quantile(pages[~tail].double(), q))) for q in (0, .1, .5, .9, 1))}")
-        print(f"   the last 5% to end: start {pct(start[late])}; duration {pct(dur[late])}")
-        per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)
-        print(f"   programs per SM: min {per_sm.min().item()} max {per_sm.max().item()}")
-        # is a program's speed its SM's (placement) or its own (its pages)? share of the page programs' duration
-        # variance between SMs, and the mean duration of the slowest and fastest SMs
-        d, s_ = dur[~tail].double(), sm[~tail]
-        n_sm = int(s_.max()) + 1
-        cnt = torch.bincount(s_, minlength=n_sm).double()
-        mean_sm = torch.bincount(s_, weights=d, minlength=n_sm) / cnt.clamp(min=1)
-        between = (cnt * (mean_sm - d.mean()) ** 2).sum() / ((d - d.mean()) ** 2).sum().clamp(min=1e-9)
-        busy = mean_sm[cnt > 0].sort().values / 1e3
-        raw[p] = {"splits": splits, "pages_per_split": per, "start_ns": start.tolist(), "end_ns": end.tolist(),
-                  "sm": sm.tolist(), "split": split.tolist(), "pages": pages.tolist()}
-        print(f"   page-program duration variance between SMs: {between.item():.0%}; SM means us: fastest "
-              f"{' '.join(f'{x:.1f}' for x in busy[:4].tolist())}, slowest {' '.join(f'{x:.1f}' for x in busy[-4:].tolist())}")
-
+        print("   quantiles (0 .1 .5 .9 1), times in us:")
+        print(f"   start, slices       {pct(start[~tail])}")
+        print(f"   duration, slices    {pct(dur[~tail])}")
+        print(f"   duration, tails     {pct(dur[tail])}")
+        print(f"   end, slices         {pct(end[~tail])}")
+        print(f"   pages per slice     {' '.join(str(int(torch.quantile(pages[~tail].double(), q))) for q in (0, .1, .5, .9, 1))}")
+        n_sm = int(sm.max()) + 1
+        pages_sm = torch.bincount(sm, weights=pages.double(), minlength=n_sm)
+        end_sm = torch.zeros(n_sm, dtype=end.dtype).scatter_reduce(0, sm, end, "amax")
+        used = torch.bincount(sm, minlength=n_sm) > 0
+        print(f"   per SM: programs {torch.bincount(sm, minlength=n_sm)[used].min().item()}-"
+              f"{torch.bincount(sm, minlength=n_sm)[used].max().item()}, pages "
+              f"{' '.join(str(int(torch.quantile(pages_sm[used], q))) for q in (0, .1, .5, .9, 1))}, last end {pct(end_sm[used])}")
+        raw[p] = {"chunk": plan.chunk, "chunks": plan.chunks, "start_ns": start.tolist(), "end_ns": end.tolist(),
+                  "sm": sm.tolist(), "tail": tail.tolist(), "pages": pages.tolist()}
 
     if json_out:
         with open(json_out, "w") as f:

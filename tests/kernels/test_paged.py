@@ -101,11 +101,11 @@ def test_paged_kernel_refuses_too_many_rows():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits", [1, 3, 17])
-def test_paged_kernel_block_table_and_splits(splits):
+@pytest.mark.parametrize("chunk", [1, 3, 17])
+def test_paged_kernel_block_table_and_slices(chunk):
     from lowbit.kernels.kivi_paged import paged_decode_attention
 
-    layer = _layer(2, 8, 3000, 40, 2, dtype=torch.bfloat16, device="cuda", seed=splits)
+    layer = _layer(2, 8, 3000, 40, 2, dtype=torch.bfloat16, device="cuda", seed=chunk)
     parts = layer.parts()
     parts = type(parts)(**{**parts.__dict__, "n_qk": parts.n_qk - 1,
                            "res_k": torch.cat([layer.full_keys()[:, :, parts.n_sink + parts.n_qk - 1: parts.n_sink + parts.n_qk], parts.res_k], dim=2)})
@@ -117,18 +117,50 @@ def test_paged_kernel_block_table_and_splits(splits):
     tabled = PagedKivi(**{**paged.__dict__, "pool": pool, "table": perm.view(b, pages).int()})
     q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     want = paged_decode_attention_ref(q, paged)
-    assert _rel(paged_decode_attention(q, tabled, splits=splits), want) < 2e-3
+    assert _rel(paged_decode_attention(q, tabled, chunk=chunk), want) < 2e-3
 
 
-def test_split_plan_and_its_experiment_knob(monkeypatch):
-    """The wave model's choices (B1/32K: 64 splits of 4 pages fill one wave of 132 SMs x 4) and the env override."""
+@pytest.mark.parametrize("batch_heads,pages,sms,chunk", [(64, 256, 132, None), (8, 256, 132, None), (256, 256, 132, None),
+                                                        (8, 1024, 132, None), (3, 7, 132, None), (5, 37, 4, None),
+                                                        (6, 10, 132, 1), (6, 10, 132, 3), (6, 10, 132, 17), (2, 5, 1, 64)])
+def test_split_plan_covers_every_page_once(batch_heads, pages, sms, chunk):
+    """The page programs' slices, cut per (sequence x head) as the kernel cuts them, cover every page exactly once;
+    each (sequence x head) gets its partials in program order within its `parts` slots (the tail's follows)."""
+    from lowbit.kernels.kivi_paged import plan_split
+
+    plan = plan_split(batch_heads, pages, sms, chunk=chunk)
+    seen = {}
+    for c in range(plan.chunks):
+        v0, v1 = c * plan.chunk, min((c + 1) * plan.chunk, batch_heads * pages)
+        assert v1 > v0
+        bh = v0 // pages
+        while bh * pages < v1:
+            lo, hi = max(v0, bh * pages) - bh * pages, min(v1, (bh + 1) * pages) - bh * pages
+            slot = c - bh * pages // plan.chunk
+            seen.setdefault(bh, []).append((slot, lo, hi))
+            bh += 1
+    for bh in range(batch_heads):
+        segs = seen[bh]
+        assert [s for s, _, _ in segs] == list(range(plan.partials(bh)))
+        assert plan.partials(bh) <= plan.parts
+        covered = [p for _, lo, hi in segs for p in range(lo, hi)]
+        assert covered == list(range(pages))
+    if chunk is None:
+        assert plan.chunks <= 4 * sms and (plan.chunk >= 4 or plan.chunks == 1)
+
+
+def test_split_plan_shapes_and_its_experiment_knob(monkeypatch):
+    """One wave of 4 slices per SM, at least 4 pages each: B8/32K (64 x 256 pages, 132 SMs) in 512 slices of 32;
+    B32/32K in 525 of 125; a small cache in fewer slices; nothing to split without pages; the env override."""
     from lowbit.kernels import kivi_paged
 
-    assert kivi_paged.choose_splits(8, 256, 132) == (64, 4)
-    assert kivi_paged.choose_splits(8, 256, 132, 8, 3.0) == (128, 2)  # twice the slots: split finer
-    assert kivi_paged.choose_splits(256, 256, 132) == (2, 128)  # B32 x 8 heads: two splits already fill a wave
-    assert kivi_paged.choose_splits(8, 0, 132) == (0, 1)
-    assert _env_knob(monkeypatch, kivi_paged._split_model, "LOWBIT_PAGED_SPLIT", "8,1.5", "eight") == ((8, 1.5), (4, 3.0))
+    p = kivi_paged.plan_split(64, 256, 132)
+    assert (p.chunk, p.chunks, p.parts) == (32, 512, 9)
+    assert (kivi_paged.plan_split(256, 256, 132).chunk, kivi_paged.plan_split(256, 256, 132).chunks) == (125, 525)
+    assert kivi_paged.plan_split(8, 20, 132).chunks == 40  # 160 pages, at least 4 each
+    assert kivi_paged.plan_split(8, 0, 132).chunks == 0
+    assert kivi_paged.plan_split(64, 256, 132, 3, 4).chunks == 391  # 396 slots: 41.4 -> 42 pages
+    assert _env_knob(monkeypatch, kivi_paged._split_model, "LOWBIT_PAGED_SPLIT", "3,2", "four") == ((3, 2), (4, 4))
 
 
 def _env_knob(monkeypatch, read, name, good, bad):
@@ -147,34 +179,24 @@ def _env_knob(monkeypatch, read, name, good, bad):
     return got, default
 
 
-def test_in_kernel_merge_knob(monkeypatch):
-    from lowbit.kernels import kivi_paged
-
-    got, default = _env_knob(monkeypatch, kivi_paged._merge_policy, "LOWBIT_PAGED_FUSED_MERGE", "16", "yes")
-    assert got == 16 and default >= 0
-
-
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("splits", [None, 1, 3, 17])
-def test_in_kernel_merge_matches_reference_and_leaves_counters_zeroed(monkeypatch, bits, splits):
-    # the last program of each (sequence, KV head) merges: right on every call (its counter is reset), left padding
+@pytest.mark.parametrize("chunk", [None, 1, 3, 17, 400])
+def test_slices_across_sequences_match_reference_on_repeated_calls(bits, chunk):
+    # slices that cut across sequences and heads (several partials per program), left padding, repeated calls
     from lowbit.kernels import kivi_paged
 
-    monkeypatch.setattr(kivi_paged, "_merge_policy", lambda: 1 << 20)
-    layer = _layer(3, 8, 2000, 45, bits, 2, dtype=torch.float16, device="cuda", seed=splits or 0)
+    layer = _layer(3, 8, 2000, 45, bits, 2, dtype=torch.float16, device="cuda", seed=chunk or 0)
     paged = paged_from_parts(layer.parts())
     q = torch.randn(3, 32, 1, 128, device="cuda", dtype=torch.float16)
     start = torch.tensor([0, 7, 300], device="cuda", dtype=torch.int32)
     want = paged_decode_attention_ref(q, paged, start=start)
     for _ in range(3):
         out = torch.full((3, 1, 32, 128), float("nan"), device="cuda", dtype=torch.float16)
-        got = kivi_paged.paged_decode_attention(q, paged, start=start, splits=splits, out=out)
+        got = kivi_paged.paged_decode_attention(q, paged, start=start, chunk=chunk, out=out)
         torch.cuda.synchronize()
         assert torch.isfinite(got).all() and _rel(got, want) < 2e-3
-    stream = torch.cuda.current_stream().cuda_stream
-    assert all(int(c.abs().sum()) == 0 for c in kivi_paged._COUNTERS[(torch.cuda.current_device(), stream)])
 
 
 def test_residual_rows_are_passed_16_byte_aligned():

@@ -3,9 +3,9 @@
 Storage is :class:`lowbit.quant.kivi.PageLayout` pages of 128 tokens per sequence and KV head, addressed by
 a block table (the serving engine) or laid out ``[B, max_pages, H_kv, page bytes]`` without one (one
 sequence batch, as the transformers cache holds it), plus each sequence's full-precision sinks and
-residual. One or two launches per call: the split-K kernel (pages in tensor-core tiles, one extra program per
-sequence and head for the sinks and the tail), then the log-sum-exp merge, or that merge done by the last program
-of each sequence and head (``$LOWBIT_PAGED_FUSED_MERGE``).
+residual. Two launches per call: the split-K kernel (one program per sequence and head for the sinks and the tail,
+then page programs that each take an equal slice of all sequences' pages, stream-K style, in tensor-core tiles),
+and the log-sum-exp merge.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def _sms(device_index: int) -> int:
 
 _I, _L, _P, _F = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_float
 _ARGTYPES = [_I, _I, _I, _I, _P, _L, _L, _P, _I, _P, _L, _L, _L, _I, _I, _I, _I, _F, _P, _I, _I, _I, _I, _P,
-             _P, _P, _L, _L, _P, _L, _L, _P, _L, _L, _P, _P, _I, _I, _P, _L, _L, _L, _P, _P]
+             _P, _P, _L, _L, _P, _L, _L, _P, _L, _L, _P, _P, _I, _I, _I, _I, _P, _L, _L, _L, _P, _P]
+TIMELINE: torch.Tensor | None = None  # tools/paged_timeline.py: int64 buffer for its debug build's records
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,67 +99,54 @@ def _strides(t: torch.Tensor | None) -> tuple[int, int]:
 
 
 @functools.cache
-def _split_model() -> tuple[int, float]:
-    """(resident programs per SM, start-up cost in pages) of the split plan; ``$LOWBIT_PAGED_SPLIT=per_sm,startup``
-    overrides the measured defaults (4, 3) for experiments (read once per process)."""
+def _split_model() -> tuple[int, int]:
+    """(page slices per SM, fewest pages per slice) of the split plan; ``$LOWBIT_PAGED_SPLIT=per_sm,min_pages``
+    overrides the defaults (4, 4) for experiments (read once per process)."""
     raw = os.environ.get("LOWBIT_PAGED_SPLIT", "")
     if not raw:
-        return 4, 3.0
+        return 4, 4
     try:
-        per_sm, startup = raw.split(",")
-        return max(int(per_sm), 1), max(float(startup), 0.0)
+        per_sm, min_pages = raw.split(",")
+        return max(int(per_sm), 1), max(int(min_pages), 1)
     except ValueError:
-        raise ValueError(f"$LOWBIT_PAGED_SPLIT must be 'programs_per_sm,startup_pages' (e.g. 4,3), got {raw!r}") from None
+        raise ValueError(f"$LOWBIT_PAGED_SPLIT must be 'slices_per_sm,min_pages' (e.g. 4,4), got {raw!r}") from None
 
 
-@functools.cache
-def _merge_policy() -> int:
-    """Most splits merged in-kernel by the last program (one launch; more go to the separate merge kernel, which
-    spreads a long merge over more threads). ``$LOWBIT_PAGED_FUSED_MERGE`` overrides it (0: never), read once."""
-    raw = os.environ.get("LOWBIT_PAGED_FUSED_MERGE", "")
-    if not raw:
-        return 0
-    try:
-        return max(int(raw), 0)
-    except ValueError:
-        raise ValueError(f"$LOWBIT_PAGED_FUSED_MERGE must be the most splits to merge in-kernel (0: never), got {raw!r}") from None
+@dataclass(frozen=True)
+class SplitPlan:
+    """How the page programs share the pages: (sequence x head) ``bh`` owns virtual pages ``[bh*V, (bh+1)*V)``
+    (``V = bh_pages``), page program ``c`` takes ``[c*chunk, (c+1)*chunk)``; ``parts`` partial slots per (sequence x
+    head) hold every page program that touches it."""
 
+    bh_pages: int
+    chunk: int
+    chunks: int
+    parts: int
 
-_COUNTERS: dict[tuple[int, int], list[torch.Tensor]] = {}
-
-
-def _merge_counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
-    """A zeroed int32 counter per (sequence, KV head) for the in-kernel merge, one set per stream (calls on one
-    stream run in order; the kernel leaves them zeroed). Kept for the process's life (a captured CUDA graph holds
-    the address); a larger need adds a new set."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    held = _COUNTERS.setdefault((idx, stream), [])
-    if not held or held[-1].numel() < n:
-        held.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return held[-1]
+    def partials(self, bh: int) -> int:
+        """Page programs whose slices touch `bh` (as the kernel's ``page_partials``)."""
+        v, c = self.bh_pages, self.chunk
+        return ((bh + 1) * v - 1) // c - bh * v // c + 1 if v else 0
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_splits(batch_heads: int, pages: int, sms: int, per_sm: int = 4, startup: float = 3.0) -> tuple[int, int]:
-    """(splits, pages per split): the split count that finishes soonest when programs run in waves of the GPU's
-    resident slots (`per_sm` per SM), each costing its pages plus a fixed start-up and merge worth `startup` pages."""
-    if pages == 0:
-        return 0, 1
-    slots, best = sms * per_sm, None
-    for splits in range(1, min(pages, 256) + 1):
-        per = math.ceil(pages / splits)
-        n = math.ceil(pages / per)
-        if per < 2 and pages >= 2:
-            break
-        waves = math.ceil(batch_heads * n / slots)
-        cost = waves * (per + startup)
-        if best is None or cost < best[0]:
-            best = (cost, n, per)
-    return best[1], best[2]
+def plan_split(batch_heads: int, pages: int, sms: int, per_sm: int = 4, min_pages: int = 4,
+               chunk: int | None = None) -> SplitPlan:
+    """Equal slices of all ``batch_heads * pages`` pages, one program each: one wave of ``per_sm`` per SM (the
+    kernel's resident programs; the short tail programs go first), none under ``min_pages`` pages; ``chunk``
+    forces the slice (tests)."""
+    total = batch_heads * pages
+    if total == 0:
+        return SplitPlan(pages, 1, 0, 0)
+    if chunk is None:
+        n = max(1, min(sms * per_sm, total // min_pages))
+        chunk = -(-total // n)
+    chunks = -(-total // chunk)
+    return SplitPlan(pages, chunk, chunks, min(chunks, (pages - 1) // chunk + 2))
 
 
 def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float | None = None,
-                           start: torch.Tensor | None = None, splits: int | None = None, stages: int | None = None,
+                           start: torch.Tensor | None = None, chunk: int | None = None, stages: int | None = None,
                            out: torch.Tensor | None = None, variant: str = DEFAULT_VARIANT, ring: bool = False,
                            key_pages: int | None = None) -> torch.Tensor:
     """Attention of ``query [B, H_q, n_q, D]`` (the newest n_q tokens) over a paged KIVI cache: ``[B, n_q, H_q, D]``.
@@ -166,7 +154,8 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     ``start [B]`` (int32, optional): the first unpadded position of each sequence (left padding).
     ``ring``: the residuals are rings of ``PAGE_TOKENS`` rows, quantized index k at row ``k % PAGE_TOKENS`` (the
     serving engine's layout) instead of rows from the quantized count on. ``key_pages``: the most key pages any
-    sequence holds (plans the splits without reading ``seq`` back to the host, as a CUDA graph needs).
+    sequence holds (plans the split without reading ``seq`` back to the host, as a CUDA graph needs). ``chunk``: pages
+    per page program (default: :func:`plan_split`'s one wave).
     """
     launch = _launcher()
     b, hq, nq, d = query.shape
@@ -190,12 +179,11 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
         pages = key_pages
     else:
         pages = cache.key_pages if cache.seq is None else -(-int(cache.seq[:, 1].max()) // PAGE_TOKENS)
-    if splits is None:
-        splits, per = choose_splits(b * hkv, pages, _sms(query.device.index or 0), *_split_model())
-    else:
-        per = math.ceil(pages / splits) if splits else 1
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk (pages per page program) must be at least 1, got {chunk}")
+    plan = plan_split(b * hkv, pages, _sms(query.device.index or 0), *_split_model(), chunk=chunk)
     rows = hq // hkv * nq
-    n_part = b * hkv * (splits + 1) * rows
+    n_part = b * hkv * (plan.parts + 1) * rows
     work = torch.empty(n_part * (d + 2), dtype=torch.float32, device=query.device)  # partial outputs, then (max, sum)
     part_acc, part_ml = work[: n_part * d], work[n_part * d :]
     if out is None:
@@ -214,7 +202,6 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     if variant not in VARIANTS:
         raise ValueError(f"unknown paged kernel variant '{variant}': allowed are {', '.join(VARIANTS)}")
     stream = torch.cuda.current_stream(query.device).cuda_stream
-    counters = _merge_counters(query.device, stream, b * hkv) if 0 < splits <= _merge_policy() else None
     rc = launch(
         cache.bits, int(query.dtype == torch.bfloat16), stages, VARIANTS[variant] | (2 if ring else 0),
         _ptr(pool), pool.stride(-3), pool.stride(-2), _ptr(table), max_pages,
@@ -223,9 +210,9 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
         _ptr(seq), cache.n_sink, cache.n_qk, cache.n_qv, cache.total, _ptr(start),
         _ptr(sink_k), _ptr(sink_v), sk_sb, sk_sh,
         _ptr(res_k), rk_sb, rk_sh, _ptr(res_v), rv_sb, rv_sh,
-        _ptr(part_acc), _ptr(part_ml), splits, per,
+        _ptr(part_acc), _ptr(part_ml), plan.parts, plan.bh_pages, plan.chunk, plan.chunks,
         _ptr(out), out.stride(0), out.stride(1), out.stride(2),
-        stream, _ptr(counters),
+        stream, _ptr(TIMELINE),
     )
     if rc != 0:
         raise RuntimeError(f"paged KIVI decode kernel failed to launch (code {rc})")

@@ -7,15 +7,18 @@
 // LOWBIT_PAGED_SUBNORMAL_K/V) or one lop3 (base + code, the older path), then folds scale, zero and the power of two
 // into the MMAs' other operand.
 //
-// Grid (B * H_kv, S + 1). Program s >= 1: the pages [(s-1)*pps, s*pps) whose keys AND values are quantized; 4 warps,
+// Grid B * H_kv + N (1-D). Programs 0 .. B*H_kv-1 take the tails (below). The page programs split the pages of all
+// sequences and heads evenly, stream-K style: (sequence x head) bh owns virtual pages [bh*V, (bh+1)*V) (V: the most
+// key pages a sequence holds), and page program c takes [c*C, (c+1)*C), one segment per (sequence x head) that range
+// touches (a partial each), so every program does the same work whatever the batch and the split of a sequence into
+// programs, and N can be the GPU's resident slots (one wave). Pages past a sequence's own count are skipped. 4 warps,
 // warp w owning tokens 32w..32w+31 of each page (= key group w); pages staged through shared memory with cp.async
 // (STAGES deep). Scores transposed, S^T = K Q^T: 16 tokens of key codes as the A operand, the GQA group's query
 // heads x query tokens (<= 8) as the n8 side; online softmax in registers; O^T += V^T P^T
-// with P^T's B fragments made from the score accumulators by 8x8 movmatrix transposes. Program 0 (dispatched first,
-// so it overlaps the pages): the sinks and the tail (tokens whose key or value is still full precision, or in a
-// partly filled page), CUDA-core code over rows staged by cp.async. Partials are stored with the tail last; a second
-// kernel merges the S + 1 of them (log-sum-exp), or, given a zeroed counter per (sequence, KV head), the last of
-// its programs to finish does (one launch; merge_if_last).
+// with P^T's B fragments made from the score accumulators by 8x8 movmatrix transposes. Tail programs (dispatched first,
+// so they overlap the pages): the sinks and the tail (tokens whose key or value is still full precision, or in a
+// partly filled page), CUDA-core code over rows staged by cp.async. Each (sequence x head) stores its page partials
+// in program order with the tail's last; a second kernel merges them (log-sum-exp).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -52,11 +55,13 @@
 #ifndef LOWBIT_PAGED_PDL
 #define LOWBIT_PAGED_PDL 0
 #endif
-// Debug build (tools/paged_timeline.py): each main-kernel program writes (start ns, end ns, SM, split and pages) into
-// the buffer passed as `counters` (no in-kernel merge then), to see the launch ramp, program durations and the last
-// wave. It showed static page runs of equal work taking 48-80 us at B8/32K (H200, 2026-12-03); pages claimed
-// dynamically per warp from atomic counters evened them out (65-78 us) but made each page slower (B8/32K 91.0 vs
-// 88.9 us, B1/128K 62.3 vs 54.2), so the runs stay static (the experiment: commit e40fe33).
+// Debug build (tools/paged_timeline.py): each main-kernel program writes (start ns, end ns, SM, kind << 16 | pages)
+// into the buffer passed as `timeline`, to see the launch ramp, program durations and the last wave. With one page
+// run per (sequence, head) split it showed SMs holding four runs of 32 pages ending at ~81 us and SMs holding three at
+// ~55 us (B8/32K, H200, 2026-12-03): the SM is the bound, so the page programs are now equal slices of all pages.
+// A persistent grid whose programs claimed slices from an atomic counter (so slower SMs take fewer) was slower at
+// every slice size tried: each slice restarts the cp.async pipeline and the prologue (B8/32K 97.6 us with ~16-page
+// slices, 109.8 with 8, against 90.8 for one static slice per program in the same build).
 #ifndef LOWBIT_PAGED_TIMELINE
 #define LOWBIT_PAGED_TIMELINE 0
 #endif
@@ -105,9 +110,10 @@ struct Args {
   const void* sink_k; const void* sink_v; long long sk_sb, sk_sh;
   const void* res_k; long long rk_sb, rk_sh;
   const void* res_v; long long rv_sb, rv_sh;
-  float* part_acc; float* part_ml;                            // [B*Hkv, S+1, rows, D], [B*Hkv, S+1, rows, 2]
-  int splits, pages_per_split;
-  int* counters;                                              // [B*Hkv] zeros, or null: merge in-kernel (see merge_if_last)
+  float* part_acc; float* part_ml;                            // [B*Hkv, parts+1, rows, D], [B*Hkv, parts+1, rows, 2]
+  int parts;                                                  // page partials a (sequence x head) may have (slots)
+  int bh_pages, chunk, chunks;                                // V, C, N of the stream-K split (see the top)
+  unsigned long long* timeline;                               // debug build only: 4 words per program
   int ring;                                                   // 0: residual rows from n_q on; P: a ring indexed by k % P
   void* out; long long o_sb, o_st, o_sh;                      // [B, nq, Hq, D] (elements)
 };
@@ -124,6 +130,12 @@ struct Seq { int n_sink, n_qk, n_qv, total, start; };
 // row of the full-precision residual that holds quantized index k (k >= nq): linear from nq, or (ring != 0) a ring of
 // P rows. A mask, not `k % ring`: the division's registers made the 2-bit main loop spill (~25 % slower, H200).
 __device__ __forceinline__ long long res_row(int ring, int k, int nq) { return ring ? (k & (P - 1)) : k - nq; }
+
+// page programs whose slices touch (sequence x head) bh, in program order (its page partials; the tail's comes next)
+__device__ __forceinline__ int page_partials(const Args& a, int bh) {
+  const int V = a.bh_pages;
+  return V ? ((bh + 1) * V - 1) / a.chunk - bh * V / a.chunk + 1 : 0;
+}
 
 __device__ __forceinline__ Seq load_seq(const Args& a, int b) {
   Seq s;
@@ -331,13 +343,14 @@ __device__ __forceinline__ void value_unscale(float (&acc)[D / 16][4]) {
 }
 
 template <int BITS, int STAGES, bool FOLD, typename T>
-__device__ void paged_part(const Args& a, int b, int h, int split, const Seq& sq, uint8_t* smem) {
+__device__ void paged_part(const Args& a, int b, int h, int slot, int p0, int p_end, const Seq& sq, uint8_t* smem) {
+  // pages [p0, p_end) of (b, h) (those past its key pages skipped), the partial written to slot `slot`
   using L = Lay<BITS>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, qd = lane % 4;
   const int kpages = (sq.n_qk + P - 1) / P;  // pages holding quantized keys (the last may be partial)
-  const int p0 = split * a.pages_per_split, p1 = min(kpages, p0 + a.pages_per_split);
-  const long long part = ((long long)(b * a.hkv + h) * (a.splits + 1) + split) * a.rows;
+  const int p1 = min(kpages, p_end);
+  const long long part = ((long long)(b * a.hkv + h) * (a.parts + 1) + slot) * a.rows;
   const T* rv = reinterpret_cast<const T*>(a.res_v) + b * a.rv_sb + h * a.rv_sh;
   const int n_kept = sq.total - sq.n_sink;  // tokens after the sinks
 
@@ -748,48 +761,13 @@ __device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* s
     }
     __syncthreads();
   }
-  const long long part = ((long long)(b * a.hkv + h) * (a.splits + 1) + a.splits) * a.rows;
+  const long long part = ((long long)(b * a.hkv + h) * (a.parts + 1) + page_partials(a, b * a.hkv + h)) * a.rows;
 #pragma unroll
   for (int r = 0; r < MAXROWS; ++r) if (r < a.rows) a.part_acc[(part + r) * D + threadIdx.x] = acc[r];
   if (threadIdx.x < a.rows) {
     a.part_ml[(part + threadIdx.x) * 2] = st[threadIdx.x * 4];
     a.part_ml[(part + threadIdx.x) * 2 + 1] = st[threadIdx.x * 4 + 1];
   }
-}
-
-template <typename T>
-__device__ void merge_if_last(const Args& a, int bh) {
-  // With counters: the last of the S + 1 programs of (sequence, KV head) to finish merges their partials (log-sum-exp)
-  // and writes the output, so no second launch; it resets the counter for the next call (stream order).
-  __shared__ int is_last;
-  __threadfence();  // this program's partial, visible device-wide before it is counted
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(a.counters + bh, 1) == a.splits;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  const int n = a.splits + 1, warp = threadIdx.x / 32, d = (threadIdx.x % 32) * 4;  // a warp per row, 4 channels a lane
-  const int b = bh / a.hkv, h = bh % a.hkv;
-  for (int r = warp; r < a.rows; r += THREADS / 32) {
-    const float* ml = a.part_ml + ((long long)bh * n * a.rows + r) * 2;  // split s at ml[s * rows * 2]
-    const float* acc = a.part_acc + ((long long)bh * n * a.rows + r) * D + d;
-    float M = -INFINITY;
-    for (int s = 0; s < n; ++s) M = fmaxf(M, __ldcg(ml + (long long)s * a.rows * 2));
-    float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
-    float den = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < n; ++s) {
-      const float m = __ldcg(ml + (long long)s * a.rows * 2);
-      const float f = m == -INFINITY ? 0.f : exp2f(m - M);  // every partial is written (empty ones: -inf, 0)
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(acc + (long long)s * a.rows * D));
-      num.x += f * x.x; num.y += f * x.y; num.z += f * x.z; num.w += f * x.w;
-      den += f * __ldcg(ml + (long long)s * a.rows * 2 + 1);
-    }
-    const int gi = r / a.nq, qi = r % a.nq;
-    T* o = reinterpret_cast<T*>(a.out) + b * a.o_sb + (long long)qi * a.o_st + (long long)(h * a.gqa + gi) * a.o_sh + d;
-    o[0] = from_f<T>(num.x / den); o[1] = from_f<T>(num.y / den); o[2] = from_f<T>(num.z / den); o[3] = from_f<T>(num.w / den);
-  }
-  if (threadIdx.x == 0) a.counters[bh] = 0;
 }
 
 template <int BITS, int STAGES, bool FOLD, typename T>
@@ -800,24 +778,34 @@ __global__ void __launch_bounds__(THREADS, LOWBIT_PAGED_MINBLOCKS) kivi_paged_ke
   unsigned long long t0;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
 #endif
-  const int b = blockIdx.x / a.hkv, h = blockIdx.x % a.hkv;
-  const Seq sq = load_seq(a, b);
-  if (blockIdx.y == 0) tail_part<BITS, T>(a, b, h, sq, smem);  // first: its latency hides under the pages
-  else paged_part<BITS, STAGES, FOLD, T>(a, b, h, blockIdx.y - 1, sq, smem);
+  const int bhn = a.batch * a.hkv;
+  int pages = 0;  // the timeline's record
+  if ((int)blockIdx.x < bhn) {
+    const int b = blockIdx.x / a.hkv, h = blockIdx.x % a.hkv;
+    tail_part<BITS, T>(a, b, h, load_seq(a, b), smem);  // first: its latency hides under the pages
+  } else {
+    const int c = blockIdx.x - bhn, V = a.bh_pages;
+    const int v0 = c * a.chunk, v1 = min(v0 + a.chunk, bhn * V);
+    for (int bh = v0 / V; bh * V < v1; ++bh) {  // one segment per (sequence x head) the slice touches
+      if (bh != v0 / V) __syncthreads();        // the last segment's merge still reads shared memory
+      const int b = bh / a.hkv, lo = max(v0, bh * V) - bh * V, hi = min(v1, (bh + 1) * V) - bh * V;
+      const Seq sq = load_seq(a, b);
+      paged_part<BITS, STAGES, FOLD, T>(a, b, bh % a.hkv, c - bh * V / a.chunk, lo, hi, sq, smem);
+      pages += max(0, min(hi, (sq.n_qk + P - 1) / P) - lo);
+    }
+  }
 #if LOWBIT_PAGED_TIMELINE
   __syncthreads();
-  if (threadIdx.x == 0 && a.counters) {
+  if (threadIdx.x == 0 && a.timeline) {
     unsigned long long t1;
     unsigned sm;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    unsigned long long* tl = reinterpret_cast<unsigned long long*>(a.counters) + 4 * (blockIdx.y * gridDim.x + blockIdx.x);
-    const int p0 = (blockIdx.y - 1) * a.pages_per_split, kpages = (sq.n_qk + P - 1) / P;
-    const int pages = blockIdx.y ? max(0, min(kpages, p0 + a.pages_per_split) - p0) : 0;  // paged_part's run
-    tl[0] = t0; tl[1] = t1; tl[2] = sm; tl[3] = (blockIdx.y << 16) | pages;
+    unsigned long long* tl = a.timeline + 4 * blockIdx.x;
+    tl[0] = t0; tl[1] = t1; tl[2] = sm; tl[3] = ((unsigned long long)((int)blockIdx.x < bhn) << 32) | pages;
   }
 #else
-  if (a.counters) merge_if_last<T>(a, blockIdx.x);
+  (void)pages;
 #endif
 }
 
@@ -830,9 +818,9 @@ __global__ void __launch_bounds__(COMBINE_WAYS * D) combine_kernel(Args a) {
   LOWBIT_PDL_WAIT();  // launched early (programmatic dependent launch): the partials are complete past this point
   const int bh = blockIdx.x, row = blockIdx.y, d = threadIdx.x % D, way = threadIdx.x / D;
   const int b = bh / a.hkv, h = bh % a.hkv, gi = row / a.nq, qi = row % a.nq;
-  const int n = a.splits + 1;
-  const float* ml = a.part_ml + ((long long)bh * n * a.rows + row) * 2;  // split s at ml[s * rows * 2]
-  const float* acc = a.part_acc + ((long long)bh * n * a.rows + row) * D + d;
+  const int n = page_partials(a, bh) + 1;  // the page partials, then the tail's
+  const float* ml = a.part_ml + ((long long)bh * (a.parts + 1) * a.rows + row) * 2;  // slot s at ml[s * rows * 2]
+  const float* acc = a.part_acc + ((long long)bh * (a.parts + 1) * a.rows + row) * D + d;
   __shared__ float red[COMBINE_WAYS * D / 32];
   __shared__ float sum_num[COMBINE_WAYS][D], sum_den[COMBINE_WAYS];
   float M = -INFINITY;
@@ -884,10 +872,10 @@ int launch(const Args& a, cudaStream_t stream) {
     pdl = LOWBIT_PAGED_PDL && major >= 9;
     configured = dev;
   }
-  dim3 grid(a.batch * a.hkv, a.splits + 1);
+  dim3 grid(a.batch * a.hkv + a.chunks);
   kern<<<grid, THREADS, smem, stream>>>(a);
   err = cudaGetLastError();
-  if (err != cudaSuccess || (a.counters && !LOWBIT_PAGED_TIMELINE)) return (int)err;
+  if (err != cudaSuccess) return (int)err;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(a.batch * a.hkv, a.rows);
   cfg.blockDim = dim3(COMBINE_WAYS * D);
@@ -910,8 +898,8 @@ extern "C" int lowbit_kivi_paged_decode(
     const int* seq, int u_sink, int u_qk, int u_qv, int u_total, const int* start,
     const void* sink_k, const void* sink_v, long long sk_sb, long long sk_sh,
     const void* res_k, long long rk_sb, long long rk_sh, const void* res_v, long long rv_sb, long long rv_sh,
-    float* part_acc, float* part_ml, int splits, int pages_per_split,
-    void* out, long long o_sb, long long o_st, long long o_sh, void* stream, int* counters) {
+    float* part_acc, float* part_ml, int parts, int bh_pages, int chunk, int chunks,
+    void* out, long long o_sb, long long o_st, long long o_sh, void* stream, unsigned long long* timeline) {
   Args a;
   a.pool = reinterpret_cast<const uint8_t*>(pool); a.stride_block = stride_block; a.stride_head = stride_head;
   a.table = table; a.max_pages = max_pages;
@@ -921,11 +909,11 @@ extern "C" int lowbit_kivi_paged_decode(
   a.seq = seq; a.u_sink = u_sink; a.u_qk = u_qk; a.u_qv = u_qv; a.u_total = u_total; a.start = start;
   a.sink_k = sink_k; a.sink_v = sink_v; a.sk_sb = sk_sb; a.sk_sh = sk_sh;
   a.res_k = res_k; a.rk_sb = rk_sb; a.rk_sh = rk_sh; a.res_v = res_v; a.rv_sb = rv_sb; a.rv_sh = rv_sh;
-  a.part_acc = part_acc; a.part_ml = part_ml; a.splits = splits; a.pages_per_split = pages_per_split;
-  a.counters = counters;
+  a.part_acc = part_acc; a.part_ml = part_ml; a.parts = parts;
+  a.bh_pages = bh_pages; a.chunk = chunk; a.chunks = chunks; a.timeline = timeline;
   a.ring = (variant & 2) ? P : 0;  // variant bit 1: residuals in a ring of P rows (the serving engine)
   a.out = out; a.o_sb = o_sb; a.o_st = o_st; a.o_sh = o_sh;
-  if (a.rows > MAXROWS || a.rows < 1) return -1;
+  if (a.rows > MAXROWS || a.rows < 1 || chunk < 1 || (chunks > 0 && bh_pages < 1)) return -1;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool fold = variant & 1;
 #define LOWBIT_LAUNCH(B, S) \
