@@ -5,7 +5,7 @@ rounds interleaved) the error against the float32 reference and the graph-timed 
         head=@/path/to/kivi_paged.cu
 
 A variant is `label=nvcc flags` or `label=@source.cu` (another copy of the kernel source, default flags); words of
-the form NAME=VALUE among the flags are set in the variant's environment instead (e.g. LOWBIT_PAGED_FUSED_MERGE=16)."""
+the form NAME=VALUE among the flags are set in the variant's environment instead (e.g. LOWBIT_PAGED_SPLIT=3,4)."""
 
 from __future__ import annotations
 

@@ -55,13 +55,15 @@
 #ifndef LOWBIT_PAGED_PDL
 #define LOWBIT_PAGED_PDL 0
 #endif
-// Debug build (tools/paged_timeline.py): each main-kernel program writes (start ns, end ns, SM, kind << 16 | pages)
+// Debug build (tools/paged_timeline.py): each main-kernel program writes (start ns, end ns, SM, is_tail << 32 | pages)
 // into the buffer passed as `timeline`, to see the launch ramp, program durations and the last wave. With one page
 // run per (sequence, head) split it showed SMs holding four runs of 32 pages ending at ~81 us and SMs holding three at
 // ~55 us (B8/32K, H200, 2026-12-03): the SM is the bound, so the page programs are now equal slices of all pages.
 // A persistent grid whose programs claimed slices from an atomic counter (so slower SMs take fewer) was slower at
 // every slice size tried: each slice restarts the cp.async pipeline and the prologue (B8/32K 97.6 us with ~16-page
 // slices, 109.8 with 8, against 90.8 for one static slice per program in the same build).
+// 528 slices equal to a page with the tails dispatched last evened the pages per SM (124 each, most SMs done by 72 us)
+// but the tails, landing beside running slices, held some SMs to 81-96 us (B8/32K 95.2 us against 84.5 for this).
 #ifndef LOWBIT_PAGED_TIMELINE
 #define LOWBIT_PAGED_TIMELINE 0
 #endif
