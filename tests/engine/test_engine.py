@@ -15,15 +15,19 @@ def _store(kind, h=2, d=64, rows=2, max_tokens=1024, mb=64, dtype=torch.float32)
                       dtype=dtype, device="cpu")
 
 
-@pytest.mark.parametrize("bits,prompt,steps,sinks", [(2, 300, 200, 0), (2, 5, 270, 4), (4, 140, 130, 0), (4, 128, 3, 2)])
-def test_kivi_store_holds_exactly_what_kivi_cache_holds(bits, prompt, steps, sinks):
-    """Prompt write then appends (row 1; row 0 a second sequence) == KiviLayer, bit for bit, after every step."""
-    g = torch.Generator().manual_seed(bits * 1000 + prompt)
+@pytest.mark.parametrize("bits,prompt,steps,sinks,residual", [(2, 300, 200, 0, 128), (2, 5, 270, 4, 128), (4, 140, 130, 0, 128),
+                                                         (4, 128, 3, 2, 128), (2, 300, 200, 0, 64), (2, 5, 270, 4, 32),
+                                                         (4, 100, 90, 3, 64), (2, 64, 70, 0, 32)])
+def test_kivi_store_holds_exactly_what_kivi_cache_holds(bits, prompt, steps, sinks, residual):
+    """Prompt write then appends (row 1; row 0 a second sequence) == KiviLayer, bit for bit, after every step; the
+    shorter rings flush keys into a page a run of R tokens at a time."""
+    g = torch.Generator().manual_seed(bits * 1000 + prompt + residual)
     h, d = 2, 64
-    store = _store(f"kivi{bits}:sinks={sinks}", h, d)
+    store = _store(f"kivi{bits}:sinks={sinks},residual={residual}", h, d)
+    assert store.ring_k.shape[-2] == residual
     store.reserve(0, 400)
     store.reserve(1, prompt + steps)
-    ref = KiviLayer(bits=bits, group=32, residual=128, sinks=sinks, storage_dtype=torch.float32)
+    ref = KiviLayer(bits=bits, group=32, residual=residual, sinks=sinks, storage_dtype=torch.float32)
     k, v = torch.randn(1, h, prompt, d, generator=g) * 2 + 0.5, torch.randn(1, h, prompt, d, generator=g) * 2
     store.write_prompt(0, 1, k[0], v[0])
     ref.update(k, v)
@@ -34,7 +38,7 @@ def test_kivi_store_holds_exactly_what_kivi_cache_holds(bits, prompt, steps, sin
             store.begin_step(pos)
             store.append(0, pos, kn, vn)
             ref.update(kn[1:2, :, None], vn[1:2, :, None])
-        if i % 37 and i != steps:
+        if i % 37 and i % residual not in (0, 1) and i != steps:
             continue
         keys, values, valid = store.ops.dequantized(store, 0, 2, pos)
         want_k, want_v = dequantized_kv(ref.parts(), torch.float32)
@@ -52,17 +56,18 @@ def test_fp16_engine_generates_what_transformers_generates(tiny_llama):
     assert engine.store.used_blocks == 0 and max(s.batch for s in engine.history) == 3
 
 
-def test_kivi_runner_logits_match_kivi_cache(tiny_llama):
+@pytest.mark.parametrize("residual", [128, 32])
+def test_kivi_runner_logits_match_kivi_cache(tiny_llama, residual):
     """Teacher-forced decode over KIVI-2 pages == transformers with lowbit's KiviCache (reference path)."""
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 512, (1, 420), generator=g)
     n0 = 250
     cfg = tiny_llama.config
-    store = make_store("kivi2:sinks=4", layers=2, kv_heads=2, head_dim=64, rows=1, max_tokens=512, budget_bytes=64 << 20,
-                       dtype=torch.float32, device="cpu")
+    store = make_store(f"kivi2:sinks=4,residual={residual}", layers=2, kv_heads=2, head_dim=64, rows=1, max_tokens=512,
+                       budget_bytes=64 << 20, dtype=torch.float32, device="cpu")
     store.reserve(0, 420)
     runner = LlamaRunner(tiny_llama, store)
-    cache = KiviCache(cfg, bits=2, group=32, residual=128, sinks=4, storage_dtype=torch.float32)
+    cache = KiviCache(cfg, bits=2, group=32, residual=residual, sinks=4, storage_dtype=torch.float32)
     with torch.no_grad():
         want = tiny_llama(ids[:, :n0], past_key_values=cache).logits[0, -1]
         got = runner.prefill(0, ids[0, :n0])
@@ -128,6 +133,20 @@ def test_pages_for_follows_the_kivi_flush_schedule():
     assert [store.pages_for(n) for n in (0, 4, 131, 132, 260, 388)] == [0, 0, 0, 1, 2, 3]
     assert _store("fp16").pages_for(129) == 2
     assert store.block_bytes() < _store("fp16").block_bytes() / 4
+    short = _store("kivi2:sinks=4,residual=32")  # keys flush every 32 tokens, values once 32 old: pages open sooner
+    assert [short.pages_for(n) for n in (0, 35, 36, 163, 164)] == [0, 0, 1, 1, 2]
+    assert short.row_bytes() * (128 + 4) == store.row_bytes() * (32 + 4)  # ring rows + sinks per row
+    assert short.spec == "kivi2:sinks=4,residual=32" and store.spec == "kivi2:sinks=4"
+
+
+def test_kivi_residual_errors_are_specific():
+    with pytest.raises(ValueError, match="residual=48 is not supported: allowed are 32, 64, 128"):
+        _store("kivi2:residual=48")
+    with pytest.raises(ValueError, match="sinks and residual must be integers"):
+        _store("kivi2:residual=short")
+    with pytest.raises(ValueError, match="runs on the CPU only"):
+        make_store("kivi2:residual=64", layers=1, kv_heads=2, head_dim=64, rows=1, max_tokens=256, budget_bytes=8 << 20,
+                   dtype=torch.float16, device="meta")
 
 
 def test_describe_accounts_for_the_budget_and_hints_when_rows_dominate():
@@ -162,12 +181,12 @@ def test_engine_bench_decoder_steps_on_the_cpu(tiny_llama, kind):
     graph_step(), eager_step()  # the other two run on the CPU too (no CUDA graphs there)
 
 
-@pytest.mark.parametrize("bits,sinks", [(2, 0), (4, 4), (2, 3)])
-def test_kivi_read_tokens_is_the_decode_view_without_a_sync(bits, sinks):
+@pytest.mark.parametrize("bits,sinks,residual", [(2, 0, 128), (4, 4, 128), (2, 3, 128), (2, 0, 32), (4, 3, 64)])
+def test_kivi_read_tokens_is_the_decode_view_without_a_sync(bits, sinks, residual):
     """read_tokens (host-side counts, only the pages in use) equals the batched decode view selected by its mask."""
     g = torch.Generator().manual_seed(bits + sinks)
-    for n in (1, 2, sinks + 1, 127, 128, 129, 130, 255, 256, 300, 513):
-        store = _store(f"kivi{bits}:sinks={sinks}", rows=2)
+    for n in (1, 2, sinks + 1, 31, 32, 33, 65, 127, 128, 129, 130, 255, 256, 300, 513):
+        store = _store(f"kivi{bits}:sinks={sinks},residual={residual}", rows=2)
         store.reserve(1, n)
         k, v = torch.randn(2, n, 64, generator=g) * 2, torch.randn(2, n, 64, generator=g)
         store.write_prompt(0, 1, k, v)

@@ -1,16 +1,17 @@
 """KIVI storage operations of the engine's paged store: prompt write, per-step append, decode attention.
 
-Per row (sequence) the store holds sinks, pages and a residual ring of ``P`` rows: the token with quantized
-index ``k`` (position minus sinks) sits at ring row ``k % P`` while it is full precision. The flush schedule is
-KIVI's (:class:`~lowbit.quant.kivi.KiviFormat` with residual ``P``): after token ``k`` arrives, value ``k - P``
-is quantized (per token) into its page, and when ``k + 1`` is a multiple of ``P`` the ring's ``P`` keys are
-quantized (per channel, groups of 32 tokens) into page ``k // P``. Both read ring rows before they are
-overwritten: value ``k - P`` shares ring row ``k % P`` with the new token, so it is flushed first.
+Per row (sequence) the store holds sinks, pages of ``P`` tokens and a residual ring of ``R`` rows (KIVI's
+residual: ``P`` by default, or 32 or 64): the token with quantized index ``k`` (position minus sinks) sits at ring
+row ``k % R`` while it is full precision. The flush schedule is KIVI's (:class:`~lowbit.quant.kivi.KiviFormat` with
+residual ``R``): after token ``k`` arrives, value ``k - R`` is quantized (per token) into its page, and when
+``k + 1`` is a multiple of ``R`` the ring's ``R`` keys are quantized (per channel, groups of 32 tokens) into page
+``k // P`` from its token ``(k + 1 - R) % P`` on. Both read ring rows before they are overwritten: value ``k - R``
+shares ring row ``k % R`` with the new token, so it is flushed first.
 
 On CUDA the append and the key flush are Triton kernels (:mod:`lowbit.engine.kivi_triton`, one program per
 row and head, no host sync, graph-capturable) and attention is the paged CUDA kernel
-(:func:`lowbit.kernels.kivi_paged.paged_decode_attention` with the block table and the ring); the PyTorch path
-here computes the same codes and the float32 attention anywhere.
+(:func:`lowbit.kernels.kivi_paged.paged_decode_attention` with the block table and the ring), for ``R = P`` only
+so far; the PyTorch path here computes the same codes and the float32 attention anywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.quant.affine import dequantize_codes, quantize_codes
-from lowbit.quant.kivi import PAGE_GROUP, PAGE_TOKENS, PageLayout, build_pages, fragment_index, pack_page_codes, read_pages
+from lowbit.quant.kivi import PAGE_GROUP, PAGE_TOKENS, PageLayout, build_pages, fragment_index, read_pages
 
 P = PAGE_TOKENS
 
@@ -29,29 +30,30 @@ P = PAGE_TOKENS
 class KiviOps:
     """The operations for one (bits, head_dim, sinks) configuration on one device."""
 
-    def __init__(self, bits: int, head_dim: int, sinks: int, device):
-        self.bits, self.head_dim, self.sinks = bits, head_dim, sinks
+    def __init__(self, bits: int, head_dim: int, sinks: int, device, residual: int = P):
+        self.bits, self.head_dim, self.sinks, self.residual = bits, head_dim, sinks, residual
         self.layout = PageLayout(bits, head_dim)
         kw, ks = fragment_index(bits, head_dim, values=False)
         vw, vs = fragment_index(bits, head_dim, values=True)
         dev = torch.device(device)
         self.key_word, self.key_shift = kw.to(dev, torch.int32), ks.to(dev, torch.int32)
         self.value_word, self.value_shift = vw.to(dev, torch.int32), vs.to(dev, torch.int32)
-        self.use_triton = dev.type == "cuda" and _triton_ok()
-        self.use_kernel = dev.type == "cuda" and head_dim == 128 and _paged_kernel_ok()
+        self.use_triton = dev.type == "cuda" and residual == P and _triton_ok()
+        self.use_kernel = dev.type == "cuda" and residual == P and head_dim == 128 and _paged_kernel_ok()
 
     # ------------------------------------------------------------------ counts
     def counts(self, total: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The kernel's per-row counts ``[B, 5]`` (sinks, quantized keys, quantized values, total, start) for
         attention after token ``total - 1`` arrived. That token attends with its exact key and value, as in
         :class:`~lowbit.kv.kivi.KiviLayer`: when it completes a page of keys, the page is read for its first
-        ``P - 1`` keys and the newest key comes from the ring (where it still is)."""
+        ``R - 1`` keys and the newest key comes from the ring (where it still is)."""
         total = total.to(torch.int32)
+        r = self.residual
         n_sink = total.clamp(max=self.sinks)
         rest = total - n_sink
         out[:, 0] = n_sink
-        out[:, 1] = torch.minimum(rest // P * P, (rest - 1).clamp(min=0))  # the newest key attends exact
-        out[:, 2] = (rest - P).clamp(min=0)
+        out[:, 1] = torch.minimum(rest // r * r, (rest - 1).clamp(min=0))  # the newest key attends exact
+        out[:, 2] = (rest - r).clamp(min=0)
         out[:, 3] = total
         out[:, 4] = 0
         return out
@@ -85,8 +87,9 @@ class KiviOps:
                 kzero[:, c.quantized_keys // PAGE_GROUP :] = 0
             built = build_pages(kc[None], kscale[None], kzero[None], vc[None], vscale[None], vzero[None], self.bits)
             store.pool[layer, store.table[row, :pages].long()] = built[0]
-        lo = max(0, rest - P)  # the ring holds the last P non-sink tokens
-        idx = torch.arange(lo, rest, device=k.device) % P
+        r = self.residual
+        lo = max(0, rest - r)  # the ring holds the last R non-sink tokens
+        idx = torch.arange(lo, rest, device=k.device) % r
         store.ring_k[layer, row, :, idx] = kq[:, lo:rest].to(store.dtype)
         store.ring_v[layer, row, :, idx] = vq[:, lo:rest].to(store.dtype)
 
@@ -107,8 +110,9 @@ class KiviOps:
             store.sink_v[layer, row, :, start : start + m] = v[:, :m].to(store.dtype)
         skip = max(0, s - start)
         rest_old, rest_new = start - old.sinks, start + c - new.sinks
-        lo = max(0, rest_old - P)  # full precision from here on: ring [lo, rest_old), then the chunk
-        ring = torch.arange(lo, rest_old, device=k.device) % P
+        r = self.residual
+        lo = max(0, rest_old - r)  # full precision from here on: ring [lo, rest_old), then the chunk
+        ring = torch.arange(lo, rest_old, device=k.device) % r
         seg_k = torch.cat([store.ring_k[layer, row][:, ring].to(k.dtype), k[:, skip:]], dim=1)
         seg_v = torch.cat([store.ring_v[layer, row][:, ring].to(v.dtype), v[:, skip:]], dim=1)
         qk0, qk1, qv0, qv1 = old.quantized_keys, new.quantized_keys, old.quantized_values, new.quantized_values
@@ -117,7 +121,7 @@ class KiviOps:
             blocks = store.table[row, p0:p1].long()
             kc, ks, kz, vc, vs, vz = read_pages(store.pool[layer, blocks][None], self.bits, self.head_dim)
             base = p0 * P
-            if qk1 > qk0:  # whole pages of keys, per channel in groups of 32 tokens
+            if qk1 > qk0:  # whole rings of keys, per channel in groups of 32 tokens
                 codes, scale, zero = quantize_codes(seg_k[:, qk0 - lo : qk1 - lo][None], self.bits, PAGE_GROUP, dim=-2)
                 kc[:, :, qk0 - base : qk1 - base] = codes
                 ks[:, :, (qk0 - base) // PAGE_GROUP : (qk1 - base) // PAGE_GROUP] = scale
@@ -128,8 +132,8 @@ class KiviOps:
                 vs[:, :, qv0 - base : qv1 - base] = scale
                 vz[:, :, qv0 - base : qv1 - base] = zero
             store.pool[layer, blocks] = build_pages(kc, ks, kz, vc, vs, vz, self.bits)[0]
-        keep = max(lo, rest_new - P)  # the ring keeps the last P non-sink tokens
-        idx = torch.arange(keep, rest_new, device=k.device) % P
+        keep = max(lo, rest_new - r)  # the ring keeps the last R non-sink tokens
+        idx = torch.arange(keep, rest_new, device=k.device) % r
         store.ring_k[layer, row][:, idx] = seg_k[:, keep - lo :].to(store.dtype)
         store.ring_v[layer, row][:, idx] = seg_v[:, keep - lo :].to(store.dtype)
 
@@ -160,10 +164,11 @@ class KiviOps:
             store.sink_k[layer, r, :, p] = k[sink].to(store.dtype)
             store.sink_v[layer, r, :, p] = v[sink].to(store.dtype)
         kidx = pos - s
-        slot = kidx % P
-        due_v = (~sink) & (kidx >= P)
+        ring = self.residual
+        slot = kidx % ring
+        due_v = (~sink) & (kidx >= ring)
         if bool(due_v.any()):
-            r, j = rows[due_v], kidx[due_v] - P
+            r, j = rows[due_v], kidx[due_v] - ring
             old = store.ring_v[layer, r, :, slot[due_v]]  # [n, H, D]
             codes, scale, zero = quantize_codes(old, self.bits, PAGE_GROUP, dim=-1)
             blk = store.table[r, (j // P)].long()
@@ -187,17 +192,28 @@ class KiviOps:
             r = rows[live]
             store.ring_k[layer, r, :, slot[live]] = k[live].to(store.dtype)
             store.ring_v[layer, r, :, slot[live]] = v[live].to(store.dtype)
-        due_k = live & ((kidx + 1) % P == 0)
+        due_k = live & ((kidx + 1) % ring == 0)
         if bool(due_k.any()):
             r = rows[due_k]
-            keys = store.ring_k[layer, r]  # [n, H, P, D], ring row t = page token t
-            codes, scale, zero = quantize_codes(keys, self.bits, PAGE_GROUP, dim=-2)  # [n,H,P,D], [n,H,P/32,D]
-            blk = store.table[r, (kidx[due_k] // P)].long()
-            lay, n, h = self.layout, r.shape[0], keys.shape[1]
-            pool = store.pool[layer]
-            pool[blk, :, : lay.code_bytes] = pack_page_codes(codes, self.bits, values=False)
-            pool[blk, :, lay.key_scale : lay.key_zero] = scale.contiguous().view(torch.uint8).reshape(n, h, -1)
-            pool[blk, :, lay.key_zero : lay.value_scale] = zero.contiguous().view(torch.uint8).reshape(n, h, -1)
+            keys = store.ring_k[layer, r]  # [n, H, R, D], ring row t = token t of the flushed run
+            codes, scale, zero = quantize_codes(keys, self.bits, PAGE_GROUP, dim=-2)  # [n,H,R,D], [n,H,R/32,D]
+            first = kidx[due_k] + 1 - ring  # quantized index of the run's first token
+            blk = store.table[r, first // P].long()
+            t0 = first % P  # its token in the page
+            lay, h, d = self.layout, keys.shape[1], self.head_dim
+            heads = torch.arange(h, device=k.device)[None, :, None]
+            elem = (t0[:, None, None] + torch.arange(ring, device=k.device)[None, :, None]) * d \
+                + torch.arange(d, device=k.device)[None, None, :]  # [n, R, D]: page element (token, channel)
+            words = self._words(store, layer)
+            idx = blk[:, None, None, None] * words.stride(0) + heads[..., None] * words.stride(1) \
+                + self.key_word[elem].long()[:, None]  # [n, H, R, D]
+            vals = codes.to(torch.int32) << self.key_shift[elem][:, None]
+            words.view(-1).scatter_add_(0, idx.reshape(-1), vals.reshape(-1))  # code bits are zero: add == or
+            halves = store.pool[layer].view(torch.float16)  # [blocks, H, bytes/2]
+            at = (t0[:, None, None] // PAGE_GROUP + torch.arange(ring // PAGE_GROUP, device=k.device)[None, :, None]) \
+                * d + torch.arange(d, device=k.device)[None, None, :]  # [n, R/32, D]: group row, channel
+            halves[blk[:, None, None, None], heads[..., None], lay.key_scale // 2 + at[:, None]] = scale
+            halves[blk[:, None, None, None], heads[..., None], lay.key_zero // 2 + at[:, None]] = zero
 
     @staticmethod
     def _words(store, layer: int) -> torch.Tensor:
@@ -230,11 +246,11 @@ class KiviOps:
         """Keys and values ``[H, n, D]`` (float32) of `row`'s positions ``0..n-1`` as decode attention reads them
         (what :meth:`dequantized` gives at ``pos = n - 1``, selected): counts from the host-side `n`, so no sync
         and only the pages that hold quantized tokens are unpacked (a prompt chunk reads this per layer)."""
-        n_sink = min(n, self.sinks)
+        n_sink, r = min(n, self.sinks), self.residual
         rest = n - n_sink
-        n_qk, n_qv = min(rest // P * P, max(rest - 1, 0)), max(rest - P, 0)  # as :meth:`dequantized`
+        n_qk, n_qv = min(rest // r * r, max(rest - 1, 0)), max(rest - r, 0)  # as :meth:`dequantized`
         lo = min(n_qk, n_qv)  # tokens lo..rest-1 are read from the ring
-        ring = torch.arange(lo, rest, device=store.ring_k.device) % P
+        ring = torch.arange(lo, rest, device=store.ring_k.device) % r
         ring_k, ring_v = store.ring_k[layer, row][:, ring].float(), store.ring_v[layer, row][:, ring].float()
         pages = -(-max(n_qk, n_qv) // P)
         if pages:
@@ -263,9 +279,10 @@ class KiviOps:
         k_idx = torch.arange(n, device=pos.device)
         n_sink = total.clamp(max=self.sinks)
         rest = total - n_sink
-        n_qk, n_qv = torch.minimum(rest // P * P, (rest - 1).clamp(min=0)), (rest - P).clamp(min=0)  # as :meth:`counts`
-        ring_k = store.ring_k[layer, rows].float()[:, :, k_idx % P]
-        ring_v = store.ring_v[layer, rows].float()[:, :, k_idx % P]
+        r = self.residual
+        n_qk, n_qv = torch.minimum(rest // r * r, (rest - 1).clamp(min=0)), (rest - r).clamp(min=0)  # as :meth:`counts`
+        ring_k = store.ring_k[layer, rows].float()[:, :, k_idx % r]
+        ring_v = store.ring_v[layer, rows].float()[:, :, k_idx % r]
         keys = torch.where((k_idx[None, :] < n_qk[:, None])[:, None, :, None], kq, ring_k)
         values = torch.where((k_idx[None, :] < n_qv[:, None])[:, None, :, None], vq, ring_v)
         s = max(self.sinks, 1)

@@ -17,6 +17,8 @@ import torch
 
 from lowbit.quant.kivi import PAGE_TOKENS, KiviFormat, PageLayout
 
+RESIDUALS = (32, 64, PAGE_TOKENS)  # full-precision ring lengths of the paged KIVI store (divisors of a page)
+
 
 class PoolFullError(RuntimeError):
     """The request needs more pages (or rows) than the pool can ever hold."""
@@ -217,16 +219,24 @@ class PagedFp16Store(KVStore):
 
 
 class PagedKiviStore(KVStore):
-    """KIVI-2/4 (group 32, residual 128) in the decode kernel's pages, with sinks and a residual ring per row."""
+    """KIVI-2/4 (group 32, residual 128, or 64 or 32) in the decode kernel's pages, with sinks and a residual ring
+    of `residual` rows per row. A shorter ring holds less per row (so more rows fit a budget) at some quality cost;
+    its GPU paths (Triton append, the paged kernel's ring) are not built yet, so it runs on the CPU only."""
 
     kind = "kivi"
 
-    def __init__(self, *args, bits: int = 2, sinks: int = 0, **kwargs):
+    def __init__(self, *args, bits: int = 2, sinks: int = 0, residual: int = PAGE_TOKENS, **kwargs):
         head_dim = kwargs.get("head_dim", args[2] if len(args) > 2 else None)
         if head_dim is not None and head_dim % 64:
             raise ValueError(f"paged KIVI stores head dims that are multiples of 64, got {head_dim}: use fp16")
-        self.format = KiviFormat(bits=bits, group=32, residual=PAGE_TOKENS, sinks=sinks)
-        self.bits, self.sinks = bits, sinks
+        if residual not in RESIDUALS:
+            raise ValueError(f"paged KIVI residual={residual} is not supported: allowed are {', '.join(map(str, RESIDUALS))}")
+        device = kwargs.get("device", args[7] if len(args) > 7 else "cpu")
+        if residual != PAGE_TOKENS and torch.device(device).type != "cpu":
+            raise ValueError(f"paged KIVI residual={residual} runs on the CPU only so far (its GPU append and attention "
+                             f"handle residual={PAGE_TOKENS}); use residual={PAGE_TOKENS} on {torch.device(device).type}")
+        self.format = KiviFormat(bits=bits, group=32, residual=residual, sinks=sinks)
+        self.bits, self.sinks, self.residual = bits, sinks, residual
         super().__init__(*args, **kwargs)
         self.layout = PageLayout(bits, self.head_dim)
 
@@ -238,21 +248,21 @@ class PagedKiviStore(KVStore):
         return self.layers * self.kv_heads * PageLayout(self.bits, self.head_dim).nbytes
 
     def row_bytes(self) -> int:
-        return self.layers * self.kv_heads * (PAGE_TOKENS + self.sinks) * self.head_dim * 2 * torch.finfo(self.dtype).bits // 8
+        return self.layers * self.kv_heads * (self.residual + self.sinks) * self.head_dim * 2 * torch.finfo(self.dtype).bits // 8
 
     def _allocate(self) -> None:
         from lowbit.engine import kivi_ops
 
         nbytes = PageLayout(self.bits, self.head_dim).nbytes
         self.pool = torch.zeros(self.layers, self.blocks, self.kv_heads, nbytes, dtype=torch.uint8, device=self.device)
-        ring = (self.layers, self.rows, self.kv_heads, PAGE_TOKENS, self.head_dim)
+        ring = (self.layers, self.rows, self.kv_heads, self.residual, self.head_dim)
         self.ring_k = torch.zeros(ring, dtype=self.dtype, device=self.device)
         self.ring_v = torch.zeros(ring, dtype=self.dtype, device=self.device)
         sink = (self.layers, self.rows, self.kv_heads, max(self.sinks, 1), self.head_dim)
         self.sink_k = torch.zeros(sink, dtype=self.dtype, device=self.device)
         self.sink_v = torch.zeros(sink, dtype=self.dtype, device=self.device)
         self.seq = torch.zeros(self.rows, 5, dtype=torch.int32, device=self.device)  # the kernel's counts per row
-        self.ops = kivi_ops.KiviOps(self.bits, self.head_dim, self.sinks, self.device)
+        self.ops = kivi_ops.KiviOps(self.bits, self.head_dim, self.sinks, self.device, self.residual)
 
     def _zero_blocks(self, ids: torch.Tensor) -> None:
         self.pool[:, ids] = 0  # codes are OR-ed into their words
@@ -269,7 +279,8 @@ class PagedKiviStore(KVStore):
 
     @property
     def spec(self) -> str:
-        return f"kivi{self.bits}" + (f":sinks={self.sinks}" if self.sinks else "")
+        opts = ([f"sinks={self.sinks}"] if self.sinks else []) + ([f"residual={self.residual}"] if self.residual != PAGE_TOKENS else [])
+        return f"kivi{self.bits}" + (":" + ",".join(opts) if opts else "")
 
     def read_tokens(self, layer, row, n):
         return self.ops.read_row(self, layer, row, n)
@@ -285,15 +296,16 @@ class PagedKiviStore(KVStore):
 
 
 def make_store(kind: str, **kwargs) -> KVStore:
-    """``fp16``, ``kivi2`` / ``kivi4`` (optionally ``kivi2:sinks=4``) -> the paged store."""
+    """``fp16``, ``kivi2`` / ``kivi4`` (optionally ``kivi2:sinks=4``, ``kivi2:residual=64``) -> the paged store."""
     name, _, opts = kind.partition(":")
     extra = dict(o.split("=", 1) for o in opts.split(",") if o)
     if name == "fp16" and not extra:
         return PagedFp16Store(**kwargs)
-    if name in ("kivi2", "kivi4") and set(extra) <= {"sinks"}:
+    if name in ("kivi2", "kivi4") and set(extra) <= {"sinks", "residual"}:
         try:
-            sinks = int(extra.get("sinks", 0))
+            sinks, residual = int(extra.get("sinks", 0)), int(extra.get("residual", PAGE_TOKENS))
         except ValueError:
-            raise ValueError(f"engine KV '{kind}': sinks must be an integer") from None
-        return PagedKiviStore(**kwargs, bits=int(name[-1]), sinks=sinks)
-    raise ValueError(f"engine KV '{kind}' is not supported: allowed are fp16, kivi2, kivi4 (kivi2:sinks=4 adds sinks)")
+            raise ValueError(f"engine KV '{kind}': sinks and residual must be integers") from None
+        return PagedKiviStore(**kwargs, bits=int(name[-1]), sinks=sinks, residual=residual)
+    raise ValueError(f"engine KV '{kind}' is not supported: allowed are fp16, kivi2, kivi4 (kivi2:sinks=4 adds sinks, "
+                     f"kivi2:residual=64 a shorter full-precision ring)")
