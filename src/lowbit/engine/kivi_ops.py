@@ -171,22 +171,12 @@ class KiviOps:
             r, j = rows[due_v], kidx[due_v] - ring
             old = store.ring_v[layer, r, :, slot[due_v]]  # [n, H, D]
             codes, scale, zero = quantize_codes(old, self.bits, PAGE_GROUP, dim=-1)
-            blk = store.table[r, (j // P)].long()
             t = j % P
             elem = t[:, None] * self.head_dim + torch.arange(self.head_dim, device=k.device)[None, :]  # [n, D]
-            words = self._words(store, layer)
+            at = torch.arange(self.head_dim // PAGE_GROUP, device=k.device)[None, :] * P + t[:, None]  # [n, G]
             lay = self.layout
-            idx = blk[:, None, None] * words.stride(0) + torch.arange(words.shape[1], device=k.device)[None, :, None] \
-                * words.stride(1) + lay.code_bytes // 4 + self.value_word[elem].long()[:, None, :]  # [n, H, D]
-            vals = codes.to(torch.int32) << self.value_shift[elem][:, None, :]
-            words.view(-1).scatter_add_(0, idx.reshape(-1), vals.reshape(-1))  # code bits are zero: add == or
-            halves = store.pool[layer].view(torch.float16)  # [blocks, H, bytes/2]
-            g = torch.arange(self.head_dim // PAGE_GROUP, device=k.device)
-            at = g[None, :] * P + t[:, None]  # [n, G]
-            halves[blk[:, None, None], torch.arange(halves.shape[1], device=k.device)[None, :, None],
-                   lay.value_scale // 2 + at[:, None, :]] = scale
-            halves[blk[:, None, None], torch.arange(halves.shape[1], device=k.device)[None, :, None],
-                   lay.value_zero // 2 + at[:, None, :]] = zero
+            self._into_pages(store, layer, store.table[r, j // P].long(), codes, elem, self.value_word,
+                             self.value_shift, lay.code_bytes // 4, scale, zero, at, lay.value_scale, lay.value_zero)
         live = ~sink
         if bool(live.any()):
             r = rows[live]
@@ -198,26 +188,33 @@ class KiviOps:
             keys = store.ring_k[layer, r]  # [n, H, R, D], ring row t = token t of the flushed run
             codes, scale, zero = quantize_codes(keys, self.bits, PAGE_GROUP, dim=-2)  # [n,H,R,D], [n,H,R/32,D]
             first = kidx[due_k] + 1 - ring  # quantized index of the run's first token
-            blk = store.table[r, first // P].long()
-            t0 = first % P  # its token in the page
-            lay, h, d = self.layout, keys.shape[1], self.head_dim
-            heads = torch.arange(h, device=k.device)[None, :, None]
-            elem = (t0[:, None, None] + torch.arange(ring, device=k.device)[None, :, None]) * d \
-                + torch.arange(d, device=k.device)[None, None, :]  # [n, R, D]: page element (token, channel)
-            words = self._words(store, layer)
-            idx = blk[:, None, None, None] * words.stride(0) + heads[..., None] * words.stride(1) \
-                + self.key_word[elem].long()[:, None]  # [n, H, R, D]
-            vals = codes.to(torch.int32) << self.key_shift[elem][:, None]
-            words.view(-1).scatter_add_(0, idx.reshape(-1), vals.reshape(-1))  # code bits are zero: add == or
-            halves = store.pool[layer].view(torch.float16)  # [blocks, H, bytes/2]
+            t0, d = first % P, self.head_dim  # its token in the page
+            ch = torch.arange(d, device=k.device)[None, None, :]
+            elem = (t0[:, None, None] + torch.arange(ring, device=k.device)[None, :, None]) * d + ch  # [n, R, D]
             at = (t0[:, None, None] // PAGE_GROUP + torch.arange(ring // PAGE_GROUP, device=k.device)[None, :, None]) \
-                * d + torch.arange(d, device=k.device)[None, None, :]  # [n, R/32, D]: group row, channel
-            halves[blk[:, None, None, None], heads[..., None], lay.key_scale // 2 + at[:, None]] = scale
-            halves[blk[:, None, None, None], heads[..., None], lay.key_zero // 2 + at[:, None]] = zero
+                * d + ch  # [n, R/32, D]: group row, channel
+            lay = self.layout
+            self._into_pages(store, layer, store.table[r, first // P].long(), codes, elem, self.key_word, self.key_shift,
+                             0, scale, zero, at, lay.key_scale, lay.key_zero)
 
     @staticmethod
-    def _words(store, layer: int) -> torch.Tensor:
-        return store.pool[layer].view(torch.int32)  # [blocks, H, bytes/4]
+    def _into_pages(store, layer, blk, codes, elem, word, shift, word0, scale, zero, at, scale_at, zero_at) -> None:
+        """OR ``codes [n, H, *E]`` into blocks ``blk [n]`` at page elements ``elem [n, *E]`` (fragment-ordered words
+        ``word0 + word[elem]``, bit ``shift[elem]``) and write ``scale``, ``zero [n, H, *G]`` at fp16 offsets ``at
+        [n, *G]`` from byte offsets ``scale_at`` / ``zero_at`` of the page. Blocks are zeroed when reserved."""
+        n, h = codes.shape[:2]
+        heads = torch.arange(h, device=codes.device)
+        words = store.pool[layer].view(torch.int32)  # [blocks, H, bytes/4]
+        e = codes.dim() - 2
+        idx = blk.view(n, 1, *[1] * e) * words.stride(0) + heads.view(1, h, *[1] * e) * words.stride(1) \
+            + word0 + word[elem].long().unsqueeze(1)
+        vals = codes.to(torch.int32) << shift[elem].unsqueeze(1)
+        words.view(-1).scatter_add_(0, idx.reshape(-1), vals.reshape(-1))  # code bits are zero: add == or
+        halves = store.pool[layer].view(torch.float16)  # [blocks, H, bytes/2]
+        g = scale.dim() - 2
+        bs, hs = blk.view(n, 1, *[1] * g), heads.view(1, h, *[1] * g)
+        halves[bs, hs, scale_at // 2 + at.unsqueeze(1)] = scale
+        halves[bs, hs, zero_at // 2 + at.unsqueeze(1)] = zero
 
     # ------------------------------------------------------------------ attention
     def attend(self, store, layer: int, q: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:

@@ -231,10 +231,6 @@ class PagedKiviStore(KVStore):
             raise ValueError(f"paged KIVI stores head dims that are multiples of 64, got {head_dim}: use fp16")
         if residual not in RESIDUALS:
             raise ValueError(f"paged KIVI residual={residual} is not supported: allowed are {', '.join(map(str, RESIDUALS))}")
-        device = kwargs.get("device", args[7] if len(args) > 7 else "cpu")
-        if residual != PAGE_TOKENS and torch.device(device).type != "cpu":
-            raise ValueError(f"paged KIVI residual={residual} runs on the CPU only so far (its GPU append and attention "
-                             f"handle residual={PAGE_TOKENS}); use residual={PAGE_TOKENS} on {torch.device(device).type}")
         self.format = KiviFormat(bits=bits, group=32, residual=residual, sinks=sinks)
         self.bits, self.sinks, self.residual = bits, sinks, residual
         super().__init__(*args, **kwargs)
@@ -253,6 +249,9 @@ class PagedKiviStore(KVStore):
     def _allocate(self) -> None:
         from lowbit.engine import kivi_ops
 
+        if self.residual != PAGE_TOKENS and self.device.type != "cpu":
+            raise ValueError(f"paged KIVI residual={self.residual} runs on the CPU only so far (its GPU append and "
+                             f"attention handle residual={PAGE_TOKENS}); use residual={PAGE_TOKENS} on {self.device.type}")
         nbytes = PageLayout(self.bits, self.head_dim).nbytes
         self.pool = torch.zeros(self.layers, self.blocks, self.kv_heads, nbytes, dtype=torch.uint8, device=self.device)
         ring = (self.layers, self.rows, self.kv_heads, self.residual, self.head_dim)

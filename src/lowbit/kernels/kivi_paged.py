@@ -201,7 +201,6 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     stages = stages or (3 if cache.bits == 2 else 2)
     if variant not in VARIANTS:
         raise ValueError(f"unknown paged kernel variant '{variant}': allowed are {', '.join(VARIANTS)}")
-    stream = torch.cuda.current_stream(query.device).cuda_stream
     rc = launch(
         cache.bits, int(query.dtype == torch.bfloat16), stages, VARIANTS[variant] | (2 if ring else 0),
         _ptr(pool), pool.stride(-3), pool.stride(-2), _ptr(table), max_pages,
@@ -212,7 +211,7 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
         _ptr(res_k), rk_sb, rk_sh, _ptr(res_v), rv_sb, rv_sh,
         _ptr(part_acc), _ptr(part_ml), plan.parts, plan.bh_pages, plan.chunk, plan.chunks,
         _ptr(out), out.stride(0), out.stride(1), out.stride(2),
-        stream, _ptr(TIMELINE),
+        torch.cuda.current_stream(query.device).cuda_stream, _ptr(TIMELINE),
     )
     if rc != 0:
         raise RuntimeError(f"paged KIVI decode kernel failed to launch (code {rc})")
