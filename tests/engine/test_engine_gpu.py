@@ -49,7 +49,7 @@ def _fill(stores, prompts, steps, h=4, d=128, seed=0):
 
 @cuda
 @pytest.mark.skipif(not _triton(), reason="needs Triton")
-@pytest.mark.parametrize("kind", ["kivi2", "kivi4:sinks=4"])
+@pytest.mark.parametrize("kind", ["kivi2", "kivi4:sinks=4", "kivi2:residual=32", "kivi4:sinks=3,residual=64"])
 def test_triton_append_writes_the_reference_bytes(kind):
     fast, ref = _store(kind), _store(kind)
     ref.ops.use_triton = False
@@ -66,7 +66,7 @@ def _rel(a, b):
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["fp16", "kivi2", "kivi4:sinks=4"])
+@pytest.mark.parametrize("kind", ["fp16", "kivi2", "kivi4:sinks=4", "kivi2:residual=64", "kivi2:sinks=3,residual=32"])
 def test_paged_attention_kernels_match_the_reference(kind):
     store = _store(kind)
     pos = _fill([store], [5, 300, 700], steps=9, seed=1)
@@ -83,6 +83,34 @@ def test_paged_attention_kernels_match_the_reference(kind):
     assert _rel(got, want) < 2e-2
 
 
+@cuda
+@pytest.mark.parametrize("kind", ["kivi2:residual=32", "kivi4:sinks=4,residual=64", "kivi2"])
+def test_ring_attention_matches_the_reference_at_every_ring_fill(kind):
+    """Step by step through more than a ring (every residual length 0..R, key flushes into partly filled pages), the
+    kernel reading the ring (row k % R) matches the float32 reference."""
+    store = _store(kind)
+    r = store.residual
+    prompts = [1, r + 3, 2 * r - 1]
+    g = torch.Generator(device="cuda").manual_seed(r)
+    for row, n in enumerate(prompts):
+        store.reserve(row, n + r + 2)
+    for layer in range(2):
+        for row, n in enumerate(prompts):
+            store.write_prompt(layer, row, torch.randn(4, n, 128, device="cuda", generator=g, dtype=torch.bfloat16),
+                               torch.randn(4, n, 128, device="cuda", generator=g, dtype=torch.bfloat16))
+    pos = torch.tensor(prompts, device="cuda")
+    for _ in range(r + 1):
+        store.begin_step(pos)
+        for layer in range(2):
+            store.append(layer, pos, torch.randn(3, 4, 128, device="cuda", generator=g, dtype=torch.bfloat16),
+                         torch.randn(3, 4, 128, device="cuda", generator=g, dtype=torch.bfloat16))
+        q = torch.randn(3, 16, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+        assert store.ops.use_kernel and store.ops.use_triton
+        got, want = store.attend(1, q, pos, 0.088), store.ops.attend_ref(store, 1, q, pos, 0.088)
+        assert _rel(got, want) < 2e-2, f"positions {pos.tolist()}"
+        pos = pos + 1
+
+
 def _random_llama(layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -93,7 +121,7 @@ def _random_llama(layers=2):
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["fp16", "kivi2"])
+@pytest.mark.parametrize("kind", ["fp16", "kivi2", "kivi2:residual=32"])
 def test_graph_decode_equals_eager_decode(kind):
     model = _random_llama()
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 260, 500)]

@@ -10,8 +10,8 @@ shares ring row ``k % R`` with the new token, so it is flushed first.
 
 On CUDA the append and the key flush are Triton kernels (:mod:`lowbit.engine.kivi_triton`, one program per
 row and head, no host sync, graph-capturable) and attention is the paged CUDA kernel
-(:func:`lowbit.kernels.kivi_paged.paged_decode_attention` with the block table and the ring), for ``R = P`` only
-so far; the PyTorch path here computes the same codes and the float32 attention anywhere.
+(:func:`lowbit.kernels.kivi_paged.paged_decode_attention` with the block table and the ring); the PyTorch path here
+computes the same codes and the float32 attention anywhere.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class KiviOps:
         dev = torch.device(device)
         self.key_word, self.key_shift = kw.to(dev, torch.int32), ks.to(dev, torch.int32)
         self.value_word, self.value_shift = vw.to(dev, torch.int32), vs.to(dev, torch.int32)
-        self.use_triton = dev.type == "cuda" and residual == P and _triton_ok()
-        self.use_kernel = dev.type == "cuda" and residual == P and head_dim == 128 and _paged_kernel_ok()
+        self.use_triton = dev.type == "cuda" and _triton_ok()
+        self.use_kernel = dev.type == "cuda" and head_dim == 128 and _paged_kernel_ok()
 
     # ------------------------------------------------------------------ counts
     def counts(self, total: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ def _quantize(x, QMAX: tl.constexpr, axis: tl.constexpr):
 @triton.jit
 def _append_kernel(pos_ptr, table_ptr, max_pages, k_ptr, v_ptr, nk_sb, nk_sh, ring_k, ring_v, rg_sb, rg_sh,
                    sink_k, sink_v, sk_sb, sk_sh, words_ptr, w_sb, w_sh, halves_ptr, h_sb, h_sh, vword_ptr, vshift_ptr,
-                   SINKS: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                   SINKS: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
                    VCODE_W: tl.constexpr, VS_H: tl.constexpr, VZ_H: tl.constexpr):
     r = tl.program_id(0)
     h = tl.program_id(1)
@@ -46,10 +46,10 @@ def _append_kernel(pos_ptr, table_ptr, max_pages, k_ptr, v_ptr, nk_sb, nk_sh, ri
         tl.store(sink_v + r * sk_sb + h * sk_sh + p * D + c, vn.to(sink_v.dtype.element_ty))
     else:
         k = p - SINKS
-        slot = k % P
+        slot = k % R
         ring_off = r * rg_sb + h * rg_sh + slot * D + c
-        if k >= P:  # value k - P leaves the ring (it shares ring row `slot` with the new token)
-            j = k - P
+        if k >= R:  # value k - R leaves the ring (it shares ring row `slot` with the new token)
+            j = k - R
             old = tl.load(ring_v + ring_off).to(tl.float32)
             G: tl.constexpr = D // 32
             codes, scale, zero = _quantize(tl.reshape(old, (G, 32)), (1 << BITS) - 1, 1)
@@ -69,24 +69,26 @@ def _append_kernel(pos_ptr, table_ptr, max_pages, k_ptr, v_ptr, nk_sb, nk_sh, ri
 @triton.jit
 def _key_flush_kernel(pos_ptr, table_ptr, max_pages, ring_k, rg_sb, rg_sh, words_ptr, w_sb, w_sh, halves_ptr, h_sb,
                       h_sh, kword_ptr, kshift_ptr, SINKS: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr,
-                      P: tl.constexpr, KS_H: tl.constexpr, KZ_H: tl.constexpr):
+                      P: tl.constexpr, R: tl.constexpr, KS_H: tl.constexpr, KZ_H: tl.constexpr):
     r = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.load(pos_ptr + r).to(tl.int32)
     k = p - SINKS
-    if (p >= SINKS) & ((k + 1) % P == 0):  # the ring's P keys complete page k // P
-        t = tl.arange(0, P)
+    if (p >= SINKS) & ((k + 1) % R == 0):  # the ring's R keys (ring row t = token first + t) go into their page
+        first = k + 1 - R
+        t = tl.arange(0, R)
         c = tl.arange(0, D)
         x = tl.load(ring_k + r * rg_sb + h * rg_sh + t[:, None] * D + c[None, :]).to(tl.float32)
-        NG: tl.constexpr = P // 32
+        NG: tl.constexpr = R // 32
         codes, scale, zero = _quantize(tl.reshape(x, (NG, 32, D)), (1 << BITS) - 1, 1)
-        codes = tl.reshape(codes, (P, D))
-        blk = tl.load(table_ptr + r * max_pages + k // P).to(tl.int64)
-        elem = t[:, None] * D + c[None, :]
+        codes = tl.reshape(codes, (R, D))
+        blk = tl.load(table_ptr + r * max_pages + first // P).to(tl.int64)
+        t0 = first % P  # the run's first token in the page
+        elem = (t0 + t)[:, None] * D + c[None, :]
         word = tl.load(kword_ptr + elem)
         shift = tl.load(kshift_ptr + elem)
         tl.atomic_or(words_ptr + blk * w_sb + h * w_sh + word, codes << shift)
-        gi = tl.arange(0, NG)
+        gi = tl.arange(0, NG) + t0 // 32
         at = gi[:, None] * D + c[None, :]
         tl.store(halves_ptr + blk * h_sb + h * h_sh + KS_H + at, scale)
         tl.store(halves_ptr + blk * h_sb + h * h_sh + KZ_H + at, zero)
@@ -106,13 +108,13 @@ def append(ops, store, layer: int, pos, k, v) -> None:
         pos, store.table, store.max_pages, k, v, k.stride(0), k.stride(1), ring_k, ring_v, ring_k.stride(0),
         ring_k.stride(1), sink_k, sink_v, sink_k.stride(0), sink_k.stride(1), words, words.stride(0), words.stride(1),
         halves, halves.stride(0), halves.stride(1), ops.value_word, ops.value_shift,
-        SINKS=ops.sinks, BITS=ops.bits, D=d, P=PAGE_TOKENS, VCODE_W=lay.code_bytes // 4,
+        SINKS=ops.sinks, BITS=ops.bits, D=d, P=PAGE_TOKENS, R=ops.residual, VCODE_W=lay.code_bytes // 4,
         VS_H=lay.value_scale // 2, VZ_H=lay.value_zero // 2, num_warps=1)
     _key_flush_kernel[(b, h)](
         pos, store.table, store.max_pages, ring_k, ring_k.stride(0), ring_k.stride(1), words, words.stride(0),
         words.stride(1), halves, halves.stride(0), halves.stride(1), ops.key_word, ops.key_shift,
-        SINKS=ops.sinks, BITS=ops.bits, D=d, P=PAGE_TOKENS, KS_H=lay.key_scale // 2, KZ_H=lay.key_zero // 2,
-        num_warps=8)
+        SINKS=ops.sinks, BITS=ops.bits, D=d, P=PAGE_TOKENS, R=ops.residual, KS_H=lay.key_scale // 2,
+        KZ_H=lay.key_zero // 2, num_warps=8 if ops.residual == PAGE_TOKENS else 4)
 
 
 def _int32():

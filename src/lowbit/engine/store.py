@@ -220,8 +220,7 @@ class PagedFp16Store(KVStore):
 
 class PagedKiviStore(KVStore):
     """KIVI-2/4 (group 32, residual 128, or 64 or 32) in the decode kernel's pages, with sinks and a residual ring
-    of `residual` rows per row. A shorter ring holds less per row (so more rows fit a budget) at some quality cost;
-    its GPU paths (Triton append, the paged kernel's ring) are not built yet, so it runs on the CPU only."""
+    of `residual` rows per row. A shorter ring holds less per row (so more rows fit a budget) at some quality cost."""
 
     kind = "kivi"
 
@@ -249,9 +248,6 @@ class PagedKiviStore(KVStore):
     def _allocate(self) -> None:
         from lowbit.engine import kivi_ops
 
-        if self.residual != PAGE_TOKENS and self.device.type != "cpu":
-            raise ValueError(f"paged KIVI residual={self.residual} runs on the CPU only so far (its GPU append and "
-                             f"attention handle residual={PAGE_TOKENS}); use residual={PAGE_TOKENS} on {self.device.type}")
         nbytes = PageLayout(self.bits, self.head_dim).nbytes
         self.pool = torch.zeros(self.layers, self.blocks, self.kv_heads, nbytes, dtype=torch.uint8, device=self.device)
         ring = (self.layers, self.rows, self.kv_heads, self.residual, self.head_dim)

@@ -152,8 +152,8 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     """Attention of ``query [B, H_q, n_q, D]`` (the newest n_q tokens) over a paged KIVI cache: ``[B, n_q, H_q, D]``.
 
     ``start [B]`` (int32, optional): the first unpadded position of each sequence (left padding).
-    ``ring``: the residuals are rings of ``PAGE_TOKENS`` rows, quantized index k at row ``k % PAGE_TOKENS`` (the
-    serving engine's layout) instead of rows from the quantized count on. ``key_pages``: the most key pages any
+    ``ring``: the residuals are rings of ``R`` rows (their length: a power of two up to ``PAGE_TOKENS``), quantized
+    index k at row ``k % R`` (the serving engine's layout) instead of rows from the quantized count on. ``key_pages``: the most key pages any
     sequence holds (plans the split without reading ``seq`` back to the host, as a CUDA graph needs). ``chunk``: pages
     per page program (default: :func:`plan_split`'s one wave).
     """
@@ -201,8 +201,16 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
     stages = stages or (3 if cache.bits == 2 else 2)
     if variant not in VARIANTS:
         raise ValueError(f"unknown paged kernel variant '{variant}': allowed are {', '.join(VARIANTS)}")
+    ring_rows = 0
+    if ring:
+        ring_rows = max((t.shape[-2] for t in (res_k, res_v) if t is not None), default=0)
+        if res_k is not None and res_v is not None and res_k.shape[-2] != res_v.shape[-2]:
+            raise ValueError(f"ring residuals must have as many rows for keys as for values, got {res_k.shape[-2]} "
+                             f"and {res_v.shape[-2]}")
+        if ring_rows & (ring_rows - 1) or ring_rows > PAGE_TOKENS:
+            raise ValueError(f"a residual ring must hold a power of two of rows up to {PAGE_TOKENS}, got {ring_rows}")
     rc = launch(
-        cache.bits, int(query.dtype == torch.bfloat16), stages, VARIANTS[variant] | (2 if ring else 0),
+        cache.bits, int(query.dtype == torch.bfloat16), stages, VARIANTS[variant] | (ring_rows << 8),
         _ptr(pool), pool.stride(-3), pool.stride(-2), _ptr(table), max_pages,
         _ptr(query), query.stride(0), query.stride(1), query.stride(2),
         b, hq, hkv, nq, scale * LOG2E,

@@ -116,7 +116,7 @@ struct Args {
   int parts;                                                  // page partials a (sequence x head) may have (slots)
   int bh_pages, chunk, chunks;                                // V, C, N of the stream-K split (see the top)
   unsigned long long* timeline;                               // debug build only: 4 words per program
-  int ring;                                                   // 0: residual rows from n_q on; P: a ring indexed by k % P
+  int ring;                                                   // -1: residual rows from n_q on; R - 1: a ring of R rows
   void* out; long long o_sb, o_st, o_sh;                      // [B, nq, Hq, D] (elements)
 };
 
@@ -129,9 +129,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 
 struct Seq { int n_sink, n_qk, n_qv, total, start; };
 
-// row of the full-precision residual that holds quantized index k (k >= nq): linear from nq, or (ring != 0) a ring of
-// P rows. A mask, not `k % ring`: the division's registers made the 2-bit main loop spill (~25 % slower, H200).
-__device__ __forceinline__ long long res_row(int ring, int k, int nq) { return ring ? (k & (P - 1)) : k - nq; }
+// row of the full-precision residual that holds quantized index k (k >= nq): linear from nq (ring < 0), or row k % R of
+// a ring of R = ring + 1 rows (a power of two). A mask, not `k % R`: the division's registers made the 2-bit main loop
+// spill (~25 % slower, H200).
+__device__ __forceinline__ long long res_row(int ring, int k, int nq) { return ring >= 0 ? (k & ring) : k - nq; }
 
 // page programs whose slices touch (sequence x head) bh, in program order (its page partials; the tail's comes next)
 __device__ __forceinline__ int page_partials(const Args& a, int bh) {
@@ -913,8 +914,10 @@ extern "C" int lowbit_kivi_paged_decode(
   a.res_k = res_k; a.rk_sb = rk_sb; a.rk_sh = rk_sh; a.res_v = res_v; a.rv_sb = rv_sb; a.rv_sh = rv_sh;
   a.part_acc = part_acc; a.part_ml = part_ml; a.parts = parts;
   a.bh_pages = bh_pages; a.chunk = chunk; a.chunks = chunks; a.timeline = timeline;
-  a.ring = (variant & 2) ? P : 0;  // variant bit 1: residuals in a ring of P rows (the serving engine)
+  const int ring_rows = variant >> 8;  // variant bits 8..: residuals in a ring of that many rows (the serving engine)
+  a.ring = ring_rows ? ring_rows - 1 : -1;
   a.out = out; a.o_sb = o_sb; a.o_st = o_st; a.o_sh = o_sh;
+  if (ring_rows & (ring_rows - 1) || ring_rows > P) return -1;
   if (a.rows > MAXROWS || a.rows < 1 || chunk < 1 || (chunks > 0 && bh_pages < 1)) return -1;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool fold = variant & 1;
