@@ -109,3 +109,23 @@ def test_fused_refuses_what_it_cannot_take():
         w4ax_linear(**{**c, "int8_mask": torch.ones(3, dtype=torch.bool, device=DEV)})
     with pytest.raises(ValueError, match=r"x must be \[M, K_in\]"):
         w4ax_linear(**{**c, "x": c["x"][None]})
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="the compiled launcher exists on CUDA only")
+def test_repeated_calls_take_the_compiled_launcher_with_the_same_bits():
+    """The first call of a shape compiles through the JIT; later ones launch that kernel directly (kernels/launch.py),
+    bit for bit the same, with fresh inputs each time; a differently aligned input is a different key."""
+    from lowbit.kernels import w4ax_fused
+
+    w4ax_fused._LAUNCH.kernels.clear()
+    c, k = _case(4, 1000, 96, 128, 128, torch.bfloat16, seed=21)
+    first = w4ax_fused.w4ax_linear(**c, out_dtype=torch.bfloat16)
+    assert len(w4ax_fused._LAUNCH.kernels) == 1
+    for seed in (1, 2):
+        x = torch.randn_like(c["x"]) * seed
+        got = w4ax_fused.w4ax_linear(**{**c, "x": x}, out_dtype=torch.bfloat16)
+        assert torch.equal(got, _two_launch({**c, "x": x}, k, 4, torch.bfloat16, None))
+    assert len(w4ax_fused._LAUNCH.kernels) == 1 and not torch.equal(got, first)
+    odd = torch.empty(c["x"].numel() + 1, dtype=c["x"].dtype, device=DEV)[1:].view_as(c["x"]).copy_(c["x"])
+    assert torch.equal(w4ax_fused.w4ax_linear(**{**c, "x": odd}, out_dtype=torch.bfloat16), first)
+    assert len(w4ax_fused._LAUNCH.kernels) == 2

@@ -28,6 +28,7 @@ from lowbit.kernels.gemm import (
     PLANS,
     WORKSPACE,
     _interpreting,
+    _launch,
     _rint,
     _sm_count,
     _split_tile,
@@ -35,6 +36,7 @@ from lowbit.kernels.gemm import (
     _w4_tile_product,
     stream_key,
 )
+from lowbit.kernels.launch import FastLaunch
 from lowbit.kernels.layout import BufferPool, GemmConfig
 
 MAX_FUSED_M = 16  # the decode bucket (default_config's weight-streaming shape); larger M quantizes once, separately
@@ -133,6 +135,9 @@ def _w4ax_fused_kernel(X, s_xm, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS,
         tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=omask)
 
 
+_LAUNCH = FastLaunch(_w4ax_fused_kernel)  # repeated calls skip the JIT's per-call binding (kernels/launch.py)
+
+
 class _Counters:
     """Zeroed int32 tile counters per (device, stream), grown (zeroed) on demand; kernels leave them at zero."""
 
@@ -213,7 +218,7 @@ def w4ax_linear(
     mask_t = int8_mask if not has_mask or (int8_mask.dtype == torch.int8 and int8_mask.device == dev) \
         else int8_mask.to(dev, torch.int8)
     has_zero, has_bias = w_zero is not None, bias is not None
-    _w4ax_fused_kernel[(plan.tiles_mn, split)](
+    _launch(_LAUNCH, _w4ax_fused_kernel, (plan.tiles_mn, split))(
         x, x.stride(0), perm_t.contiguous() if has_perm else x, mask_t.contiguous() if has_mask else x,
         w_kernel, w_kernel.stride(0), w_scale, w_scale.stride(0),
         w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,

@@ -1,0 +1,54 @@
+"""Relaunch a compiled Triton kernel without the JIT's per-call work.
+
+``kernel[grid](...)`` binds and specializes every argument, builds a cache key and parses the launch options on every
+call: tens of microseconds from Python on the H200, more than a decode-sized W4Ax GEMM runs on the GPU. A
+:class:`FastLaunch` keys its calls on what decides the compiled kernel (integer arguments exactly, tensors by dtype
+and 16-byte alignment, the constexprs and options), compiles through the JIT the first time a key is seen, and calls
+that compiled kernel's own launcher directly afterwards: the same binary, the same arguments. Launch hooks (Triton's
+profiler) take the JIT path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds only
+_device = getattr(torch._C, "_cuda_getDevice", None)
+
+
+MAX_KEYS = 4096  # calls remembered per kernel
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook does something (Triton 3.6 installs empty hook chains by default)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class FastLaunch:
+    """``FastLaunch(jit_fn)(grid, *positional, **constexprs_and_options)`` launches like ``jit_fn[grid](...)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.names = list(fn.arg_names)
+        self.kernels: dict[tuple, tuple] = {}  # key -> (compiled kernel, names of the keyword arguments in order)
+
+    def __call__(self, grid: tuple[int, ...], *args, **kwargs):
+        from triton import knobs
+
+        key = (_device(),) + tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args) \
+            + tuple(kwargs.items())
+        hit = self.kernels.get(key)
+        if hit is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+            compiled = self.fn[grid](*args, **kwargs)
+            rest = self.names[len(args):]
+            if hit is None and hasattr(compiled, "run") and all(n in kwargs for n in rest):
+                if len(self.kernels) >= MAX_KEYS:  # many shapes (prefill lengths): start over, the JIT still caches
+                    self.kernels.clear()
+                self.kernels[key] = (compiled, [kwargs[n] for n in rest])
+            return
+        compiled, constexprs = hit
+        stream = _raw_stream(_device())
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *constexprs)
