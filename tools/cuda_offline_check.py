@@ -117,7 +117,8 @@ def loop_histogram(nvdisasm: str, cubin: Path, want: str) -> None:
             if t and labels.get(t.group(1), addr) < addr:
                 body = collections.Counter(o for a, o, _ in ins if labels[t.group(1)] <= a <= addr)
                 if body["HMMA"]:
-                    print(f"loop of {sum(body.values())} instructions: " +
+                    print(f"loop {labels[t.group(1)]:#x}-{addr:#x}, {sum(body.values())} instructions "
+                          f"(spill STL {body['STL']}, LDL {body['LDL']}): " +
                           ", ".join(f"{k} {v}" for k, v in body.most_common(16)))
 
 
