@@ -65,8 +65,8 @@
 // 528 slices equal to a page with the tails dispatched last evened the pages per SM (124 each, most SMs done by 72 us)
 // but the tails, landing beside running slices, held some SMs to 81-96 us (B8/32K 95.2 us against 84.5 for this).
 // Each tail as w virtual pages after its (sequence x head)'s key pages, run inside 528 equal slices, was no better at
-// any weight across the points (w = 4: B8/32K 95.0 us, a tail costing far more than 4 pages; w = 16: 83.4 / 282.0 /
-// 51.5 us against 84.5-84.8 / 274.5-278.1 / 50.5 for this at B8/32K, B32/32K, B1/128K; stop 28, KERNELS.md).
+// any weight across the points (w = 4: B8/32K 95.0 us, the slices holding a last, MIXED page slow; w = 16: 83.4 /
+// 282.0 / 51.5 us against 84.5-84.8 / 274.5-278.1 / 50.5 for this at B8/32K, B32/32K, B1/128K; stop 28, KERNELS.md).
 #ifndef LOWBIT_PAGED_TIMELINE
 #define LOWBIT_PAGED_TIMELINE 0
 #endif
