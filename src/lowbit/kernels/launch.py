@@ -30,7 +30,7 @@ class FastLaunch:
     def __init__(self, fn):
         self.fn = fn
         self.names = list(fn.arg_names)
-        self.kernels: dict[tuple, tuple] = {}  # key -> (compiled kernel, names of the keyword arguments in order)
+        self.kernels: dict[tuple, tuple] = {}  # key -> (compiled kernel, the keyword arguments' values in order)
 
     def __call__(self, grid: tuple[int, ...], *args, **kwargs):
         from triton import knobs
