@@ -54,6 +54,8 @@ def test_fp16_engine_generates_what_transformers_generates(tiny_llama):
         want = tiny_llama.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
         assert r.output == want
     assert engine.store.used_blocks == 0 and max(s.batch for s in engine.history) == 3
+    assert all(0 < s.admit_s <= s.step_s for s in engine.history if s.prefilled)  # the prefill's share of its step
+    assert all(s.admit_s < s.step_s for s in engine.history if not s.prefilled)
 
 
 @pytest.mark.parametrize("residual", [128, 32])
@@ -204,3 +206,13 @@ def test_engine_bench_decode_rates():
     assert got == {"decode_tok_s": pytest.approx(11 / 0.6, abs=0.05), "peak_decode_tok_s": 20.0, "peak_decode_steps": 2}
     assert decode_rates([StepStats(1, 1, 0.5, 0, 0)]) == {"decode_tok_s": None, "peak_decode_tok_s": None,
                                                           "peak_decode_steps": 0}
+
+
+def test_engine_bench_time_split():
+    """The steps' time split into admission + prefill and decode, and the prefill share."""
+    from lowbit.bench.engine import time_split
+    from lowbit.engine.core import StepStats
+
+    hist = [StepStats(1, 1, 0.5, 0, 0, 0.4), StepStats(0, 2, 0.1, 0, 0), StepStats(2, 3, 0.4, 0, 0, 0.3)]
+    assert time_split(hist) == {"prefill_s": 0.7, "decode_s": 0.3, "prefill_pct": 70.0}
+    assert time_split([])["prefill_pct"] is None

@@ -28,7 +28,7 @@ from lowbit.bench.timing import Points, env_info, write_json
 
 WORKLOAD_COLUMNS = ["method", "requests", "prompt", "output", "kv_budget_gb", "output_tok_s", "vs_fp16_x", "ttft_p50_s",
                     "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "peak_concurrent", "peak_decode_tok_s",
-                    "peak_vs_fp16_x"]
+                    "peak_vs_fp16_x", "prefill_pct"]
 DECODE_COLUMNS = ["method", "batch", "context", "layers", "step_ms", "tokens_per_s", "vs_hf_static_x", "eager_step_ms",
                   "engine_step_ms", "host_overhead_pct"]
 
@@ -66,6 +66,15 @@ def decode_rates(history) -> dict:
     return {"decode_tok_s": rate(decode), "peak_decode_tok_s": rate(at_peak), "peak_decode_steps": len(at_peak)}
 
 
+def time_split(history) -> dict:
+    """Where the steps' time went: admitting and prefilling (``StepStats.admit_s``) against decoding, summed over
+    the run, and the prefill share in percent."""
+    admit = sum(s.admit_s for s in history)
+    total = sum(s.step_s for s in history)
+    return {"prefill_s": round(admit, 3), "decode_s": round(total - admit, 3),
+            "prefill_pct": round(100 * admit / total, 1) if total > 0 else None}
+
+
 def workload(model, method: str, requests: int, prompt: int, output: int, budget_gb: float, max_batch: int, seed=0,
              prefill_chunk: int | None = None) -> dict:
     """Run the workload once through a fresh engine (graphs captured before the clock starts)."""
@@ -90,7 +99,8 @@ def workload(model, method: str, requests: int, prompt: int, output: int, budget
            "ttft_p50_s": round(_pct(ttft, 50), 3), "ttft_p99_s": round(_pct(ttft, 99), 3),
            "tpot_p50_ms": round(_pct(tpot, 50), 2), "tpot_p99_ms": round(_pct(tpot, 99), 2),
            "peak_concurrent": max(s.batch for s in engine.history), "pool_blocks": engine.store.blocks - 1,
-           "steps": len(engine.history), "prefill_chunk": prefill_chunk, **decode_rates(engine.history)}
+           "steps": len(engine.history), "prefill_chunk": prefill_chunk, **decode_rates(engine.history),
+           **time_split(engine.history)}
     del engine
     gc.collect()
     if torch.cuda.is_available():

@@ -65,6 +65,7 @@ class StepStats:
     step_s: float
     pages_used: int
     pages_free: int
+    admit_s: float = 0.0  # of step_s, admission and prefill (a whole prompt syncs on its first token; a chunk does not)
 
 
 class PagedEngine:
@@ -157,6 +158,7 @@ class PagedEngine:
                 self._prefill(req)
             except Exception as exc:  # noqa: BLE001 - this request fails alone: its pages go back
                 self._fail(req, exc)
+        t_admitted = time.perf_counter()
         b = len(self.running)
         if b:
             self.graphs.pos[:b].copy_(self.pos_host[:b], non_blocking=True)
@@ -169,7 +171,8 @@ class PagedEngine:
             self.pos_host[:b] += 1
             for r, tok in zip(list(self.running), emitted):
                 self._emit(r, tok)
-        stats = StepStats(prefilled, b, time.perf_counter() - t0, self.store.used_blocks, len(self.store.free_blocks))
+        stats = StepStats(prefilled, b, time.perf_counter() - t0, self.store.used_blocks, len(self.store.free_blocks),
+                          t_admitted - t0)
         self.history.append(stats)
         return stats
 
