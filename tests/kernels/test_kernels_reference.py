@@ -164,3 +164,17 @@ def test_fused_layer_buffers_and_cpu_fallback():
             layer._drop_front("res_v", 4)
     expect = torch.cat(chunks, dim=2)[:, :, 4:]
     assert torch.equal(layer.res_v, expect)
+
+
+def test_host_launch_math_matches_its_definition():
+    """cdiv and next_pow2 (the launchers' grid math, kept off Triton's constexpr functions) on a range of values."""
+    import math
+
+    from lowbit.kernels.layout import cdiv, next_pow2
+
+    for a in range(0, 300):
+        for b in (1, 2, 3, 7, 32, 128):
+            assert cdiv(a, b) == math.ceil(a / b)
+    for n in range(1, 5000):
+        p = next_pow2(n)
+        assert p >= n and p & (p - 1) == 0 and (p == 1 or p // 2 < n)

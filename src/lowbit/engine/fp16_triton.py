@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.layout import next_pow2
+
 
 @triton.jit
 def _split_kernel(q_ptr, q_sb, q_sh, k_pool, v_pool, p_sb, p_sh, table_ptr, max_pages, pos_ptr, acc_ptr, ml_ptr,
@@ -70,7 +72,7 @@ def launch(q, k_pool, v_pool, table, pos, scale_log2: float, splits: int, per: i
     b, hq, d = q.shape
     hkv, p = k_pool.shape[1], k_pool.shape[2]
     gqa = hq // hkv
-    rows = max(16, triton.next_power_of_2(gqa))
+    rows = max(16, next_pow2(gqa))
     if q.stride(-1) != 1:
         q = q.contiguous()
     acc = torch.empty(b * hkv * splits * rows * d, dtype=torch.float32, device=q.device)
@@ -81,5 +83,5 @@ def launch(q, k_pool, v_pool, table, pos, scale_log2: float, splits: int, per: i
         acc, ml, scale_log2, HKV=hkv, GQA=gqa, ROWS=rows, D=d, P=p, PER=per, SPLITS=splits, num_warps=4,
         num_stages=2)
     _merge_kernel[(b * hkv, gqa)](acc, ml, out, out.stride(0), out.stride(1), HKV=hkv, GQA=gqa, ROWS=rows, D=d,
-                                  SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=1)
+                                  SPLITS=splits, SPLITS_P2=next_pow2(splits), num_warps=1)
     return out

@@ -37,7 +37,9 @@ from lowbit.kernels.layout import (  # noqa: F401
     BufferPool,
     GemmConfig,
     PlanCache,
+    cdiv,
     default_config,
+    next_pow2,
     repack_weight,
     unrepack_weight,
 )
@@ -125,11 +127,11 @@ def quantize_activation(
         scale = torch.empty(m, nb, dtype=torch.float32, device=x.device)
     if m == 0:
         return codes, scale
-    bpp = min(blocks_per_program, triton.next_power_of_2(nb))
+    bpp = min(blocks_per_program, next_pow2(nb))
     has_perm, has_mask = perm is not None, int8_mask is not None
     perm_t = perm.to(device=x.device, dtype=torch.int32).contiguous() if has_perm else codes
     mask_t = int8_mask.to(device=x.device, dtype=torch.int8).contiguous() if has_mask else codes
-    _launch(_ACT_QUANT, _act_quant_kernel, (m, triton.cdiv(nb, bpp)))(
+    _launch(_ACT_QUANT, _act_quant_kernel, (m, cdiv(nb, bpp)))(
         x2, x2.stride(0), perm_t, mask_t, codes, codes.stride(0), scale, scale.stride(0), k_in, nb,
         BLOCK=block, BPP=bpp, LOW_HI=float((1 << (low_bits - 1)) - 1), HAS_PERM=has_perm, HAS_MASK=has_mask,
         USE_LIBDEVICE=not _interpreting(), num_warps=4,
@@ -331,7 +333,7 @@ def unpack_weight_int8(w_kernel: torch.Tensor, tile: int, group: int, w_zero: to
         out = torch.empty(n, k, dtype=torch.int8, device=w_kernel.device)
     bn = 64
     has_zero = w_zero is not None
-    _unpack_weight_kernel[(triton.cdiv(n, bn), k // tile)](
+    _unpack_weight_kernel[(cdiv(n, bn), k // tile)](
         w_kernel, w_kernel.stride(0), w_zero if has_zero else w_kernel, w_zero.stride(0) if has_zero else 0,
         out, out.stride(0), n, k, GROUP=group, TILE=tile, BN=bn, HAS_ZERO=has_zero,
         USE_ASM=use_asm and not _interpreting(), num_warps=4,
@@ -449,7 +451,7 @@ def w4a8_gemm(
     )
     if split > 1:
         rb = 1024
-        _launch(_SPLITK_REDUCE, _splitk_reduce_kernel, (m, triton.cdiv(n, rb)))(
+        _launch(_SPLITK_REDUCE, _splitk_reduce_kernel, (m, cdiv(n, rb)))(
             part, bias if has_bias else w_scale, out, out.stride(0), m, n, split, HAS_BIAS=has_bias, BLOCK=rb, num_warps=4,
         )
     return out

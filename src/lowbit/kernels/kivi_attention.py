@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.layout import cdiv, next_pow2
 from lowbit.quant.kivi import KiviParts
 
 LOG2E = 1.4426950408889634
@@ -330,17 +331,17 @@ def kivi_decode_attention_parts(
     kgroups = parts.qk_scale.shape[-2] if nqk else 0
     vrows = parts.qv_packed.shape[-2] if nqv else 0
 
-    n_tiles = triton.cdiv(nc, block_n)
+    n_tiles = cdiv(nc, block_n)
     if n_tiles == 0:
         splits, tps = 0, 1
     else:
         if num_splits is None:
             target = target_programs or 16 * _sm_count(query.device)
-            num_splits = max(1, triton.cdiv(target, bsz * hkv))
+            num_splits = max(1, cdiv(target, bsz * hkv))
         splits = max(1, min(num_splits, n_tiles))
-        tps = triton.cdiv(n_tiles, splits)
-        splits = triton.cdiv(n_tiles, tps)
-    rows = max(16, triton.next_power_of_2(gqa * nq))
+        tps = cdiv(n_tiles, splits)
+        splits = cdiv(n_tiles, tps)
+    rows = max(16, next_pow2(gqa * nq))
     nrows = gqa * nq
     if nq & (nq - 1):
         raise ValueError(f"{nq} query tokens: use a power of two")

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from lowbit.kernels.layout import cdiv, next_pow2
+
 FP16_TINY = float(torch.finfo(torch.float16).tiny)
 _MAGIC = 12582912.0  # 1.5 * 2**23: (x + M) - M rounds |x| < 2**22 half-to-even in float32
 
@@ -170,8 +172,8 @@ def quantize_pack_values(v: torch.Tensor, bits: int, group: int, out=None, block
     if n == 0:
         return packed, scale, zero
     assert scale.stride() == zero.stride()
-    bt = min(block_t, triton.next_power_of_2(n))
-    _quant_pack_values_kernel[(bsz * hn, triton.cdiv(n, bt))](
+    bt = min(block_t, next_pow2(n))
+    _quant_pack_values_kernel[(bsz * hn, cdiv(n, bt))](
         v, v.stride(0), v.stride(1), v.stride(2),
         packed, packed.stride(0), packed.stride(1), packed.stride(2),
         scale, zero, scale.stride(0), scale.stride(1), scale.stride(2), hn, n,

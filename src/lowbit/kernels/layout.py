@@ -79,8 +79,15 @@ def default_config(m: int, n: int, k: int) -> GemmConfig:
     return GemmConfig(64, 128, 4, 4, split_k=1, unpacked=True, tma=True)  # compute-bound: transient int8 W, TMA loads
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host-side launch math (``triton.cdiv`` is a constexpr function: µs per call from Python)."""
     return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1), for host-side launch math (as ``triton.next_power_of_2``)."""
+    return 1 << max(n - 1, 0).bit_length()
+
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ def plan_gemm(m: int, n: int, k: int, tile: int, sm_count: int, config: GemmConf
     if m < 0 or n <= 0 or k <= 0 or tile <= 0 or k % tile:
         raise ValueError(f"bad GEMM shape m={m}, n={n}, k={k}, tile={tile}")
     cfg = config or default_config(m, n, k)
-    n_mn = _cdiv(max(m, 1), cfg.bm) * _cdiv(n, cfg.bn)
+    n_mn = cdiv(max(m, 1), cfg.bm) * cdiv(n, cfg.bn)
     if cfg.unpacked:
         return GemmPlan(cfg, n_mn, 1, k // tile)
     nt = k // tile
@@ -109,9 +116,9 @@ def plan_gemm(m: int, n: int, k: int, tile: int, sm_count: int, config: GemmConf
         split = 1
         target = 2 * sm_count
         if n_mn < target:
-            split = min(_cdiv(target, n_mn), max(1, nt // 2))
-    tps = _cdiv(nt, split)
-    return GemmPlan(cfg, n_mn, _cdiv(nt, tps), tps)
+            split = min(cdiv(target, n_mn), max(1, nt // 2))
+    tps = cdiv(nt, split)
+    return GemmPlan(cfg, n_mn, cdiv(nt, tps), tps)
 
 
 class PlanCache:
