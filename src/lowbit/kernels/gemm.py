@@ -24,14 +24,13 @@ no allocation, no host synchronisation in the call path (CUDA-graph capturable o
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.kivi_quant import _rint
+from lowbit.kernels.kivi_quant import _INTERPRET, _rint
 from lowbit.kernels.launch import FastLaunch
 from lowbit.kernels.layout import (  # noqa: F401
     BufferPool,
@@ -54,7 +53,7 @@ def stream_key(device: torch.device) -> int:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 # ------------------------------------------------------------------------------ activation quantization
