@@ -75,7 +75,8 @@
 // holds R full-precision values), and the tail program takes the rest, its keys dequantized from the page. It removes
 // the MIXED value path, whose per-lane global loads of residual rows make that last page far slower than the others:
 // in stop 28's tails-in-slices run the slices holding it took 64-102 us against 48-76 (B8/32K, whose tails are
-// empty: all 32768 keys are quantized), and in the stream-K split those slices sit on the SMs that end last.
+// empty: all 32768 keys are quantized); in the stream-K split they are 64 of the 512 slices (whether the last to end:
+// to check with tools/paged_timeline.py).
 #ifndef LOWBIT_PAGED_VALUES_IN_TAIL
 #define LOWBIT_PAGED_VALUES_IN_TAIL 0
 #endif
