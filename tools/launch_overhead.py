@@ -10,6 +10,7 @@ import statistics
 
 import torch
 
+from lowbit.bench.timing import per_call_ms
 from lowbit.kernels import gemm, w4ax_fused
 from lowbit.kernels.layout import repack_weight
 
@@ -24,18 +25,6 @@ class Jit:
 
     def __call__(self, grid, *args, **kwargs):
         self.fn[grid](*args, **kwargs)
-
-
-def eager_us(fn, calls: int = 200) -> float:
-    times = []
-    for _ in range(calls):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
 
 
 def main(rounds: int = 7) -> None:
@@ -66,7 +55,7 @@ def main(rounds: int = 7) -> None:
                     use(path, launchers)
                     call()
                     torch.cuda.synchronize()
-                    res[name].append(eager_us(call))
+                    res[name].append(per_call_ms(call, 200) * 1e3)
             use(path, fast[path])
             f, j = statistics.median(res["launcher"]), statistics.median(res["jit"])
             print(f"{path:5s} M={m} N={n} K={k}: eager, compiled launcher {f:.1f} us, JIT {j:.1f} us ({j / f:.2f}x)",

@@ -24,7 +24,7 @@ from typing import Optional
 
 from lowbit.bench.e2e import llama_config
 from lowbit.kv.hf import cache_kwargs
-from lowbit.bench.timing import Points, env_info, write_json
+from lowbit.bench.timing import Points, env_info, per_call_ms, write_json
 
 WORKLOAD_COLUMNS = ["method", "requests", "prompt", "output", "kv_budget_gb", "output_tok_s", "vs_fp16_x", "ttft_p50_s",
                     "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "peak_concurrent", "peak_decode_tok_s",
@@ -113,21 +113,6 @@ def _sync():
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _time_steps(fn, steps: int) -> float:
-    """Median ms of `fn()` over `steps` calls (CUDA events, one sync per call)."""
-    import torch
-
-    times = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def engine_decoder(model, method: str, batch: int, context: int, steps: int):
@@ -242,12 +227,12 @@ def run_engine_bench(methods: list[str], layers: int = 32, requests: int = 64, p
     hf_ms = []
     for _ in range(repeats):
         for m in methods:
-            samples[m][0].append(_time_steps(runs[m][1], steps))
-            samples[m][1].append(_time_steps(runs[m][2], max(steps // 3, 3)))
-            samples[m][2].append(_time_steps(runs[m][3], steps))
+            samples[m][0].append(per_call_ms(runs[m][1], steps))
+            samples[m][1].append(per_call_ms(runs[m][2], max(steps // 3, 3)))
+            samples[m][2].append(per_call_ms(runs[m][3], steps))
             points.advance()
         if hf is not None:
-            hf_ms.append(_time_steps(hf, steps))
+            hf_ms.append(per_call_ms(hf, steps))
             points.advance()
     hf_step = statistics.median(hf_ms) if hf_ms else None
     if hf_step:

@@ -49,6 +49,23 @@ def bench(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def per_call_ms(fn, calls: int) -> float:
+    """Median ms of `fn()` over `calls` calls, each between two CUDA events and synced (launch gaps included)."""
+    import statistics
+
+    import torch
+
+    times = []
+    for _ in range(calls):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
 def bench_sets(call, sets, graph: bool = True) -> float:
     """Median milliseconds of one ``call(set)``, cycling through `sets` (so the L2 cache cannot serve repeats).
 

@@ -130,7 +130,7 @@ def quantize_activation(
     has_perm, has_mask = perm is not None, int8_mask is not None
     perm_t = perm.to(device=x.device, dtype=torch.int32).contiguous() if has_perm else codes
     mask_t = int8_mask.to(device=x.device, dtype=torch.int8).contiguous() if has_mask else codes
-    _launch(_ACT_QUANT, _act_quant_kernel, (m, cdiv(nb, bpp)))(
+    _launch(_ACT_QUANT, (m, cdiv(nb, bpp)))(
         x2, x2.stride(0), perm_t, mask_t, codes, codes.stride(0), scale, scale.stride(0), k_in, nb,
         BLOCK=block, BPP=bpp, LOW_HI=float((1 << (low_bits - 1)) - 1), HAS_PERM=has_perm, HAS_MASK=has_mask,
         USE_LIBDEVICE=not _interpreting(), num_warps=4,
@@ -356,10 +356,10 @@ def _sm_count(device) -> int:
     return 4
 
 
-def _launch(fast, jit_fn, grid):
+def _launch(fast: FastLaunch, grid):
     """The launcher of one call: the compiled kernel's own (:mod:`lowbit.kernels.launch`), or the JIT's under
     Triton's interpreter."""
-    return jit_fn[grid] if _interpreting() else partial(fast, grid)
+    return fast.fn[grid] if _interpreting() else partial(fast, grid)
 
 
 _ACT_QUANT = FastLaunch(_act_quant_kernel)
@@ -439,7 +439,7 @@ def w4a8_gemm(
         return out
     split = plan.split
     part = buffer("splitk", (split, m, n), torch.float32) if split > 1 else out
-    _launch(_W4A8_GEMM, _w4a8_gemm_kernel, (plan.tiles_mn, split))(
+    _launch(_W4A8_GEMM, (plan.tiles_mn, split))(
         a_codes, a_codes.stride(0), a_scale, a_scale.stride(0), w_kernel, w_kernel.stride(0),
         w_scale, w_scale.stride(0), w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,
         bias if has_bias else w_scale, out, out.stride(0), part,
@@ -450,7 +450,7 @@ def w4a8_gemm(
     )
     if split > 1:
         rb = 1024
-        _launch(_SPLITK_REDUCE, _splitk_reduce_kernel, (m, cdiv(n, rb)))(
+        _launch(_SPLITK_REDUCE, (m, cdiv(n, rb)))(
             part, bias if has_bias else w_scale, out, out.stride(0), m, n, split, HAS_BIAS=has_bias, BLOCK=rb, num_warps=4,
         )
     return out

@@ -153,9 +153,9 @@ def paged_decode_attention(query: torch.Tensor, cache: PagedKivi, scale: float |
 
     ``start [B]`` (int32, optional): the first unpadded position of each sequence (left padding).
     ``ring``: the residuals are rings of ``R`` rows (their length: a power of two up to ``PAGE_TOKENS``), quantized
-    index k at row ``k % R`` (the serving engine's layout) instead of rows from the quantized count on. ``key_pages``: the most key pages any
-    sequence holds (plans the split without reading ``seq`` back to the host, as a CUDA graph needs). ``chunk``: pages
-    per page program (default: :func:`plan_split`'s one wave).
+    index k at row ``k % R`` (the serving engine's layout) instead of rows from the quantized count on.
+    ``key_pages``: the most key pages any sequence holds (plans the split without reading ``seq`` back to the host,
+    as a CUDA graph needs). ``chunk``: pages per page program (default: :func:`plan_split`'s one wave).
     """
     launch = _launcher()
     b, hq, nq, d = query.shape

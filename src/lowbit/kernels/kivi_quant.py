@@ -23,8 +23,6 @@ from lowbit.kernels.layout import cdiv, next_pow2
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny)
 _MAGIC = 12582912.0  # 1.5 * 2**23: (x + M) - M rounds |x| < 2**22 half-to-even in float32
-
-
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: Triton decides when it decorates a kernel
 
 

@@ -89,7 +89,6 @@ def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-
 @dataclass(frozen=True)
 class GemmPlan:
     """Everything a GEMM launch derives from its shape, computed once (:func:`plan_gemm`) and cached."""

@@ -218,7 +218,7 @@ def w4ax_linear(
     mask_t = int8_mask if not has_mask or (int8_mask.dtype == torch.int8 and int8_mask.device == dev) \
         else int8_mask.to(dev, torch.int8)
     has_zero, has_bias = w_zero is not None, bias is not None
-    _launch(_LAUNCH, _w4ax_fused_kernel, (plan.tiles_mn, split))(
+    _launch(_LAUNCH, (plan.tiles_mn, split))(
         x, x.stride(0), perm_t.contiguous() if has_perm else x, mask_t.contiguous() if has_mask else x,
         w_kernel, w_kernel.stride(0), w_scale, w_scale.stride(0),
         w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,
