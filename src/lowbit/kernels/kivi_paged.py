@@ -3,8 +3,8 @@
 Storage is :class:`lowbit.quant.kivi.PageLayout` pages of 128 tokens per sequence and KV head, addressed by
 a block table (the serving engine) or laid out ``[B, max_pages, H_kv, page bytes]`` without one (one
 sequence batch, as the transformers cache holds it), plus each sequence's full-precision sinks and
-residual. Two launches per call: the split-K kernel (one program per sequence and head for the sinks and the tail,
-then page programs that each take an equal slice of all sequences' pages, stream-K style, in tensor-core tiles),
+residual. Two launches per call: the split-K kernel (page programs that each take an equal slice of all sequences'
+pages, stream-K style, in tensor-core tiles, then one program per sequence and head for the sinks and the tail),
 and the log-sum-exp merge.
 """
 
@@ -133,7 +133,7 @@ class SplitPlan:
 def plan_split(batch_heads: int, pages: int, sms: int, per_sm: int = 4, min_pages: int = 4,
                chunk: int | None = None) -> SplitPlan:
     """Equal slices of all ``batch_heads * pages`` pages, one program each: one wave of ``per_sm`` per SM (the
-    kernel's resident programs; the short tail programs go first), none under ``min_pages`` pages; ``chunk``
+    kernel's resident programs; the short tail programs follow them), none under ``min_pages`` pages; ``chunk``
     forces the slice (tests)."""
     total = batch_heads * pages
     if total == 0:

@@ -70,15 +70,33 @@
 #ifndef LOWBIT_PAGED_TIMELINE
 #define LOWBIT_PAGED_TIMELINE 0
 #endif
-// Experiment (off; stop 28, built and compiled offline, not yet run on a GPU): the page programs take only the
+// Experiment (off; stop 28; run in stop 29): the page programs take only the
 // tokens whose key AND value are quantized (n_qv < n_qk at every bench point: the last page of each sequence x head
 // holds R full-precision values), and the tail program takes the rest, its keys dequantized from the page. It removes
 // the MIXED value path, whose per-lane global loads of residual rows make that last page far slower than the others:
 // in stop 28's tails-in-slices run the slices holding it took 64-102 us against 48-76 (B8/32K, whose tails are
-// empty: all 32768 keys are quantized); in the stream-K split they are 64 of the 512 slices (whether the last to end:
-// to check with tools/paged_timeline.py).
+// empty: all 32768 keys are quantized). Run in stop 29 (same loan, 2 rounds): B8/32K 88.8-89.4 us against 83.8-84.5
+// (the 64 tails, each dequantizing 128 keys element by element, took ~41 us and started the last slices late),
+// B32/32K 268.5-273.1 against 278.5-281.3, B1/128K 47.6-47.7 against 50.1-50.2; and one bf16 test at 2.08e-3 (the
+// bound is 2e-3). LOWBIT_PAGED_FP_SLAB took the gain without the tails' cost; this stays off.
 #ifndef LOWBIT_PAGED_VALUES_IN_TAIL
 #define LOWBIT_PAGED_VALUES_IN_TAIL 0
+#endif
+// The tail programs come after the page slices in block order (stop 29). With the tails first, the 64 tails of
+// B8/32K (empty, ~4 us each) took 64 of the 528 slots, so 48 of the 512 slices started ~4.3 us late, and those were
+// the last to end (78-81 us against a median of 63; timeline, H200). Last, they fill the 16 free slots and then the
+// slots of the first slices to end (B8/32K 83.1-83.8 us against 83.9-84.2 with them first; with LOWBIT_PAGED_FP_SLAB
+// 80.8-81.0 against 81.4-82.1; same loan, tools/paged_variants.py, 3 rounds).
+#ifndef LOWBIT_PAGED_TAILS_LAST
+#define LOWBIT_PAGED_TAILS_LAST 1
+#endif
+// A warp slab whose 32 values are all still full precision (at the bench points, the last page of every sequence x
+// head) builds its V^T fragments from 8x8 tiles of V loaded row-wise (one 4-byte load per lane) and transposed by
+// movmatrix, instead of the MIXED path's 128 two-byte loads and selects per lane (stop 29: B8/32K 81.4-82.1 us
+// against 83.9-84.2, B1/128K 47.9-48.1 against 50.0-50.3; the slices holding such a page had taken a median 67.2 us
+// against 62.2 for the others).
+#ifndef LOWBIT_PAGED_FP_SLAB
+#define LOWBIT_PAGED_FP_SLAB 1
 #endif
 #if LOWBIT_PAGED_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define LOWBIT_PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
@@ -304,6 +322,36 @@ __device__ __forceinline__ void value_product(float (&acc)[D / 16][4], const uin
         }
         mma16816(acc[m], af, pb[kt][0], pb[kt][1]);
       }
+    }
+  }
+}
+
+// two adjacent residual elements as the bits of an fp16 pair
+__device__ __forceinline__ uint32_t half2_bits(const __half* src) { return *reinterpret_cast<const uint32_t*>(src); }
+__device__ __forceinline__ uint32_t half2_bits(const __nv_bfloat16* src) {
+  return h2u(__float22half2_rn(__bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(src))));
+}
+
+template <typename T>
+__device__ __forceinline__ void value_product_fp(float (&acc)[D / 16][4], const uint32_t (&pb)[2][2], int k0, int g,
+                                                 int qd, const Seq& sq, const T* rv, int ring) {
+  // O^T += V^T P^T over a warp's 32 tokens whose values are all in the residual (k0 >= n_qv). Fragment w4 of chunk
+  // (kt, m) is the 8x8 tile V[tokens kt*16 + (w4 >> 1)*8 ..][channels m*16 + (w4 & 1)*8 ..] transposed: lane (g, q)
+  // loads row g, channels 2q, 2q + 1 of it, and movmatrix hands it (channel g, tokens 2q, 2q + 1). Tokens past the
+  // rows held (masked, p = 0) read the last row held, so every product is finite.
+  const int n_kept = sq.total - sq.n_sink;
+  const int hi = sq.n_qv + max(n_kept - sq.n_qv - 1, 0);
+  int row[4];  // element offset of token k0 + 8 j + g's residual row, channel 2q
+#pragma unroll
+  for (int j = 0; j < 4; ++j) row[j] = (int)res_row(ring, min(k0 + 8 * j + g, hi), sq.n_qv) * D + 2 * qd;
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt) {
+#pragma unroll
+    for (int m = 0; m < D / 16; ++m) {
+      uint32_t af[4];
+#pragma unroll
+      for (int w4 = 0; w4 < 4; ++w4) af[w4] = transpose8x8(half2_bits(rv + row[kt * 2 + (w4 >> 1)] + m * 16 + (w4 & 1) * 8));
+      mma16816(acc[m], af, pb[kt][0], pb[kt][1]);
     }
   }
 }
@@ -594,7 +642,8 @@ __device__ void paged_part(const Args& a, int b, int h, int slot, int p0, int p_
         else value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, a.ring);
       } else {
         if (v_scaled) { value_unscale<BITS>(acc); v_scaled = false; }  // this and later pages: true scale
-        value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, a.ring);
+        if (LOWBIT_PAGED_FP_SLAB && k0 >= sq.n_qv) value_product_fp<T>(acc, pb, k0, g, qd, sq, rv, a.ring);
+        else value_product<BITS, true, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, a.ring);
       }
     }
     __syncwarp();  // this stage is refilled next iteration
@@ -646,8 +695,8 @@ __device__ void paged_part(const Args& a, int b, int h, int slot, int p0, int p_
 
 // ------------------------------------------------------------------------------------------------ tail
 
-// The tail program is dispatched first (blockIdx.y == 0) so its latency overlaps the page programs instead of
-// trailing them. Rows of the staged chunk are 16-byte aligned (KPAD = D + 8: a quarter-warp's 16-byte row reads hit
+// The tail programs follow the page slices in block order (LOWBIT_PAGED_TAILS_LAST): they fill the slots the slices
+// leave and those of the first slices to end. Rows of the staged chunk are 16-byte aligned (KPAD = D + 8: a quarter-warp's 16-byte row reads hit
 // distinct banks).
 constexpr int KPAD = D + 8;
 constexpr int TAIL_CHUNK = 128;
@@ -803,11 +852,13 @@ __global__ void __launch_bounds__(THREADS, LOWBIT_PAGED_MINBLOCKS) kivi_paged_ke
 #endif
   const int bhn = a.batch * a.hkv;
   int pages = 0;  // the timeline's record
-  if ((int)blockIdx.x < bhn) {
-    const int b = blockIdx.x / a.hkv, h = blockIdx.x % a.hkv;
-    tail_part<BITS, T>(a, b, h, load_seq(a, b), smem);  // first: its latency hides under the pages
+  const bool is_tail = LOWBIT_PAGED_TAILS_LAST ? (int)blockIdx.x >= a.chunks : (int)blockIdx.x < bhn;
+  if (is_tail) {
+    const int t = LOWBIT_PAGED_TAILS_LAST ? blockIdx.x - a.chunks : blockIdx.x;
+    const int b = t / a.hkv, h = t % a.hkv;
+    tail_part<BITS, T>(a, b, h, load_seq(a, b), smem);
   } else {
-    const int c = blockIdx.x - bhn, V = a.bh_pages;
+    const int c = LOWBIT_PAGED_TAILS_LAST ? blockIdx.x : blockIdx.x - bhn, V = a.bh_pages;
     const int v0 = c * a.chunk, v1 = min(v0 + a.chunk, bhn * V);
     for (int bh = v0 / V; bh * V < v1; ++bh) {  // one segment per (sequence x head) the slice touches
       if (bh != v0 / V) __syncthreads();        // the last segment's merge still reads shared memory
@@ -825,7 +876,7 @@ __global__ void __launch_bounds__(THREADS, LOWBIT_PAGED_MINBLOCKS) kivi_paged_ke
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
     unsigned long long* tl = a.timeline + 4 * blockIdx.x;
-    tl[0] = t0; tl[1] = t1; tl[2] = sm; tl[3] = ((unsigned long long)((int)blockIdx.x < bhn) << 32) | pages;
+    tl[0] = t0; tl[1] = t1; tl[2] = sm; tl[3] = ((unsigned long long)is_tail << 32) | pages;
   }
 #else
   (void)pages;
