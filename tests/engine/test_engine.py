@@ -216,3 +216,44 @@ def test_engine_bench_time_split():
     hist = [StepStats(1, 1, 0.5, 0, 0, 0.4), StepStats(0, 2, 0.1, 0, 0), StepStats(2, 3, 0.4, 0, 0, 0.3)]
     assert time_split(hist) == {"prefill_s": 0.7, "decode_s": 0.3, "prefill_pct": 70.0}
     assert time_split([])["prefill_pct"] is None
+
+
+@pytest.mark.parametrize("kind,n", [("kivi2:sinks=3,residual=32", 300), ("kivi4", 128), ("kivi2", 100), ("kivi2", 5),
+                                    ("fp16", 260)])
+def test_prompt_write_of_many_layers_stores_what_per_layer_writes_store(kind, n):
+    """write_prompt_layers (one set of launches for L layers) == write_prompt layer by layer, byte for byte."""
+    g = torch.Generator().manual_seed(n)
+    layers, h, d = 3, 2, 64
+    stores = [make_store(kind, layers=layers, kv_heads=h, head_dim=d, rows=2, max_tokens=512, budget_bytes=64 << 20,
+                         dtype=torch.float32, device="cpu") for _ in range(2)]
+    k, v = torch.randn(layers, h, n, d, generator=g) * 2 + 0.5, torch.randn(layers, h, n, d, generator=g)
+    for s in stores:
+        s.reserve(0, 64)
+        s.reserve(1, n + 8)
+    for i in range(layers):
+        stores[0].write_prompt(i, 1, k[i], v[i])
+    stores[1].write_prompt_layers(0, 1, k[:2], v[:2])
+    stores[1].write_prompt_layers(2, 1, k[2:], v[2:])
+    names = ("k_pool", "v_pool") if kind == "fp16" else ("pool", "ring_k", "ring_v", "sink_k", "sink_v")
+    assert getattr(stores[1], "k_pool" if kind == "fp16" else "ring_k").abs().sum() > 0  # something was written
+    if kind != "fp16" and n > 128 + 32:
+        assert stores[1].pool.abs().sum() > 0  # and the pages too
+    for name in names:
+        assert torch.equal(getattr(stores[0], name), getattr(stores[1], name)), name
+
+
+def test_prefill_in_layer_groups_stores_what_one_group_stores(tiny_llama, monkeypatch):
+    """The runner's grouped prompt writes (groups of one layer) leave the store as one group of all layers does."""
+    import lowbit.engine.runner as runner_mod
+
+    prompt = torch.randint(0, 512, (150,), generator=torch.Generator().manual_seed(3))
+    pools = []
+    for group_bytes in (1 << 30, 1):
+        monkeypatch.setattr(runner_mod, "PROMPT_WRITE_BYTES", group_bytes)
+        engine = PagedEngine(tiny_llama, kv="kivi2", kv_budget_mb=64, max_batch=2, max_tokens=256)
+        engine.store.reserve(0, 200)
+        logits = engine.runner.prefill(0, prompt)
+        pools.append((logits, engine.store.pool.clone(), engine.store.ring_k.clone(), engine.store.ring_v.clone()))
+    assert len(tiny_llama.model.layers) > 1
+    for a, b in zip(*pools):
+        assert torch.equal(a, b)

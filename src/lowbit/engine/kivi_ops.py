@@ -61,37 +61,43 @@ class KiviOps:
     # ------------------------------------------------------------------ prompt
     def write_prompt(self, store, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Sinks, whole pages and the ring of one row from a prompt's ``k, v [H, n, D]``."""
+        self.write_prompt_layers(store, layer, row, k[None], v[None])
+
+    def write_prompt_layers(self, store, first: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`write_prompt` of layers ``first .. first + L - 1`` at once from ``k, v [L, H, n, D]``: the same
+        bytes, in one set of launches for all L layers (a prefill's writes are otherwise host-bound)."""
+        layers = slice(first, first + k.shape[0])
         n = k.shape[-2]
         c = store.format.counts(n)
         s, rest = c.sinks, n - c.sinks
         if s:
-            store.sink_k[layer, row, :, :s] = k[:, :s]
-            store.sink_v[layer, row, :, :s] = v[:, :s]
-        kq, vq = k[:, s:], v[:, s:]
+            store.sink_k[layers, row, :, :s] = k[:, :, :s]
+            store.sink_v[layers, row, :, :s] = v[:, :, :s]
+        kq, vq = k[:, :, s:], v[:, :, s:]
         pages = -(-max(c.quantized_keys, c.quantized_values) // P)
         if pages:
             n_pad = pages * P
-            kc, kscale, kzero = quantize_codes(F.pad(kq[:, : c.quantized_keys], (0, 0, 0, n_pad - c.quantized_keys)),
+            kc, kscale, kzero = quantize_codes(F.pad(kq[:, :, : c.quantized_keys], (0, 0, 0, n_pad - c.quantized_keys)),
                                                self.bits, PAGE_GROUP, dim=-2)
             if c.quantized_values:
-                vc, vscale, vzero = quantize_codes(vq[:, : c.quantized_values], self.bits, PAGE_GROUP, dim=-1)
+                vc, vscale, vzero = quantize_codes(vq[:, :, : c.quantized_values], self.bits, PAGE_GROUP, dim=-1)
             else:  # a prompt of exactly one page of keys: no value is old enough yet
-                h, d = kq.shape[0], self.head_dim
-                vc = torch.zeros(h, 0, d, dtype=torch.uint8, device=k.device)
-                vscale = vzero = torch.zeros(h, 0, d // PAGE_GROUP, dtype=torch.float16, device=k.device)
+                lh, d = kq.shape[:2], self.head_dim
+                vc = torch.zeros(*lh, 0, d, dtype=torch.uint8, device=k.device)
+                vscale = vzero = torch.zeros(*lh, 0, d // PAGE_GROUP, dtype=torch.float16, device=k.device)
             m = n_pad - c.quantized_values
             vc, vscale, vzero = (F.pad(x, (0, 0, 0, m)) for x in (vc, vscale, vzero))
             if c.quantized_keys < n_pad:  # keys of a partial page are not quantized yet: no codes, no scales
-                kc[:, c.quantized_keys :] = 0
-                kscale[:, c.quantized_keys // PAGE_GROUP :] = 0
-                kzero[:, c.quantized_keys // PAGE_GROUP :] = 0
-            built = build_pages(kc[None], kscale[None], kzero[None], vc[None], vscale[None], vzero[None], self.bits)
-            store.pool[layer, store.table[row, :pages].long()] = built[0]
+                kc[:, :, c.quantized_keys :] = 0
+                kscale[:, :, c.quantized_keys // PAGE_GROUP :] = 0
+                kzero[:, :, c.quantized_keys // PAGE_GROUP :] = 0
+            built = build_pages(kc, kscale, kzero, vc, vscale, vzero, self.bits)  # [L, pages, H, bytes]
+            store.pool[layers, store.table[row, :pages].long()] = built
         r = self.residual
         lo = max(0, rest - r)  # the ring holds the last R non-sink tokens
         idx = torch.arange(lo, rest, device=k.device) % r
-        store.ring_k[layer, row, :, idx] = kq[:, lo:rest].to(store.dtype)
-        store.ring_v[layer, row, :, idx] = vq[:, lo:rest].to(store.dtype)
+        store.ring_k[layers, row][:, :, idx] = kq[:, :, lo:rest].to(store.dtype)
+        store.ring_v[layers, row][:, :, idx] = vq[:, :, lo:rest].to(store.dtype)
 
     def write_tokens(self, store, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """A prompt chunk ``k, v [H, c, D]`` at positions ``start..start+c-1`` of a row holding ``0..start-1``.

@@ -139,6 +139,12 @@ class KVStore:
         """Store a prompt's keys and values ``[H, n, D]`` (after RoPE) for `row`."""
         raise NotImplementedError
 
+    def write_prompt_layers(self, first: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`write_prompt` of layers ``first .. first + L - 1`` from ``k, v [L, H, n, D]`` (stores override it
+        to write all L layers in one set of launches)."""
+        for i in range(k.shape[0]):
+            self.write_prompt(first + i, row, k[i], v[i])
+
     def write_tokens(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store keys and values ``[H, c, D]`` of positions ``start..start+c-1`` for `row`, which holds positions
         ``0..start-1`` (a chunk of a prompt); the result is what :meth:`write_prompt` of the whole prompt stores."""
@@ -181,13 +187,17 @@ class PagedFp16Store(KVStore):
         pass  # every read is masked by the sequence length
 
     def write_prompt(self, layer, row, k, v):
+        self.write_prompt_layers(layer, row, k[None], v[None])
+
+    def write_prompt_layers(self, first, row, k, v):
         n = k.shape[-2]
         pages = self.pages_for(n)
         ids = self.table[row, :pages].long()
         pad = pages * PAGE_TOKENS - n
+        layers = slice(first, first + k.shape[0])
         for pool, x in ((self.k_pool, k), (self.v_pool, v)):
-            x = torch.nn.functional.pad(x, (0, 0, 0, pad)).to(self.dtype)  # [H, pages*P, D]
-            pool[layer, ids] = x.unflatten(1, (pages, PAGE_TOKENS)).transpose(0, 1)
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad)).to(self.dtype)  # [L, H, pages*P, D]
+            pool[layers, ids] = x.unflatten(2, (pages, PAGE_TOKENS)).transpose(1, 2)
 
     def write_tokens(self, layer, row, k, v, start):
         at = torch.arange(start, start + k.shape[-2], device=k.device)
@@ -268,6 +278,9 @@ class PagedKiviStore(KVStore):
 
     def write_prompt(self, layer, row, k, v):
         self.ops.write_prompt(self, layer, row, k, v)
+
+    def write_prompt_layers(self, first, row, k, v):
+        self.ops.write_prompt_layers(self, first, row, k, v)
 
     def write_tokens(self, layer, row, k, v, start):
         self.ops.write_tokens(self, layer, row, k, v, start)
