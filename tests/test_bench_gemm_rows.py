@@ -17,3 +17,11 @@ def test_method_rows_ratios_and_paths():
     assert rows["fmpq_w4a4"]["bit_exact_vs_two_launch"] is None
     assert all((r["m"], r["n"], r["k"]) == (16, 4096, 14336) for r in rows.values())
     assert method_rows({"M": 1, "N": 8, "K": 8, "cublas_bf16_us": 1.0, "cublas_bf16_eager_us": 1.0}) == []
+
+
+def test_method_rows_prepared_layer_path():
+    row = {"M": 1, "N": 4096, "K": 4096, "cublas_bf16_us": 20.0, "cublas_bf16_eager_us": 30.0,
+           "prepared_fmpq_us": 10.0, "prepared_fmpq_eager_us": 12.0, "prepared_fmpq_bit_exact": False}
+    (r,) = method_rows(row)
+    assert r["method"] == "fmpq_w4a4_prepared" and r["eager_speedup"] == pytest.approx(2.5)
+    assert r["bit_exact_vs_two_launch"] is False

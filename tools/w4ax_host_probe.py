@@ -1,6 +1,6 @@
 """Where an eager W4Ax call's time goes on this host (GPU): per shape, the Python time to issue calls back to back,
 their wall time until the GPU is done, CUDA events around each synced call, the bench's eager (do_bench) and graph
-timings, for the fused one-launch linear, the two-launch path and cuBLAS bf16; the GPU ops one call launches; and a
+timings, for the layer's prepared launch, the fused one-launch linear, the two-launch path and cuBLAS bf16; the GPU ops one call launches; and a
 cProfile of the fused call's Python.
 
     python tools/w4ax_host_probe.py [--profile-calls 1000]
@@ -31,7 +31,9 @@ def calls_for(m: int, n: int, k: int) -> dict:
     mask = (torch.rand(k // 128) < 0.1).to(torch.int8).cuda()
     perm = torch.randperm(k).int().cuda()
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    prepared = w4ax_fused.PreparedLinear(128, qw, ws, 128, int8_mask=mask, perm=perm)  # what a QuantLinear calls
     return {
+        "prepared": lambda: prepared(x),
         "fused": lambda: w4ax_fused.w4ax_linear(x, 128, qw, ws, 128, int8_mask=mask, perm=perm),
         "fused_noperm": lambda: w4ax_fused.w4ax_linear(x, 128, qw, ws, 128, int8_mask=mask),
         "two": lambda: gemm.w4a8_gemm(*gemm.quantize_activation(x, 128, mask, 4, perm=perm, padded_in=k), 128, qw, ws,

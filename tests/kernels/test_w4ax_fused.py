@@ -129,3 +129,36 @@ def test_repeated_calls_take_the_compiled_launcher_with_the_same_bits():
     odd = torch.empty(c["x"].numel() + 1, dtype=c["x"].dtype, device=DEV)[1:].view_as(c["x"]).copy_(c["x"])
     assert torch.equal(w4ax_fused.w4ax_linear(**{**c, "x": odd}, out_dtype=torch.bfloat16), first)
     assert len(w4ax_fused._LAUNCH.kernels) == 2
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="the recorded launch exists on CUDA only")
+@pytest.mark.parametrize("m,split_k,opts", [(1, 0, {}), (5, 1, {"zero": True}), (16, 3, {"perm": False, "bias": False})])
+def test_prepared_linear_relaunches_the_recorded_call_with_the_same_bits(monkeypatch, m, split_k, opts):
+    """PreparedLinear: the first call of a key runs w4ax_linear and records its launch; later calls with fresh
+    activations (and outputs, given or not) relaunch it without w4ax_linear's argument work, bit for bit the
+    two-launch path; another M is another key."""
+    from lowbit.kernels import w4ax_fused
+    from lowbit.kernels.layout import GemmConfig
+
+    c, k = _case(m, 1000, 96, 128, 128, torch.bfloat16, seed=31 + m, **opts)
+    cfg = GemmConfig(16, 128, 4, 4, split_k=split_k) if split_k else None
+    ops = {key: c[key] for key in ("block", "w_kernel", "w_scale", "group", "int8_mask", "perm", "w_zero", "bias")}
+    prepared = w4ax_fused.PreparedLinear(**ops, out_dtype=torch.bfloat16, config=cfg)
+    assert torch.equal(prepared(c["x"]), _two_launch(c, k, 4, torch.bfloat16, cfg))
+    assert len(prepared._calls) == 1
+    calls = []
+    real = w4ax_fused._fused_call
+    monkeypatch.setattr(w4ax_fused, "_fused_call", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    outs = []
+    for seed in (1, 2):
+        x = torch.randn_like(c["x"]) * seed
+        out = torch.full((m, 96), float("nan"), dtype=torch.bfloat16, device=DEV) if seed == 2 else None
+        got = prepared(x, out)
+        assert got is out if out is not None else got.shape == (m, 96)
+        assert torch.equal(got, _two_launch({**c, "x": x}, k, 4, torch.bfloat16, cfg))
+        outs.append(got)
+    assert len(calls) == 1  # the given output is a new key (its stride and alignment); the fresh one was not
+    assert not torch.equal(outs[0], outs[1])
+    other = torch.randn(m % 16 + 1, 1000, dtype=torch.bfloat16, device=DEV)  # another M
+    assert torch.equal(prepared(other), _two_launch({**c, "x": other}, k, 4, torch.bfloat16, cfg))
+    assert len(prepared._calls) == 3 and len(calls) == 2

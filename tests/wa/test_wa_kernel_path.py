@@ -179,7 +179,18 @@ def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, monke
         y = w4a8_gemm_ref(c, s, block, unrepack_weight(w_kernel, min(block, group)), w_scale, group, w_zero, bias)
         return y.to(out_dtype) if out is None else out.copy_(y)
 
-    mod.w4ax_linear = w4ax_linear
+    made = []
+
+    class PreparedLinear:  # the layer's prepared launch: its operands fixed once, then only x (and out) per call
+        def __init__(self, block, w_kernel, w_scale, group, int8_mask=None, low_bits=4, perm=None, w_zero=None,
+                     bias=None, out_dtype=torch.bfloat16):
+            made.append(self)
+            self.args = (block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype)
+
+        def __call__(self, x, out=None):
+            return w4ax_linear(x, *self.args, out=out)
+
+    mod.w4ax_linear, mod.PreparedLinear = w4ax_linear, PreparedLinear
     monkeypatch.setitem(sys.modules, "lowbit.kernels.w4ax_fused", mod)
     q = QuantLinear.from_linear(torch.nn.Linear(200, 40), resolve_config(spec), torch.rand(200) + 0.1)
     x = torch.randn(m, 200)
@@ -190,6 +201,8 @@ def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, monke
     assert bool(seen) == fused
     if fused:
         assert seen[0][0] == q.qweight.data_ptr() and seen[0][1] == q.cfg.a_bits
+        kernel_forward(q, x)
+        assert len(made) == 1 and len(seen) == 2  # prepared once per layer, then called
     # "eager": the one-launch linear unless the call is being captured into a CUDA graph
     monkeypatch.setattr(linear, "FUSED_DECODE", "eager")
     for capturing in (False, True):

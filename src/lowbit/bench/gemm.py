@@ -10,8 +10,9 @@ from typing import Optional
 from lowbit.bench.timing import Points, LINEAR_SHAPES, bench_sets, env_info, rotating, write_json
 
 TABLE_COLUMNS = ["K", "N", "M", "w4a8_us", "fmpq_w4a4_us", "cublas_bf16_us", "int_mm_us", "w4a8_speedup", "fmpq_speedup",
-                 "w4a8_total_speedup", "two_launch_fmpq_eager_us", "fused_fmpq_eager_us", "cublas_bf16_eager_us",
-                 "two_launch_fmpq_eager_speedup", "fused_fmpq_eager_speedup", "best_config"]
+                 "w4a8_total_speedup", "two_launch_fmpq_eager_us", "fused_fmpq_eager_us", "prepared_fmpq_eager_us",
+                 "cublas_bf16_eager_us", "two_launch_fmpq_eager_speedup", "fused_fmpq_eager_speedup",
+                 "prepared_fmpq_eager_speedup", "best_config"]
 
 
 def gemm_candidates(bucket: str):
@@ -199,7 +200,7 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     import torch.nn.functional as F
 
     from lowbit.kernels.gemm import quantize_activation, w4a8_gemm
-    from lowbit.kernels.w4ax_fused import FUSED_CONFIG, fused_supported, w4ax_linear
+    from lowbit.kernels.w4ax_fused import FUSED_CONFIG, PreparedLinear, fused_supported, w4ax_linear
 
     fused = fused_supported(x.shape[0], block, group)
     out, k = {"cublas_bf16_eager_us": bench_sets(lambda w: F.linear(x, w), bsets, graph=False) * 1e3}, x.shape[1]
@@ -212,11 +213,20 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
             return w4ax_linear(x, block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p,
                                config=None)  # its own default tile (wider: see w4ax_fused.FUSED_CONFIG)
 
-        paths = (("two_launch", two), ("fused", one)) if fused else (("two_launch", two),)
+        # what a QuantLinear layer calls: its own prepared launch (one per weight set, as one per layer)
+        layers = {id(st): PreparedLinear(block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p)
+                  for st in wsets} if fused else {}
+
+        def layer(st, layers=layers):
+            return layers[id(st)](x)
+
+        paths = (("two_launch", two), ("fused", one), ("prepared", layer)) if fused else (("two_launch", two),)
         if fused:  # bit-exact at one config (split-K order follows the tile width): the two-launch call at the fused tile
             c, sc = quantize_activation(x, block, mask, bits, perm=p, padded_in=k)
             same = w4a8_gemm(c, sc, block, wsets[0][1], wsets[0][2], group, config=FUSED_CONFIG)
             out[f"fused_{name}_bit_exact"] = bool(torch.equal(one(wsets[0]), same))
+            layer(wsets[0])  # the first call records the launch, the second relaunches it
+            out[f"prepared_{name}_bit_exact"] = bool(torch.equal(layer(wsets[0]), same))
         for label, fn in paths:
             out[f"{label}_{name}_us"] = bench_sets(fn, wsets) * 1e3
             out[f"{label}_{name}_eager_us"] = bench_sets(fn, wsets, graph=False) * 1e3
@@ -229,14 +239,14 @@ def method_rows(row: dict) -> list[dict]:
     quantizer included, and their ratios to cuBLAS bf16 timed the same way."""
     out = []
     for name, method in (("w4a8", "w4a8"), ("fmpq", "fmpq_w4a4")):
-        for label, suffix in (("two_launch", ""), ("fused", "_fused")):
+        for label, suffix in (("two_launch", ""), ("fused", "_fused"), ("prepared", "_prepared")):
             if f"{label}_{name}_us" not in row:
                 continue
             g, e = row[f"{label}_{name}_us"], row[f"{label}_{name}_eager_us"]
             out.append({"m": row["M"], "n": row["N"], "k": row["K"], "method": method + suffix, "graph_us": g,
                         "eager_us": e, "graph_speedup": row["cublas_bf16_us"] / g,
                         "eager_speedup": row["cublas_bf16_eager_us"] / e,
-                        "bit_exact_vs_two_launch": row.get(f"fused_{name}_bit_exact") if label == "fused" else None})
+                        "bit_exact_vs_two_launch": row.get(f"{label}_{name}_bit_exact") if label != "two_launch" else None})
     return out
 
 

@@ -19,6 +19,13 @@ _device = getattr(torch._C, "_cuda_getDevice", None)
 MAX_KEYS = 4096  # calls remembered per kernel
 
 
+def hooked() -> bool:
+    """Whether a Triton launch hook is active (then calls take the JIT path, which runs them)."""
+    from triton import knobs
+
+    return _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)
+
+
 def _hooked(hook) -> bool:
     """Whether a launch hook does something (Triton 3.6 installs empty hook chains by default)."""
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -32,11 +39,21 @@ class FastLaunch:
         self.names = list(fn.arg_names)
         self.kernels: dict[tuple, tuple] = {}  # key -> (compiled kernel, the keyword arguments' values in order)
 
+    @staticmethod
+    def key(args: tuple, kwargs: dict) -> tuple:
+        """What decides the compiled kernel of a call: the device, tensors' dtype and 16-byte alignment, the other
+        arguments' values."""
+        return (_device(),) + tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+                                    for a in args) + tuple(kwargs.items())
+
+    def compiled(self, args: tuple, kwargs: dict):
+        """``(compiled kernel, the keyword arguments' values in signature order)`` of a call seen before, or None."""
+        return self.kernels.get(self.key(args, kwargs))
+
     def __call__(self, grid: tuple[int, ...], *args, **kwargs):
         from triton import knobs
 
-        key = (_device(),) + tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args) \
-            + tuple(kwargs.items())
+        key = self.key(args, kwargs)
         hit = self.kernels.get(key)
         if hit is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
             compiled = self.fn[grid](*args, **kwargs)

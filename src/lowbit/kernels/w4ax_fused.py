@@ -36,7 +36,7 @@ from lowbit.kernels.gemm import (
     _w4_tile_product,
     stream_key,
 )
-from lowbit.kernels.launch import FastLaunch
+from lowbit.kernels.launch import FastLaunch, hooked
 from lowbit.kernels.layout import BufferPool, GemmConfig
 
 MAX_FUSED_M = 16  # the decode bucket (default_config's weight-streaming shape); larger M quantizes once, separately
@@ -160,7 +160,7 @@ def fused_supported(m: int, block: int, group: int) -> bool:
     return 0 < m <= MAX_FUSED_M and block <= group
 
 
-def w4ax_linear(
+def _fused_call(
     x: torch.Tensor,
     block: int,
     w_kernel: torch.Tensor,
@@ -175,14 +175,8 @@ def w4ax_linear(
     config: GemmConfig | None = None,
     out: torch.Tensor | None = None,
     workspace: BufferPool | None = WORKSPACE,
-) -> torch.Tensor:
-    """``y [M, N]`` of activations ``x [M, K_in]`` (float) through a W4 weight, in one launch.
-
-    Equal, bit for bit, to ``w4a8_gemm(*quantize_activation(x, block, int8_mask, low_bits, perm, K), block, ...)``
-    with the same config (see the module docstring). ``perm`` int32 ``[K_in]`` (permuted channel j = original
-    ``perm[j]``), ``int8_mask`` ``[K / block]`` (nonzero: 8-bit block); ``w_kernel``/``w_scale``/``w_zero`` as for
-    :func:`~lowbit.kernels.gemm.w4a8_gemm`. Raises ``ValueError`` where :func:`fused_supported` is false.
-    """
+) -> tuple:
+    """:func:`w4ax_linear`'s checks and arguments: ``(grid, positional args, keyword args, out)`` of its launch."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K_in], got shape {tuple(x.shape)}")
     m, k_in = x.shape
@@ -218,15 +212,114 @@ def w4ax_linear(
     mask_t = int8_mask if not has_mask or (int8_mask.dtype == torch.int8 and int8_mask.device == dev) \
         else int8_mask.to(dev, torch.int8)
     has_zero, has_bias = w_zero is not None, bias is not None
-    _launch(_LAUNCH, (plan.tiles_mn, split))(
+    args = (
         x, x.stride(0), perm_t.contiguous() if has_perm else x, mask_t.contiguous() if has_mask else x,
         w_kernel, w_kernel.stride(0), w_scale, w_scale.stride(0),
         w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,
         bias if has_bias else w_scale, out, out.stride(0), part, count,
         m, n, k, k_in, plan.tiles_per_split, split,
+    )
+    kwargs = dict(
         GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m, LOW_HI=float((1 << (low_bits - 1)) - 1),
         HAS_PERM=has_perm, HAS_MASK=has_mask, HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, ONE_ROW=m == 1,
         USE_ASM=cfg.asm and not _interpreting(), FAST_CVT=cfg.fast_cvt and tile <= MAX_FAST_TILE,
         USE_LIBDEVICE=not _interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return (plan.tiles_mn, split), args, kwargs, out
+
+
+def w4ax_linear(
+    x: torch.Tensor,
+    block: int,
+    w_kernel: torch.Tensor,
+    w_scale: torch.Tensor,
+    group: int,
+    int8_mask: torch.Tensor | None = None,
+    low_bits: int = 4,
+    perm: torch.Tensor | None = None,
+    w_zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+    workspace: BufferPool | None = WORKSPACE,
+) -> torch.Tensor:
+    """``y [M, N]`` of activations ``x [M, K_in]`` (float) through a W4 weight, in one launch.
+
+    Equal, bit for bit, to ``w4a8_gemm(*quantize_activation(x, block, int8_mask, low_bits, perm, K), block, ...)``
+    with the same config (see the module docstring). ``perm`` int32 ``[K_in]`` (permuted channel j = original
+    ``perm[j]``), ``int8_mask`` ``[K / block]`` (nonzero: 8-bit block); ``w_kernel``/``w_scale``/``w_zero`` as for
+    :func:`~lowbit.kernels.gemm.w4a8_gemm`. Raises ``ValueError`` where :func:`fused_supported` is false.
+    """
+    grid, args, kwargs, out = _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias,
+                                          out_dtype, config, out, workspace)
+    _launch(_LAUNCH, grid)(*args, **kwargs)
     return out
+
+
+class PreparedLinear:
+    """:func:`w4ax_linear` with everything but the activations fixed (a layer's weights, scales, mask, permutation,
+    bias and options): ``prepared(x, out=None)``.
+
+    The first call of each (shape, dtype, strides, alignment, device, stream, output) runs :func:`w4ax_linear` and
+    records its launch; later calls relaunch the same compiled kernel with the same arguments but ``x`` and the
+    output swapped in, skipping the checks, plan lookup, workspace and launch-key work (most of an eager call's
+    60-90 µs of host time on the H200's host, stop 29). Same kernel, same arguments: the same bits. Under Triton's
+    interpreter, with an active launch hook, or for inputs whose last dimension is strided, every call takes
+    :func:`w4ax_linear`. The recorded launches hold the workspace views of their first call: concurrent calls on one
+    stream are ordered by it, as for :func:`w4ax_linear`.
+    """
+
+    MAX_CALLS = 64  # recorded launches per layer (M values x streams); past it, start over
+
+    def __init__(self, block: int, w_kernel: torch.Tensor, w_scale: torch.Tensor, group: int,
+                 int8_mask: torch.Tensor | None = None, low_bits: int = 4, perm: torch.Tensor | None = None,
+                 w_zero: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.bfloat16, config: GemmConfig | None = None,
+                 workspace: BufferPool | None = WORKSPACE):
+        self.block, self.w_kernel, self.w_scale, self.group = block, w_kernel, w_scale, group
+        self.int8_mask, self.low_bits, self.perm, self.w_zero, self.bias = int8_mask, low_bits, perm, w_zero, bias
+        self.out_dtype, self.config, self.workspace = out_dtype, config, workspace
+        self.n = w_kernel.shape[0]
+        self._calls: dict[tuple, tuple] = {}
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if _interpreting() or not isinstance(x, torch.Tensor) or x.dim() != 2 or x.stride(-1) != 1:
+            return self._linear(x, out)
+        key = (x.shape, x.dtype, x.stride(0), x.data_ptr() % 16 == 0, x.device, stream_key(x.device),
+               None if out is None else (out.stride(0), out.data_ptr() % 16 == 0))
+        hit = self._calls.get(key)
+        if hit is None or hooked():
+            return self._record(key, x, out)
+        run, head, argv, x_slots, out_slots = hit
+        if out is None:
+            out = torch.empty(x.shape[0], self.n, dtype=self.out_dtype, device=x.device)
+        else:
+            output_buffer(out, x.shape[0], self.n, self.out_dtype, x.device)
+        for i in x_slots:
+            argv[i] = x
+        for i in out_slots:
+            argv[i] = out
+        run(*head, *argv)
+        return out
+
+    def _linear(self, x, out):
+        return w4ax_linear(x, self.block, self.w_kernel, self.w_scale, self.group, self.int8_mask, self.low_bits,
+                           self.perm, self.w_zero, self.bias, self.out_dtype, self.config, out, self.workspace)
+
+    def _record(self, key, x, out):
+        grid, args, kwargs, out = _fused_call(x, self.block, self.w_kernel, self.w_scale, self.group, self.int8_mask,
+                                              self.low_bits, self.perm, self.w_zero, self.bias, self.out_dtype,
+                                              self.config, out, self.workspace)
+        _launch(_LAUNCH, grid)(*args, **kwargs)
+        hit = _LAUNCH.compiled(args, kwargs)
+        if hit is not None and args[0] is x:
+            compiled, constexprs = hit
+            if len(self._calls) >= self.MAX_CALLS:
+                self._calls.clear()
+            g = tuple(grid) + (1,) * (3 - len(grid))
+            head = (*g, key[5], compiled.function, compiled.packed_metadata, None, None, None)
+            argv = list(args) + list(constexprs)
+            self._calls[key] = (compiled.run, head, argv, [i for i, a in enumerate(argv) if a is x],
+                                [i for i, a in enumerate(argv) if a is out])
+        return out

@@ -432,11 +432,16 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
             ql._outputs = BufferPool()
         out = ql._outputs.get("y", (m, ql.out_features), out_dtype, dev, sk)
     if _fused_now(x2):  # one launch: the quantizer in the GEMM's prologue
-        from lowbit.kernels.w4ax_fused import fused_supported, w4ax_linear
+        from lowbit.kernels.w4ax_fused import PreparedLinear, fused_supported
 
         if fused_supported(m, ql.block, ql.group):
-            y = w4ax_linear(x2, ql.block, ql.qweight, ql.w_scale, ql.group, int8_mask=mask, low_bits=ql.cfg.a_bits,
-                            perm=perm, w_zero=ql.w_zero, bias=ql.bias, out_dtype=out_dtype, out=out)
+            key = ("fused", str(dev), out_dtype)
+            prepared = ql._cache.get(key)
+            if prepared is None:  # the layer's launch, prepared once (kernels/w4ax_fused.py: PreparedLinear)
+                prepared = ql._cache[key] = PreparedLinear(
+                    ql.block, ql.qweight, ql.w_scale, ql.group, int8_mask=mask, low_bits=ql.cfg.a_bits, perm=perm,
+                    w_zero=ql.w_zero, bias=ql.bias, out_dtype=out_dtype)
+            y = prepared(x2, out)
             return y.reshape(*lead, ql.out_features).to(x.dtype)
     codes = WORKSPACE.get("a_codes", (m, ql.padded_in), torch.int8, dev, sk)
     scale = WORKSPACE.get("a_scale", (m, ql.n_blocks), torch.float32, dev, sk)
