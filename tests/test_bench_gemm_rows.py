@@ -25,3 +25,11 @@ def test_method_rows_prepared_layer_path():
     (r,) = method_rows(row)
     assert r["method"] == "fmpq_w4a4_prepared" and r["eager_speedup"] == pytest.approx(2.5)
     assert r["bit_exact_vs_two_launch"] is False
+
+
+def test_method_rows_fp8_prefill():
+    row = {"M": 4096, "N": 4096, "K": 14336, "cublas_bf16_us": 650.0, "cublas_bf16_eager_us": 660.0,
+           "fp8_prefill_us": 500.0, "fp8_prefill_eager_us": 550.0}
+    (r,) = method_rows(row)
+    assert r["method"] == "fp8_prefill" and r["graph_speedup"] == pytest.approx(1.3)
+    assert r["eager_speedup"] == pytest.approx(1.2)

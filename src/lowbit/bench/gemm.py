@@ -178,6 +178,13 @@ def measure_point(m: int, k: int, n: int, block: int, group: int, int8_frac: flo
     bf16_ms = bench_sets(lambda w: F.linear(x, w), bsets)
     int_ms, mi, probe_us = _int_baselines(m, k, isets, log)
     fused = _fused_point(x, block, group, mask8, maskf, perm, wsets, bsets, best)
+    from lowbit.wa.fp8_prefill import FP8_MIN_TOKENS
+
+    if m >= FP8_MIN_TOKENS and torch.cuda.get_device_capability() >= (8, 9):
+        try:
+            fused.update(_fp8_point(x, block, group, wsets))
+        except Exception as exc:  # the integer rows still count
+            log(f"  FP8 prefill failed: {repr(exc)[:200]}")
     return {**fused,
         "K": k, "N": n, "M": m, "triton_int8_no_groups_us": probe_us,
         "w4a8_us": best_ms * 1e3, "w4a8_default_cfg_us": default_ms * 1e3, "fmpq_w4a4_us": fmpq_ms * 1e3,
@@ -234,6 +241,35 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     return out
 
 
+def _fp8_point(x, block: int, group: int, wsets) -> dict:
+    """The opt-in FP8 prefill (:mod:`lowbit.wa.fp8_prefill`) as a layer calls it at prefill: per-token e4m3
+    activations, the weight converted from the stored layout to a transient e4m3 (one launch), one FP8 GEMM with
+    row-wise scales. Graph and eager, and its error against the float32 reference of the same e4m3 operands."""
+    import torch
+
+    from lowbit.kernels.fp8_weight import fp8_activation, fp8_weight
+    from lowbit.kernels.gemm import unpack_weight_int8
+    from lowbit.wa import fp8_prefill
+
+    tile = min(block, group)
+    factors = {id(st): fp8_prefill.weight_factors(st[2], 4, True) for st in wsets}  # cached per layer
+
+    def call(st):
+        f, r = factors[id(st)]
+        x8, sx = fp8_activation(x)
+        w8 = fp8_weight(st[1], f, None, group, tile)
+        return torch._scaled_mm(x8, w8.t(), scale_a=sx[:, None], scale_b=r[None, :], out_dtype=torch.bfloat16)
+
+    st = wsets[0]
+    f, r = factors[id(st)]
+    x8, sx = fp8_prefill.fp8_activation(x)  # the PyTorch reference of both conversions
+    w8 = fp8_prefill.fp8_weight_ref(unpack_weight_int8(st[1], tile, group).to(torch.int16), f, group)
+    ref = fp8_prefill.fp8_matmul_ref(x8, sx, w8, r)
+    err = ((call(st).float() - ref).norm() / ref.norm()).item()
+    return {"fp8_prefill_us": bench_sets(call, wsets) * 1e3, "fp8_prefill_eager_us": bench_sets(call, wsets, graph=False) * 1e3,
+            "fp8_prefill_rel_err": err}
+
+
 def method_rows(row: dict) -> list[dict]:
     """The point's per-method rows (issue 14's format): m, n, k, method, graph and eager times with the activation
     quantizer included, and their ratios to cuBLAS bf16 timed the same way."""
@@ -247,6 +283,11 @@ def method_rows(row: dict) -> list[dict]:
                         "eager_us": e, "graph_speedup": row["cublas_bf16_us"] / g,
                         "eager_speedup": row["cublas_bf16_eager_us"] / e,
                         "bit_exact_vs_two_launch": row.get(f"{label}_{name}_bit_exact") if label != "two_launch" else None})
+    if "fp8_prefill_us" in row:  # the opt-in FP8 prefill (not the integer function: e4m3 operands)
+        g, e = row["fp8_prefill_us"], row["fp8_prefill_eager_us"]
+        out.append({"m": row["M"], "n": row["N"], "k": row["K"], "method": "fp8_prefill", "graph_us": g, "eager_us": e,
+                    "graph_speedup": row["cublas_bf16_us"] / g, "eager_speedup": row["cublas_bf16_eager_us"] / e,
+                    "bit_exact_vs_two_launch": None})
     return out
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from lowbit.quant import integer
-from lowbit.wa import core
+from lowbit.wa import core, fp8_prefill
 from lowbit.wa.gptq import gptq_quantize, rtn_quantize
 from lowbit.wa.methods import UNQUANTIZED, WHOLE_ROW, WAConfig
 
@@ -266,7 +266,15 @@ class QuantLinear(nn.Module):
         """Per-token per-block activation codes and scales of ``x [..., in]``."""
         return integer.quantize_activation(self.clip_input(self.prepare_input(x)), self.block, self.int8_mask, self.cfg.a_bits)
 
+    def _cached_fp8_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(group factors, row scales)`` of the FP8 prefill (:mod:`lowbit.wa.fp8_prefill`), computed once."""
+        if "fp8_factors" not in self._cache:
+            self._cache["fp8_factors"] = fp8_prefill.weight_factors(self.w_scale, self.cfg.w_bits, self.cfg.sym)
+        return self._cache["fp8_factors"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fp8_prefill.uses_fp8(self, x.numel() // max(x.shape[-1], 1)):  # opt-in: prefill through one FP8 GEMM
+            return fp8_prefill.fp8_forward(self, x)
         if x.is_cuda and self.mode == "int" and self.quantizes_activations and self.cfg.aclip >= 1.0:
             if supports_kernel(self):  # the Triton W4A8/W4A4 GEMM (same integer semantics)
                 return kernel_forward(self, self.rotate_input(x))

@@ -46,6 +46,9 @@ _DAMP = Param(float, 0.1, check=lambda v: 0.0 < v <= 1.0, allowed="a number in (
 _FOLD = Param(bool, True, help="fold the permutations into the producing layers/norms (no per-linear gather; "
               "o_proj's permutation is then constrained within heads, see docs/FMPQ.md)")
 _IMPROVE = {"gptq": _GPTQ, "damp": _DAMP, "rotate": _ROTATE, "clip": _CLIP}
+_PREFILL = Param(str, "int", check=lambda v: v in ("int", "fp8"), allowed="one of ('int', 'fp8')",
+                 help="fp8: calls of 512+ tokens run one FP8 e4m3 GEMM (weights and activations rounded to e4m3; "
+                 "not the integer function; lowbit.wa.fp8_prefill); int: every call integer W4Ax")
 
 WA_METHODS: dict[str, MethodSpec] = {
     "fmpq": MethodSpec(
@@ -64,17 +67,19 @@ WA_METHODS: dict[str, MethodSpec] = {
             **_IMPROVE,
             "aclip": _ACLIP,
             "fold": _FOLD,
+            "prefill": _PREFILL,
         },
         "COMET FMPQ: INT4 weights, per-block INT4/INT8 activations with outlier-gathering permutation",
     ),
     "w8a8": MethodSpec("w8a8", {}, "per-channel INT8 weights, per-token INT8 activations"),
     "w4a16": MethodSpec("w4a16", {"group": _GROUP, "sym": _SYM, "pad": _PAD, **_IMPROVE}, "weight-only INT4, group-wise"),
     "w4a8": MethodSpec(
-        "w4a8", {"block": _BLOCK, "group": _GROUP, "sym": _SYM, "pad": _PAD, **_IMPROVE},
+        "w4a8", {"block": _BLOCK, "group": _GROUP, "sym": _SYM, "pad": _PAD, **_IMPROVE, "prefill": _PREFILL},
         "INT4 weights, INT8 per-token per-block activations (no permutation)",
     ),
     "w4a4": MethodSpec(
-        "w4a4", {"block": _BLOCK, "group": _GROUP, "sym": _SYM, "pad": _PAD, **_IMPROVE, "aclip": _ACLIP},
+        "w4a4", {"block": _BLOCK, "group": _GROUP, "sym": _SYM, "pad": _PAD, **_IMPROVE, "aclip": _ACLIP,
+                 "prefill": _PREFILL},
         "round-to-nearest W4A4 (no permutation, no INT8 blocks)",
     ),
 }
@@ -108,6 +113,7 @@ class WAConfig:
     damp: float = 0.1  # GPTQ dampening (fraction of the mean Hessian diagonal)
     aclip: float = 1.0  # INT4 activation blocks clipped to this fraction of their max |x|
     fold: bool = False  # permutations folded into producers (fmpq: lowbit.wa.fold), not gathered per linear
+    prefill: str = "int"  # "fp8": prefill-sized calls run one FP8 GEMM (lowbit.wa.fp8_prefill)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,13 +160,15 @@ def resolve_config(spec: str | ParsedSpec | WAConfig) -> WAConfig:
     if part.name == "fmpq":
         return WAConfig("fmpq", o["w"], o["a"], o["group"], o["block"], o["int8_frac"] if o["a"] == 4 else 1.0,
                         o["sym"], True, o["pad"], text, **extra, aclip=aclip if o["a"] == 4 else 1.0,
-                        fold=o["fold"])
+                        fold=o["fold"], prefill=o["prefill"])
     if part.name == "w8a8":
         return WAConfig("w8a8", 8, 8, WHOLE_ROW, WHOLE_ROW, 1.0, True, False, True, text)
     if part.name == "w4a16":
         return WAConfig("w4a16", 4, UNQUANTIZED, o["group"], WHOLE_ROW, 0.0, o["sym"], False, o["pad"], text, **extra)
     if part.name == "w4a8":
-        return WAConfig("w4a8", 4, 8, o["group"], o["block"], 1.0, o["sym"], False, o["pad"], text, **extra)
+        return WAConfig("w4a8", 4, 8, o["group"], o["block"], 1.0, o["sym"], False, o["pad"], text, **extra,
+                        prefill=o["prefill"])
     if part.name == "w4a4":
-        return WAConfig("w4a4", 4, 4, o["group"], o["block"], 0.0, o["sym"], False, o["pad"], text, **extra, aclip=aclip)
+        return WAConfig("w4a4", 4, 4, o["group"], o["block"], 0.0, o["sym"], False, o["pad"], text, **extra, aclip=aclip,
+                        prefill=o["prefill"])
     raise SpecError(f"unknown weight/activation method '{part.name}': allowed methods are {', '.join(WA_METHODS)}")
