@@ -8,13 +8,13 @@ beside GPU time to show whether the prefill is host-bound.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 import lowbit.engine.runner as runner_mod
 from lowbit.bench.engine import random_model
+from lowbit.bench.timing import per_call_ms
 from lowbit.engine import PagedEngine
 
 
@@ -32,18 +32,6 @@ class _ExpandedF:
         return _sdpa_expanded if name == "scaled_dot_product_attention" else getattr(F, name)
 
 
-def event_ms(fn, n: int = 5) -> float:
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def main(tokens: int, layers: int, kinds: list[str]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -52,17 +40,17 @@ def main(tokens: int, layers: int, kinds: list[str]) -> None:
     with torch.inference_mode():
         fwd = lambda: model(ids[None], use_cache=False, logits_to_keep=1)  # noqa: E731
         fwd()
-        print(f"HF forward (no cache, last logits): {event_ms(fwd):.2f} ms", flush=True)
+        print(f"HF forward (no cache, last logits): {per_call_ms(fwd, 5):.2f} ms", flush=True)
     for kind in kinds:
         engine = PagedEngine(model, kv=kind, kv_budget_mb=4096, max_batch=8, max_tokens=tokens + 8)
         engine.store.reserve(0, tokens + 8)
         run = lambda: engine.runner.prefill(0, ids)  # noqa: E731
         run()
-        plain = event_ms(run)
+        plain = per_call_ms(run, 5)
         runner_mod.F = _ExpandedF()
         try:
             run()
-            expanded = event_ms(run)
+            expanded = per_call_ms(run, 5)
         finally:
             runner_mod.F = F
         print(f"{kind}: runner.prefill {plain:.2f} ms (SDPA enable_gqa), {expanded:.2f} ms (K/V expanded)", flush=True)

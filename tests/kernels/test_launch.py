@@ -10,31 +10,9 @@ import types
 import pytest
 import torch
 
+from launch_fakes import FakeJit as _Jit
+
 from lowbit.kernels import launch
-
-
-class _Compiled:
-    function, packed_metadata = "fn-handle", "meta"
-
-    def __init__(self):
-        self.runs = []
-
-    def run(self, *args):
-        self.runs.append(args)
-
-
-class _Jit:
-    arg_names = ["X", "n", "BLOCK", "FLAG"]
-
-    def __init__(self):
-        self.compiles, self.compiled = [], []
-
-    def __getitem__(self, grid):
-        def call(*args, **kwargs):
-            self.compiles.append((grid, args, kwargs))
-            self.compiled.append(_Compiled())
-            return self.compiled[-1]
-        return call
 
 
 @pytest.fixture

@@ -12,35 +12,16 @@ import torch
 
 pytest.importorskip("triton")
 
+from launch_fakes import FakeJit  # noqa: E402
+
 from lowbit.kernels import launch  # noqa: E402
-
-
-class _Compiled:
-    function, packed_metadata = "fn-handle", "meta"
-
-    def __init__(self):
-        self.runs = []
-
-    def run(self, *args):
-        self.runs.append(args)
-
-
-class _Jit:
-    def __init__(self, arg_names):
-        self.arg_names, self.compiled = arg_names, []
-
-    def __getitem__(self, grid):
-        def call(*args, **kwargs):
-            self.compiled.append(_Compiled())
-            return self.compiled[-1]
-        return call
 
 
 @pytest.fixture
 def fused(monkeypatch):
     from lowbit.kernels import w4ax_fused
 
-    jit = _Jit(w4ax_fused._w4ax_fused_kernel.arg_names)
+    jit = FakeJit(w4ax_fused._w4ax_fused_kernel.arg_names)
     monkeypatch.setattr(w4ax_fused, "_LAUNCH", launch.FastLaunch(jit))
     monkeypatch.setattr(w4ax_fused, "_sm_count", lambda device: 132)
     monkeypatch.setattr(launch, "_device", lambda: 0)

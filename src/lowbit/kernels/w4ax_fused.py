@@ -160,22 +160,8 @@ def fused_supported(m: int, block: int, group: int) -> bool:
     return 0 < m <= MAX_FUSED_M and block <= group
 
 
-def _fused_call(
-    x: torch.Tensor,
-    block: int,
-    w_kernel: torch.Tensor,
-    w_scale: torch.Tensor,
-    group: int,
-    int8_mask: torch.Tensor | None = None,
-    low_bits: int = 4,
-    perm: torch.Tensor | None = None,
-    w_zero: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.bfloat16,
-    config: GemmConfig | None = None,
-    out: torch.Tensor | None = None,
-    workspace: BufferPool | None = WORKSPACE,
-) -> tuple:
+def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype, config, out,
+                workspace) -> tuple:
     """:func:`w4ax_linear`'s checks and arguments: ``(grid, positional args, keyword args, out)`` of its launch."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K_in], got shape {tuple(x.shape)}")
