@@ -15,7 +15,8 @@ def test_registry_has_the_five_methods():
 def test_fmpq_defaults():
     p = parse_wa_spec("fmpq")
     assert p.options == {"w": 4, "a": 4, "block": 128, "group": 128, "int8_frac": 0.1, "sym": True, "pad": True,
-                         "gptq": False, "damp": 0.1, "rotate": "none", "clip": False, "aclip": 1.0, "fold": True}
+                         "gptq": False, "damp": 0.1, "rotate": "none", "clip": False, "aclip": 1.0, "fold": True,
+                         "prefill": "int"}
     cfg = resolve_config("fmpq:w=4,a=4,block=128,int8_frac=0.1")
     assert (cfg.w_bits, cfg.a_bits, cfg.block, cfg.group, cfg.int8_frac, cfg.permute) == (4, 4, 128, 128, 0.1, True)
 
