@@ -59,13 +59,9 @@ class KiviOps:
         return out
 
     # ------------------------------------------------------------------ prompt
-    def write_prompt(self, store, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Sinks, whole pages and the ring of one row from a prompt's ``k, v [H, n, D]``."""
-        self.write_prompt_layers(store, layer, row, k[None], v[None])
-
     def write_prompt_layers(self, store, first: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """:meth:`write_prompt` of layers ``first .. first + L - 1`` at once from ``k, v [L, H, n, D]``: the same
-        bytes, in one set of launches for all L layers (a prefill's writes are otherwise host-bound)."""
+        """Sinks, whole pages and the ring of one row from a prompt's ``k, v [L, H, n, D]`` of layers
+        ``first .. first + L - 1``, in one set of launches for all L layers."""
         layers = slice(first, first + k.shape[0])
         n = k.shape[-2]
         c = store.format.counts(n)
@@ -107,7 +103,7 @@ class KiviOps:
         merged into the touched pages (read, changed, rebuilt), so chunked and one-shot prompts store the same
         bytes when the model's dtype is the store's."""
         if start == 0:
-            return self.write_prompt(store, layer, row, k, v)
+            return self.write_prompt_layers(store, layer, row, k[None], v[None])
         s, c = self.sinks, k.shape[-2]
         old, new = store.format.counts(start), store.format.counts(start + c)
         if start < s:  # the chunk begins among the sinks

@@ -137,13 +137,12 @@ class KVStore:
 
     def write_prompt(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a prompt's keys and values ``[H, n, D]`` (after RoPE) for `row`."""
-        raise NotImplementedError
+        self.write_prompt_layers(layer, row, k[None], v[None])
 
     def write_prompt_layers(self, first: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """:meth:`write_prompt` of layers ``first .. first + L - 1`` from ``k, v [L, H, n, D]`` (stores override it
-        to write all L layers in one set of launches)."""
-        for i in range(k.shape[0]):
-            self.write_prompt(first + i, row, k[i], v[i])
+        """:meth:`write_prompt` of layers ``first .. first + L - 1`` from ``k, v [L, H, n, D]``, in one set of
+        launches for all L layers (a prefill's per-layer writes are host-bound)."""
+        raise NotImplementedError
 
     def write_tokens(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store keys and values ``[H, c, D]`` of positions ``start..start+c-1`` for `row`, which holds positions
@@ -185,9 +184,6 @@ class PagedFp16Store(KVStore):
 
     def _zero_blocks(self, ids: torch.Tensor) -> None:
         pass  # every read is masked by the sequence length
-
-    def write_prompt(self, layer, row, k, v):
-        self.write_prompt_layers(layer, row, k[None], v[None])
 
     def write_prompt_layers(self, first, row, k, v):
         n = k.shape[-2]
@@ -275,9 +271,6 @@ class PagedKiviStore(KVStore):
     def _move_row_buffers(self, src, dst):
         for t in (self.ring_k, self.ring_v, self.sink_k, self.sink_v):
             t[:, dst] = t[:, src]
-
-    def write_prompt(self, layer, row, k, v):
-        self.ops.write_prompt(self, layer, row, k, v)
 
     def write_prompt_layers(self, first, row, k, v):
         self.ops.write_prompt_layers(self, first, row, k, v)

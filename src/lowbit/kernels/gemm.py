@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.kivi_quant import _INTERPRET, _rint
-from lowbit.kernels.launch import FastLaunch
+from lowbit.kernels.launch import FastLaunch, _raw_stream
 from lowbit.kernels.layout import (  # noqa: F401
     BufferPool,
     GemmConfig,
@@ -45,9 +45,6 @@ from lowbit.kernels.layout import (  # noqa: F401
 
 PLANS = PlanCache()  # launch plans, one per (M, N, K, tile, device, config)
 WORKSPACE = BufferPool()  # shared workspace of the layers' call path (activation codes, split-K partials, int8 W)
-
-
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds only
 
 
 def stream_key(device: torch.device) -> int:

@@ -51,11 +51,9 @@ class FastLaunch:
         return self.kernels.get(self.key(args, kwargs))
 
     def __call__(self, grid: tuple[int, ...], *args, **kwargs):
-        from triton import knobs
-
         key = self.key(args, kwargs)
         hit = self.kernels.get(key)
-        if hit is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+        if hit is None or hooked():
             compiled = self.fn[grid](*args, **kwargs)
             rest = self.names[len(args):]
             if hit is None and hasattr(compiled, "run") and all(n in kwargs for n in rest):

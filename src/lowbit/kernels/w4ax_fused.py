@@ -263,15 +263,14 @@ class PreparedLinear:
                  w_zero: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype = torch.bfloat16, config: GemmConfig | None = None,
                  workspace: BufferPool | None = WORKSPACE):
-        self.block, self.w_kernel, self.w_scale, self.group = block, w_kernel, w_scale, group
-        self.int8_mask, self.low_bits, self.perm, self.w_zero, self.bias = int8_mask, low_bits, perm, w_zero, bias
-        self.out_dtype, self.config, self.workspace = out_dtype, config, workspace
-        self.n = w_kernel.shape[0]
+        # w4ax_linear's arguments between x and out, in its order
+        self.ops = (block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype, config)
+        self.out_dtype, self.workspace, self.n = out_dtype, workspace, w_kernel.shape[0]
         self._calls: dict[tuple, tuple] = {}
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if _interpreting() or not isinstance(x, torch.Tensor) or x.dim() != 2 or x.stride(-1) != 1:
-            return self._linear(x, out)
+            return w4ax_linear(x, *self.ops, out, self.workspace)
         key = (x.shape, x.dtype, x.stride(0), x.data_ptr() % 16 == 0, x.device, stream_key(x.device),
                None if out is None else (out.stride(0), out.data_ptr() % 16 == 0))
         hit = self._calls.get(key)
@@ -289,14 +288,8 @@ class PreparedLinear:
         run(*head, *argv)
         return out
 
-    def _linear(self, x, out):
-        return w4ax_linear(x, self.block, self.w_kernel, self.w_scale, self.group, self.int8_mask, self.low_bits,
-                           self.perm, self.w_zero, self.bias, self.out_dtype, self.config, out, self.workspace)
-
     def _record(self, key, x, out):
-        grid, args, kwargs, out = _fused_call(x, self.block, self.w_kernel, self.w_scale, self.group, self.int8_mask,
-                                              self.low_bits, self.perm, self.w_zero, self.bias, self.out_dtype,
-                                              self.config, out, self.workspace)
+        grid, args, kwargs, out = _fused_call(x, *self.ops, out, self.workspace)
         _launch(_LAUNCH, grid)(*args, **kwargs)
         hit = _LAUNCH.compiled(args, kwargs)
         if hit is not None and args[0] is x:

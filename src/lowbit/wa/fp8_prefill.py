@@ -22,7 +22,6 @@ import torch
 
 E4M3_MAX = 448.0
 FP8_MIN_TOKENS = 512  # calls with at least this many tokens take the FP8 GEMM (prefill); fewer keep the integer path
-PREFILL_MODES = ("int", "fp8")
 
 
 def weight_factors(w_scale: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +51,7 @@ def fp8_matmul_ref(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, r: torc
 
 def uses_fp8(ql, tokens: int) -> bool:
     """Whether a call of `tokens` tokens through QuantLinear `ql` takes the FP8 GEMM."""
-    return getattr(ql.cfg, "prefill", "int") == "fp8" and tokens >= FP8_MIN_TOKENS and ql.quantizes_activations \
+    return ql.cfg.prefill == "fp8" and tokens >= FP8_MIN_TOKENS and ql.quantizes_activations \
         and ql.cfg.w_bits == 4
 
 
@@ -60,11 +59,10 @@ def fp8_forward(ql, x: torch.Tensor) -> torch.Tensor:
     """``ql(x)`` through the FP8 GEMM: ``[..., out]`` in ``x``'s dtype."""
     lead = x.shape[:-1]
     factors, r = ql._cached_fp8_factors()
-    if x.is_cuda and _cuda_fp8_ok(x.device):
+    if x.is_cuda and _cuda_fp8_ok(x):
         from lowbit.kernels import fp8_weight as kern
 
-        plain = ql.cfg.rotate == "none" and not (ql.gathers_input and not ql.input_permuted) \
-            and ql.padded_in == ql.in_features
+        plain = ql.cfg.rotate == "none" and not ql.gathers_input and ql.padded_in == ql.in_features
         # as the layer's input arrives (no rotation, gather or padding to apply), else prepared in float32
         xp = x.reshape(-1, ql.in_features) if plain else ql.prepare_input(x, arrives_permuted=ql.input_permuted)
         x8, sx = kern.fp8_activation(xp)
@@ -78,8 +76,8 @@ def fp8_forward(ql, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, ql.out_features).to(x.dtype)
 
 
-def _cuda_fp8_ok(device: torch.device) -> bool:
-    """FP8 tensor cores (sm_89+) and Triton for the weight conversion."""
+def _cuda_fp8_ok(x: torch.Tensor) -> bool:
+    """FP8 tensor cores (sm_89+) and Triton for the conversions, for CUDA tensor `x`."""
     from lowbit.kernels import triton_ready
 
-    return torch.cuda.get_device_capability(device) >= (8, 9) and triton_ready(torch.empty(0, device=device))
+    return torch.cuda.get_device_capability(x.device) >= (8, 9) and triton_ready(x)

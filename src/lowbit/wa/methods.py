@@ -46,7 +46,8 @@ _DAMP = Param(float, 0.1, check=lambda v: 0.0 < v <= 1.0, allowed="a number in (
 _FOLD = Param(bool, True, help="fold the permutations into the producing layers/norms (no per-linear gather; "
               "o_proj's permutation is then constrained within heads, see docs/FMPQ.md)")
 _IMPROVE = {"gptq": _GPTQ, "damp": _DAMP, "rotate": _ROTATE, "clip": _CLIP}
-_PREFILL = Param(str, "int", check=lambda v: v in ("int", "fp8"), allowed="one of ('int', 'fp8')",
+PREFILL_MODES = ("int", "fp8")
+_PREFILL = Param(str, "int", check=lambda v: v in PREFILL_MODES, allowed=f"one of {PREFILL_MODES}",
                  help="fp8: calls of 512+ tokens run one FP8 e4m3 GEMM (weights and activations rounded to e4m3; "
                  "not the integer function; lowbit.wa.fp8_prefill); int: every call integer W4Ax")
 

@@ -70,18 +70,6 @@
 #ifndef LOWBIT_PAGED_TIMELINE
 #define LOWBIT_PAGED_TIMELINE 0
 #endif
-// Experiment (off; stop 28; run in stop 29): the page programs take only the
-// tokens whose key AND value are quantized (n_qv < n_qk at every bench point: the last page of each sequence x head
-// holds R full-precision values), and the tail program takes the rest, its keys dequantized from the page. It removes
-// the MIXED value path, whose per-lane global loads of residual rows make that last page far slower than the others:
-// in stop 28's tails-in-slices run the slices holding it took 64-102 us against 48-76 (B8/32K, whose tails are
-// empty: all 32768 keys are quantized). Run in stop 29 (same loan, 2 rounds): B8/32K 88.8-89.4 us against 83.8-84.5
-// (the 64 tails, each dequantizing 128 keys element by element, took ~41 us and started the last slices late),
-// B32/32K 268.5-273.1 against 278.5-281.3, B1/128K 47.6-47.7 against 50.1-50.2; and one bf16 test at 2.08e-3 (the
-// bound is 2e-3). LOWBIT_PAGED_FP_SLAB took the gain without the tails' cost; this stays off.
-#ifndef LOWBIT_PAGED_VALUES_IN_TAIL
-#define LOWBIT_PAGED_VALUES_IN_TAIL 0
-#endif
 // The tail programs come after the page slices in block order (stop 29). With the tails first, the 64 tails of
 // B8/32K (empty, ~4 us each) took 64 of the 528 slots, so 48 of the 512 slices started ~4.3 us late, and those were
 // the last to end (78-81 us against a median of 63; timeline, H200). Last, they fill the 16 free slots and then the
@@ -159,11 +147,6 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 struct Seq { int n_sink, n_qk, n_qv, total, start; };
-
-// quantized indices the page programs take (0 .. this - 1); the tail program takes the rest
-__device__ __forceinline__ int paged_tokens(const Seq& s) {
-  return LOWBIT_PAGED_VALUES_IN_TAIL ? min(s.n_qk, s.n_qv) : s.n_qk;
-}
 
 // row of the full-precision residual that holds quantized index k (k >= nq): linear from nq (ring < 0), or row k % R of
 // a ring of R = ring + 1 rows (a power of two). A mask, not `k % R`: the division's registers made the 2-bit main loop
@@ -417,8 +400,7 @@ __device__ void paged_part(const Args& a, int b, int h, int slot, int p0, int p_
   using L = Lay<BITS>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, qd = lane % 4;
-  const int n_pg = paged_tokens(sq);
-  const int kpages = (n_pg + P - 1) / P;  // pages holding the page programs' tokens (the last may be partial)
+  const int kpages = (sq.n_qk + P - 1) / P;  // pages holding quantized keys (the last may be partial)
   const int p1 = min(kpages, p_end);
   const long long part = ((long long)(b * a.hkv + h) * (a.parts + 1) + slot) * a.rows;
   const T* rv = reinterpret_cast<const T*>(a.res_v) + b * a.rv_sb + h * a.rv_sh;
@@ -579,15 +561,15 @@ __device__ void paged_part(const Args& a, int b, int h, int slot, int p0, int p_
         for (int mt = 0; mt < 2; ++mt) { sc[mt][0] += bias[0][0]; sc[mt][1] += bias[0][1]; sc[mt][2] += bias[0][2]; sc[mt][3] += bias[0][3]; }
       }
     }
-    // ---- mask (left padding, tokens past the paged ones in the last page), online softmax of rows 2q, 2q + 1
+    // ---- mask (left padding, keys past n_qk in the last page), online softmax of rows 2q, 2q + 1
     const int pos0 = sq.n_sink + k0;
-    if (pos0 < sq.start || k0 + 32 > n_pg) {
+    if (pos0 < sq.start || k0 + 32 > sq.n_qk) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int t = mt * 16 + g + (e >> 1) * 8;
-          if (pos0 + t < sq.start || k0 + t >= n_pg) sc[mt][e] = -INFINITY;
+          if (pos0 + t < sq.start || k0 + t >= sq.n_qk) sc[mt][e] = -INFINITY;
         }
     }
     float r_r[2];
@@ -635,9 +617,8 @@ __device__ void paged_part(const Args& a, int b, int h, int slot, int p0, int p_
       const __half* vsc = reinterpret_cast<const __half*>(sl + L::S_VS);
       const __half* vzr = reinterpret_cast<const __half*>(sl + L::S_VZ);
       // values past n_qv (only in the last page or two) are still in the residual: that slab takes the MIXED
-      // copy of the loop, which loads them unconditionally (clamped index, all in flight at once) and selects.
-      // LOWBIT_PAGED_VALUES_IN_TAIL: no paged token is past n_qv; masked ones have p = 0 exactly
-      if (LOWBIT_PAGED_VALUES_IN_TAIL || k0 + 32 <= sq.n_qv) {
+      // copy of the loop, which loads them unconditionally (clamped index, all in flight at once) and selects
+      if (k0 + 32 <= sq.n_qv) {
         if (FOLD) value_product_folded<BITS>(acc, zs, pb, words, vsc, vzr, g, qd);
         else value_product<BITS, false, T>(acc, pb, words, vsc, vzr, warp, g, qd, page, sq, rv, a.ring);
       } else {
@@ -716,14 +697,14 @@ __device__ __forceinline__ float page_elem(const Args& a, int b, int h, int k, i
 template <int BITS, typename T>
 __device__ __forceinline__ void stage_tail(const Args& a, int b, int h, const Seq& sq, int c0, int n, bool values,
                                            const T* sink, const T* res, T* kv) {
-  // tail tokens c0..c0+n (sinks first, then quantized index paged_tokens..), 8 channels per step: full-precision
-  // rows by cp.async, page-held keys or values element by element
+  // tail tokens c0..c0+n (sinks first, then quantized index n_qk..), 8 channels per step: full-precision rows by
+  // cp.async, page-held values element by element
   const int nq = values ? sq.n_qv : sq.n_qk;
   for (int i = threadIdx.x; i < n * (D / 8); i += THREADS) {
     const int u = c0 + i / (D / 8), c = (i % (D / 8)) * 8;
     T* dst = kv + (i / (D / 8)) * KPAD + c;
     if (u < sq.n_sink) { cp_async16(dst, sink + (long long)u * D + c); continue; }
-    const int k = paged_tokens(sq) + (u - sq.n_sink);
+    const int k = sq.n_qk + (u - sq.n_sink);
     if (k >= nq) { cp_async16(dst, res + res_row(a.ring, k, nq) * D + c); continue; }
 #pragma unroll
     for (int e = 0; e < 8; ++e) dst[e] = from_f<T>(page_elem<BITS, T>(a, b, h, k, c + e, values));
@@ -740,7 +721,7 @@ __device__ __forceinline__ void unpack8(uint4 raw, float (&x)[8]) {
 
 template <int BITS, typename T>
 __device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* smem) {
-  const int n_all = sq.total - paged_tokens(sq);  // sinks, then the tokens the page programs leave
+  const int n_all = sq.total - sq.n_qk;  // sinks, then the tokens whose keys are still full precision
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* qs = reinterpret_cast<float*>(smem);        // [MAXROWS][D] scaled queries (rows past a.rows zero)
   float* sc = qs + MAXROWS * D;                      // [MAXROWS][CHUNK] scores, then probabilities, of a chunk
@@ -767,7 +748,7 @@ __device__ void tail_part(const Args& a, int b, int h, const Seq& sq, uint8_t* s
     __syncthreads();
     {  // scores: one token per thread, 8 channels per shared-memory read
       const int t = threadIdx.x, u = c0 + t;
-      const int pos = u < sq.n_sink ? u : paged_tokens(sq) + u;  // absolute position (sinks: 0..n_sink-1)
+      const int pos = u < sq.n_sink ? u : sq.n_qk + u;  // absolute position (sinks hold positions 0..n_sink-1)
       float dots[MAXROWS];
 #pragma unroll
       for (int r = 0; r < MAXROWS; ++r) dots[r] = 0.f;
@@ -865,7 +846,7 @@ __global__ void __launch_bounds__(THREADS, LOWBIT_PAGED_MINBLOCKS) kivi_paged_ke
       const int b = bh / a.hkv, lo = max(v0, bh * V) - bh * V, hi = min(v1, (bh + 1) * V) - bh * V;
       const Seq sq = load_seq(a, b);
       paged_part<BITS, STAGES, FOLD, T>(a, b, bh % a.hkv, c - bh * V / a.chunk, lo, hi, sq, smem);
-      pages += max(0, min(hi, (paged_tokens(sq) + P - 1) / P) - lo);
+      pages += max(0, min(hi, (sq.n_qk + P - 1) / P) - lo);
     }
   }
 #if LOWBIT_PAGED_TIMELINE
