@@ -19,12 +19,16 @@ def test_method_rows_ratios_and_paths():
     assert method_rows({"M": 1, "N": 8, "K": 8, "cublas_bf16_us": 1.0, "cublas_bf16_eager_us": 1.0}) == []
 
 
-def test_method_rows_prepared_layer_path():
+@pytest.mark.parametrize("label,suffix", [("two_prepared", "_two_prepared"), ("fused_prepared", "_fused_prepared")])
+def test_method_rows_prepared_layer_paths(label, suffix):
     row = {"M": 1, "N": 4096, "K": 4096, "cublas_bf16_us": 20.0, "cublas_bf16_eager_us": 30.0,
-           "prepared_fmpq_us": 10.0, "prepared_fmpq_eager_us": 12.0, "prepared_fmpq_bit_exact": False}
-    (r,) = method_rows(row)
-    assert r["method"] == "fmpq_w4a4_prepared" and r["eager_speedup"] == pytest.approx(2.5)
-    assert r["bit_exact_vs_two_launch"] is False
+           f"{label}_fmpq_us": 10.0, f"{label}_fmpq_eager_us": 12.0, f"{label}_fmpq_bit_exact": False,
+           f"{label}_fmpq_unfolded_us": 16.0, f"{label}_fmpq_unfolded_eager_us": 20.0}
+    r, u = method_rows(row)
+    assert r["method"] == "fmpq_w4a4" + suffix and r["eager_speedup"] == pytest.approx(2.5)
+    assert r["bit_exact_vs_two_launch"] is False and r["graph_speedup"] == pytest.approx(2.0)
+    assert u["method"] == "fmpq_w4a4_unfolded" + suffix and u["eager_speedup"] == pytest.approx(1.5)
+    assert u["bit_exact_vs_two_launch"] is None  # not checked in this row
 
 
 def test_method_rows_fp8_prefill():

@@ -31,8 +31,11 @@ def calls_for(m: int, n: int, k: int) -> dict:
     mask = (torch.rand(k // 128) < 0.1).to(torch.int8).cuda()
     perm = torch.randperm(k).int().cuda()
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    prepared = w4ax_fused.PreparedLinear(128, qw, ws, 128, int8_mask=mask, perm=perm)  # what a QuantLinear calls
+    # what a QuantLinear calls (folded FMPQ: no gather): its prepared launches, two (the default) or fused
+    two_prepared = w4ax_fused.PreparedLinear(128, qw, ws, 128, int8_mask=mask, launches="two")
+    prepared = w4ax_fused.PreparedLinear(128, qw, ws, 128, int8_mask=mask)
     return {
+        "two_prepared": lambda: two_prepared(x),
         "prepared": lambda: prepared(x),
         "fused": lambda: w4ax_fused.w4ax_linear(x, 128, qw, ws, 128, int8_mask=mask, perm=perm),
         "fused_noperm": lambda: w4ax_fused.w4ax_linear(x, 128, qw, ws, 128, int8_mask=mask),

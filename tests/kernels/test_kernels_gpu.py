@@ -274,9 +274,11 @@ def test_quant_linear_forward_matches_int_mode(spec):
     lin = torch.nn.Linear(1000, 384, bias=True, device=DEV)
     ql = QuantLinear.from_linear(lin, cfg, channel_stats=torch.rand(1000, device=DEV) + 0.1 if cfg.permute else None, mode="int")
     assert supports_quant_linear(ql)
-    x = torch.randn(2, 9, 1000, device=DEV)
-    ref = ql(x)
-    got = quant_linear_forward(ql, x)
-    assert got.shape == ref.shape and rel(got, ref) < 1e-5
-    xb = x.bfloat16()
-    assert rel(quant_linear_forward(ql, xb), ql(xb)) < 1e-2
+    for shape in ((2, 9), (1, 5), (1, 1)):  # M 18, then decode-sized calls (the layer's prepared launches)
+        for seed in (1, 2):  # the second call of a shape relaunches the recorded launches with the new x
+            x = torch.randn(*shape, 1000, device=DEV) * seed
+            ref = ql(x)
+            got = quant_linear_forward(ql, x)
+            assert got.shape == ref.shape and rel(got, ref) < 1e-5
+            xb = x.bfloat16()
+            assert rel(quant_linear_forward(ql, xb), ql(xb)) < 1e-2

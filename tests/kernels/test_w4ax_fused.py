@@ -162,3 +162,25 @@ def test_prepared_linear_relaunches_the_recorded_call_with_the_same_bits(monkeyp
     other = torch.randn(m % 16 + 1, 1000, dtype=torch.bfloat16, device=DEV)  # another M
     assert torch.equal(prepared(other), _two_launch({**c, "x": other}, k, 4, torch.bfloat16, cfg))
     assert len(prepared._calls) == 3 and len(calls) == 2
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="the recorded launches exist on CUDA only")
+@pytest.mark.parametrize("m,split_k,opts", [(1, 0, {}), (7, 1, {"zero": True}), (16, 3, {"bias": False})])
+def test_prepared_two_launches_give_the_two_launch_bits(m, split_k, opts):
+    """PreparedLinear(launches="two"): quantizer, GEMM and split-K reduction recorded once and relaunched with fresh
+    activations, bit for bit linear_two_launch (and the plain two-launch call) at the same config."""
+    from lowbit.kernels import w4ax_fused
+    from lowbit.kernels.gemm import linear_two_launch
+    from lowbit.kernels.layout import GemmConfig
+
+    c, k = _case(m, 1000, 96, 128, 128, torch.bfloat16, seed=41 + m, **opts)
+    cfg = GemmConfig(16, 64, 4, 4, split_k=split_k) if split_k else None
+    ops = {key: c[key] for key in ("block", "w_kernel", "w_scale", "group", "int8_mask", "perm", "w_zero", "bias")}
+    prepared = w4ax_fused.PreparedLinear(**ops, out_dtype=torch.bfloat16, config=cfg, launches="two")
+    for seed in (0, 1, 2):
+        x = c["x"] if seed == 0 else torch.randn_like(c["x"]) * seed
+        got = prepared(x)
+        assert torch.equal(got, _two_launch({**c, "x": x}, k, 4, torch.bfloat16, cfg))
+        assert torch.equal(got, linear_two_launch(x, **ops, out_dtype=torch.bfloat16, config=cfg))
+    (steps,) = prepared._calls.values()
+    assert steps is not None and len(steps) == (2 if split_k == 1 else 3)

@@ -87,3 +87,68 @@ def test_keys_and_fallbacks(fused, monkeypatch):
     runs, compiles = sum(len(c.runs) for c in jit.compiled), len(jit.compiled)
     prepared(x)
     assert sum(len(c.runs) for c in jit.compiled) == runs and len(jit.compiled) == compiles + 1
+
+
+@pytest.fixture
+def two(monkeypatch, fused):
+    from lowbit.kernels import gemm
+
+    jits = {}
+    for name, fn in (("_ACT_QUANT", gemm._act_quant_kernel), ("_W4A8_GEMM", gemm._w4a8_gemm_kernel),
+                     ("_SPLITK_REDUCE", gemm._splitk_reduce_kernel)):
+        jits[name] = FakeJit(fn.arg_names)
+        monkeypatch.setattr(gemm, name, launch.FastLaunch(jits[name]))
+    monkeypatch.setattr(gemm, "_sm_count", lambda device: 132)
+    return fused[0], gemm, jits
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_two_launch_relaunches_the_quantizer_gemm_and_reduce(two, m):
+    w4, gemm, jits = two
+    ops = _operands()
+    prepared = w4.PreparedLinear(**ops, launches="two")
+    prepared(torch.randn(m, 1000, dtype=torch.bfloat16))
+    order = ("_ACT_QUANT", "_W4A8_GEMM", "_SPLITK_REDUCE")
+    assert [len(jits[n].compiled) for n in order] == [1, 1, 1]  # split-K at this size: three launches, all recorded
+    (steps,) = prepared._calls.values()
+    assert len(steps) == 3
+    x2 = torch.randn(m, 1000, dtype=torch.bfloat16)
+    y2 = prepared(x2)
+    got = [jits[n].compiled[0].runs[-1] for n in order]
+    gemm.linear_two_launch(x2, *prepared.ops)  # the function itself, through the same launchers
+    want = [jits[n].compiled[0].runs[-1] for n in order]
+    assert all(len(jits[n].compiled[0].runs) == 2 for n in order)
+    for g, w in zip(got, want):
+        assert len(g) == len(w) and all(_same(a, b) for a, b in zip(g, w))
+        for i, a in enumerate(g):
+            if a is x2:  # x where the function passes (a view of) x
+                assert w[i].data_ptr() == x2.data_ptr()
+            elif a is y2:  # the new output where the function passes its fresh one
+                assert w[i].shape == y2.shape and w[i].data_ptr() != x2.data_ptr()
+            elif isinstance(a, torch.Tensor):  # the layer's operands and the workspace, the buffers the function uses
+                assert a.data_ptr() == w[i].data_ptr()
+    assert any(a is x2 for a in got[0]) and any(a is y2 for a in got[2])  # reads x, the reduction writes y
+
+
+def test_not_recorded_when_a_launch_reads_a_slice_of_x(fused, monkeypatch):
+    w4, jit = fused
+    prepared = w4.PreparedLinear(**_operands())
+    real = w4._fused_call
+
+    def sliced(x, *a):  # a launch that reads part of x: relaunching with a new x could not swap it
+        grid, args, kwargs, out = real(x, *a)
+        return grid, (x[:, 1:],) + args[1:], kwargs, out
+
+    monkeypatch.setattr(w4, "_fused_call", sliced)
+    x = torch.randn(2, 1000, dtype=torch.bfloat16)
+    prepared(x)
+    assert list(prepared._calls.values()) == [None]
+    prepared(x)
+    assert len(jit.compiled) == 1 and len(jit.compiled[0].runs) == 1  # the second call went through the function
+
+
+def test_launches_option_is_checked():
+    from lowbit.kernels import w4ax_fused
+
+    with pytest.raises(ValueError, match="launches must be one of"):
+        w4ax_fused.PreparedLinear(**_operands(), launches="three")

@@ -46,6 +46,16 @@ def test_activation_rounding_is_within_e4m3():
     assert bool((err <= E4M3_REL * x.abs() + s[:, None] * 2.0 ** -9).all())
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_activation_scale_is_the_correctly_rounded_quotient(device):
+    # float32 max|x| / 448 rounded once (a float64 quotient rounded to float32 is that), as the Triton kernel's
+    # div_rn computes it; a multiply by 1/448 differs in the last bit for some inputs
+    x = torch.rand(4096, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64).float().to(device)
+    _, s = fp8_prefill.fp8_activation(x)
+    want = (x.abs().amax(dim=1).double() / fp8_prefill.E4M3_MAX).float()
+    assert torch.equal(s, want)
+
+
 @pytest.mark.parametrize("spec", ["fmpq:a=4,block=64,group=64,int8_frac=0.25,prefill=fp8",
                                   "w4a4:block=32,group=64,sym=false,prefill=fp8"])
 def test_prefill_sized_calls_take_the_fp8_products(spec):

@@ -124,13 +124,49 @@ def fake_gemm(monkeypatch):
             return y.to(out_dtype)
         return out.copy_(y)
 
-    mod.quantize_activation, mod.w4a8_gemm = quantize_activation, w4a8_gemm
+    def linear_two_launch(x, block, w_kernel, w_scale, group, int8_mask=None, low_bits=4, perm=None, w_zero=None,
+                          bias=None, out_dtype=torch.bfloat16, config=None, out=None, workspace=None):
+        k, m = w_kernel.shape[1] * 2, x.shape[0]
+        bufs = (mod.WORKSPACE.get("a_codes", (m, k), torch.int8, x.device),
+                mod.WORKSPACE.get("a_scale", (m, k // block), torch.float32, x.device))
+        codes, scale = quantize_activation(x, block, int8_mask, low_bits, perm=perm, padded_in=k, out=bufs)
+        return w4a8_gemm(codes, scale, block, w_kernel, w_scale, group, w_zero, bias, out_dtype, config, out)
+
+    mod.quantize_activation, mod.w4a8_gemm, mod.linear_two_launch = quantize_activation, w4a8_gemm, linear_two_launch
     monkeypatch.setitem(sys.modules, "lowbit.kernels.gemm", mod)
     return mod
 
 
+@pytest.fixture
+def fake_fused(monkeypatch, fake_gemm):
+    """`lowbit.kernels.w4ax_fused` with a reference stand-in for the one-launch linear; its PreparedLinear fixes the
+    layer's operands once, then passes only x (and out) per call, to that linear or the two-launch one."""
+    mod = types.ModuleType("lowbit.kernels.w4ax_fused")
+    mod.fused_supported = lambda m, block, group: 0 < m <= 16 and block <= group
+    mod.seen, mod.made = [], []
+
+    def w4ax_linear(x, block, w_kernel, w_scale, group, int8_mask=None, low_bits=4, perm=None, w_zero=None,
+                    bias=None, out_dtype=torch.bfloat16, config=None, out=None, workspace=None):
+        mod.seen.append((w_kernel.data_ptr(), low_bits, perm))
+        c, s = quantize_activation_ref(x, block, int8_mask.bool(), low_bits, perm, w_kernel.shape[1] * 2)
+        y = w4a8_gemm_ref(c, s, block, unrepack_weight(w_kernel, min(block, group)), w_scale, group, w_zero, bias)
+        return y.to(out_dtype) if out is None else out.copy_(y)
+
+    class PreparedLinear:
+        def __init__(self, *ops, launches="fused"):
+            mod.made.append(launches)
+            self.ops, self.fn = ops, w4ax_linear if launches == "fused" else fake_gemm.linear_two_launch
+
+        def __call__(self, x, out=None):
+            return self.fn(x, *self.ops, out=out)
+
+    mod.w4ax_linear, mod.PreparedLinear = w4ax_linear, PreparedLinear
+    monkeypatch.setitem(sys.modules, "lowbit.kernels.w4ax_fused", mod)
+    return mod
+
+
 @pytest.mark.parametrize("spec", ["fmpq:a=4,block=64,group=64,int8_frac=0.25", "fmpq:a=8,block=32,group=64,sym=false"])
-def test_kernel_forward_call_path(fake_gemm, spec):
+def test_kernel_forward_call_path(fake_gemm, fake_fused, spec):
     from lowbit.wa.linear import kernel_forward
 
     lin = torch.nn.Linear(200, 40)
@@ -144,7 +180,8 @@ def test_kernel_forward_call_path(fake_gemm, spec):
     assert fake_gemm.calls[2][1] is perm_t  # converted once, cached
     assert fake_gemm.WORKSPACE.get("a_codes", (21, q.padded_in), torch.int8, "cpu").data_ptr() == codes.data_ptr()
     assert len(fake_gemm.PLANS) == 1
-    kernel_forward(q, x[:1])
+    kernel_forward(q, x[:1])  # decode-sized: the layer's prepared two-launch call
+    assert fake_fused.made == ["two"] and not fake_fused.seen
     assert len(fake_gemm.PLANS) == 2 and len(fake_gemm.WORKSPACE) == 2  # a new plan; buffers reused (prefix views)
     # reuse_output: one buffer per layer, the same storage for every call
     q.reuse_output = True
@@ -162,54 +199,33 @@ def test_kernel_forward_call_path(fake_gemm, spec):
 @pytest.mark.parametrize("spec,m,fused", [("fmpq:a=4,block=64,group=64,int8_frac=0.25", 3, True),
                                           ("fmpq:a=4,block=64,group=64", 17, False),  # past the decode bucket
                                           ("fmpq:a=8,block=64,group=32", 2, False)])  # block > group
-def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, monkeypatch, spec, m, fused):
-    """With $LOWBIT_W4AX_FUSED=1, decode-sized calls go to the one-launch linear (a reference stand-in here) with the
-    layer's stored operands; the others keep the two-launch path. Off by default."""
+def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, fake_fused, monkeypatch, spec, m, fused):
+    """Decode-sized calls go through the layer's prepared launches, made once per layer and path: two launches by
+    default, the one-launch linear (a reference stand-in here) with $LOWBIT_W4AX_FUSED=1 where it applies; larger
+    calls take the two-launch function directly."""
     from lowbit.wa import linear
     from lowbit.wa.linear import kernel_forward
 
-    mod = types.ModuleType("lowbit.kernels.w4ax_fused")
-    mod.fused_supported = lambda m, block, group: 0 < m <= 16 and block <= group
-    seen = []
-
-    def w4ax_linear(x, block, w_kernel, w_scale, group, int8_mask=None, low_bits=4, perm=None, w_zero=None,
-                    bias=None, out_dtype=torch.bfloat16, out=None):
-        seen.append((w_kernel.data_ptr(), low_bits, perm))
-        c, s = quantize_activation_ref(x, block, int8_mask.bool(), low_bits, perm, w_kernel.shape[1] * 2)
-        y = w4a8_gemm_ref(c, s, block, unrepack_weight(w_kernel, min(block, group)), w_scale, group, w_zero, bias)
-        return y.to(out_dtype) if out is None else out.copy_(y)
-
-    made = []
-
-    class PreparedLinear:  # the layer's prepared launch: its operands fixed once, then only x (and out) per call
-        def __init__(self, block, w_kernel, w_scale, group, int8_mask=None, low_bits=4, perm=None, w_zero=None,
-                     bias=None, out_dtype=torch.bfloat16):
-            made.append(self)
-            self.args = (block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype)
-
-        def __call__(self, x, out=None):
-            return w4ax_linear(x, *self.args, out=out)
-
-    mod.w4ax_linear, mod.PreparedLinear = w4ax_linear, PreparedLinear
-    monkeypatch.setitem(sys.modules, "lowbit.kernels.w4ax_fused", mod)
     q = QuantLinear.from_linear(torch.nn.Linear(200, 40), resolve_config(spec), torch.rand(200) + 0.1)
     x = torch.randn(m, 200)
-    kernel_forward(q, x)
-    assert not seen  # off by default
+    torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
+    decode = m <= 16
+    assert not fake_fused.seen and fake_fused.made == (["two"] if decode else [])  # two launches by default
     monkeypatch.setattr(linear, "FUSED_DECODE", "1")  # what $LOWBIT_W4AX_FUSED=1 sets at import
     torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
-    assert bool(seen) == fused
+    assert bool(fake_fused.seen) == fused
     if fused:
-        assert seen[0][0] == q.qweight.data_ptr() and seen[0][1] == q.cfg.a_bits
+        assert fake_fused.seen[0][0] == q.qweight.data_ptr() and fake_fused.seen[0][1] == q.cfg.a_bits
         kernel_forward(q, x)
-        assert len(made) == 1 and len(seen) == 2  # prepared once per layer, then called
+        assert fake_fused.made == ["two", "fused"] and len(fake_fused.seen) == 2  # prepared once per layer
     # "eager": the one-launch linear unless the call is being captured into a CUDA graph
     monkeypatch.setattr(linear, "FUSED_DECODE", "eager")
     for capturing in (False, True):
-        seen.clear()
+        fake_fused.seen.clear()
         monkeypatch.setattr(linear, "_fused_now", lambda x, c=capturing: not c)
         torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
-        assert bool(seen) == (fused and not capturing)
+        assert bool(fake_fused.seen) == (fused and not capturing)
+    assert len(fake_fused.made) == (2 if fused else 1 if decode else 0)
 
 
 def test_fused_mode_values():

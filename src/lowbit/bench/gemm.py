@@ -10,9 +10,9 @@ from typing import Optional
 from lowbit.bench.timing import Points, LINEAR_SHAPES, bench_sets, env_info, rotating, write_json
 
 TABLE_COLUMNS = ["K", "N", "M", "w4a8_us", "fmpq_w4a4_us", "cublas_bf16_us", "int_mm_us", "w4a8_speedup", "fmpq_speedup",
-                 "w4a8_total_speedup", "two_launch_fmpq_eager_us", "fused_fmpq_eager_us", "prepared_fmpq_eager_us",
-                 "cublas_bf16_eager_us", "two_launch_fmpq_eager_speedup", "fused_fmpq_eager_speedup",
-                 "prepared_fmpq_eager_speedup", "best_config"]
+                 "w4a8_total_speedup", "cublas_bf16_eager_us", "two_launch_w4a8_eager_us", "two_prepared_w4a8_us",
+                 "two_prepared_w4a8_eager_us", "fused_prepared_w4a8_us", "fused_prepared_w4a8_eager_us",
+                 "two_prepared_fmpq_eager_us", "fp8_prefill_us", "fp8_prefill_eager_us", "best_config"]
 
 
 def gemm_candidates(bucket: str):
@@ -200,19 +200,23 @@ def measure_point(m: int, k: int, n: int, block: int, group: int, int8_frac: flo
 
 
 def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cfg) -> dict:
-    """The two-launch call a user makes today (quantizer, then GEMM) and, in the decode bucket, the one-launch linear
-    (quantizer in the GEMM's prologue), each timed eager (launches included) and under a CUDA graph; bit-exactness
-    of the two."""
+    """The W4Ax linear as a user calls it, each path timed eager (launches included) and under a CUDA graph, all with
+    the activation quantizer: ``two_launch`` (quantizer, then the GEMM at the tuned config), and in the decode bucket
+    what a QuantLinear layer calls, its prepared launches (one PreparedLinear per weight set, as one per layer):
+    ``two_prepared`` (the default: quantizer, GEMM, split-K reduction), ``fused_prepared`` (the one-launch linear,
+    ``$LOWBIT_W4AX_FUSED=1``) and ``fused`` (:func:`w4ax_linear` called directly); bit-exactness against the two-launch
+    call at the same config. FMPQ runs folded (no input gather: ``fmpq:fold=true``, the default) and, as
+    ``fmpq_unfolded``, with the gather."""
     import torch
     import torch.nn.functional as F
 
-    from lowbit.kernels.gemm import quantize_activation, w4a8_gemm
-    from lowbit.kernels.w4ax_fused import FUSED_CONFIG, PreparedLinear, fused_supported, w4ax_linear
+    from lowbit.kernels.gemm import linear_two_launch, quantize_activation, w4a8_gemm
+    from lowbit.kernels.w4ax_fused import FUSED_CONFIG, MAX_FUSED_M, PreparedLinear, fused_supported, w4ax_linear
 
-    fused = fused_supported(x.shape[0], block, group)
+    decode, fused = x.shape[0] <= MAX_FUSED_M, fused_supported(x.shape[0], block, group)
     out, k = {"cublas_bf16_eager_us": bench_sets(lambda w: F.linear(x, w), bsets, graph=False) * 1e3}, x.shape[1]
-    for name, mask, bits, p in (("w4a8", mask8, 8, None), ("fmpq", maskf, 4, perm)):
-        def two(st, mask=mask, bits=bits, p=p):  # the library's call path today: quantizer, then the GEMM
+    for name, mask, bits, p in (("w4a8", mask8, 8, None), ("fmpq", maskf, 4, None), ("fmpq_unfolded", maskf, 4, perm)):
+        def two(st, mask=mask, bits=bits, p=p):  # quantizer, then the GEMM at the point's tuned config
             c, sc = quantize_activation(x, block, mask, bits, perm=p, padded_in=k)
             return w4a8_gemm(c, sc, block, st[1], st[2], group, config=cfg)
 
@@ -220,20 +224,25 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
             return w4ax_linear(x, block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p,
                                config=None)  # its own default tile (wider: see w4ax_fused.FUSED_CONFIG)
 
-        # what a QuantLinear layer calls: its own prepared launch (one per weight set, as one per layer)
-        layers = {id(st): PreparedLinear(block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p)
-                  for st in wsets} if fused else {}
+        def layers(launches, mask=mask, bits=bits, p=p):
+            return {id(st): PreparedLinear(block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p,
+                                           launches=launches) for st in wsets}
 
-        def layer(st, layers=layers):
-            return layers[id(st)](x)
-
-        paths = (("two_launch", two), ("fused", one), ("prepared", layer)) if fused else (("two_launch", two),)
+        paths = [("two_launch", two)]
+        if decode:
+            two_layers = layers("two")
+            paths.append(("two_prepared", lambda st, ls=two_layers: ls[id(st)](x)))
+            want = linear_two_launch(x, block, wsets[0][1], wsets[0][2], group, int8_mask=mask, low_bits=bits, perm=p)
+            paths[-1][1](wsets[0])  # the first call records the launches, the second relaunches them
+            out[f"two_prepared_{name}_bit_exact"] = bool(torch.equal(paths[-1][1](wsets[0]), want))
         if fused:  # bit-exact at one config (split-K order follows the tile width): the two-launch call at the fused tile
             c, sc = quantize_activation(x, block, mask, bits, perm=p, padded_in=k)
             same = w4a8_gemm(c, sc, block, wsets[0][1], wsets[0][2], group, config=FUSED_CONFIG)
             out[f"fused_{name}_bit_exact"] = bool(torch.equal(one(wsets[0]), same))
-            layer(wsets[0])  # the first call records the launch, the second relaunches it
-            out[f"prepared_{name}_bit_exact"] = bool(torch.equal(layer(wsets[0]), same))
+            fused_layers = layers("fused")
+            paths += [("fused", one), ("fused_prepared", lambda st, ls=fused_layers: ls[id(st)](x))]
+            paths[-1][1](wsets[0])
+            out[f"fused_prepared_{name}_bit_exact"] = bool(torch.equal(paths[-1][1](wsets[0]), same))
         for label, fn in paths:
             out[f"{label}_{name}_us"] = bench_sets(fn, wsets) * 1e3
             out[f"{label}_{name}_eager_us"] = bench_sets(fn, wsets, graph=False) * 1e3
@@ -241,41 +250,13 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     return out
 
 
-def _fp8_point(x, block: int, group: int, wsets) -> dict:
-    """The opt-in FP8 prefill (:mod:`lowbit.wa.fp8_prefill`) as a layer calls it at prefill: per-token e4m3
-    activations, the weight converted from the stored layout to a transient e4m3 (one launch), one FP8 GEMM with
-    row-wise scales. Graph and eager, and its error against the float32 reference of the same e4m3 operands."""
-    import torch
-
-    from lowbit.kernels.fp8_weight import fp8_activation, fp8_weight
-    from lowbit.kernels.gemm import unpack_weight_int8
-    from lowbit.wa import fp8_prefill
-
-    tile = min(block, group)
-    factors = {id(st): fp8_prefill.weight_factors(st[2], 4, True) for st in wsets}  # cached per layer
-
-    def call(st):
-        f, r = factors[id(st)]
-        x8, sx = fp8_activation(x)
-        w8 = fp8_weight(st[1], f, None, group, tile)
-        return torch._scaled_mm(x8, w8.t(), scale_a=sx[:, None], scale_b=r[None, :], out_dtype=torch.bfloat16)
-
-    st = wsets[0]
-    f, r = factors[id(st)]
-    x8, sx = fp8_prefill.fp8_activation(x)  # the PyTorch reference of both conversions
-    w8 = fp8_prefill.fp8_weight_ref(unpack_weight_int8(st[1], tile, group).to(torch.int16), f, group)
-    ref = fp8_prefill.fp8_matmul_ref(x8, sx, w8, r)
-    err = ((call(st).float() - ref).norm() / ref.norm()).item()
-    return {"fp8_prefill_us": bench_sets(call, wsets) * 1e3, "fp8_prefill_eager_us": bench_sets(call, wsets, graph=False) * 1e3,
-            "fp8_prefill_rel_err": err}
-
-
 def method_rows(row: dict) -> list[dict]:
     """The point's per-method rows (issue 14's format): m, n, k, method, graph and eager times with the activation
     quantizer included, and their ratios to cuBLAS bf16 timed the same way."""
     out = []
-    for name, method in (("w4a8", "w4a8"), ("fmpq", "fmpq_w4a4")):
-        for label, suffix in (("two_launch", ""), ("fused", "_fused"), ("prepared", "_prepared")):
+    for name, method in (("w4a8", "w4a8"), ("fmpq", "fmpq_w4a4"), ("fmpq_unfolded", "fmpq_w4a4_unfolded")):
+        for label, suffix in (("two_launch", ""), ("two_prepared", "_two_prepared"), ("fused", "_fused"),
+                              ("fused_prepared", "_fused_prepared")):
             if f"{label}_{name}_us" not in row:
                 continue
             g, e = row[f"{label}_{name}_us"], row[f"{label}_{name}_eager_us"]

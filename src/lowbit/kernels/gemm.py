@@ -458,3 +458,40 @@ def w4a8_gemm(
             part, bias if has_bias else w_scale, out, out.stride(0), m, n, split, HAS_BIAS=has_bias, BLOCK=rb, num_warps=4,
         )
     return out
+
+
+def linear_two_launch(
+    x: torch.Tensor,
+    block: int,
+    w_kernel: torch.Tensor,
+    w_scale: torch.Tensor,
+    group: int,
+    int8_mask: torch.Tensor | None = None,
+    low_bits: int = 4,
+    perm: torch.Tensor | None = None,
+    w_zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+    workspace: BufferPool | None = WORKSPACE,
+) -> torch.Tensor:
+    """``y [M, N]`` of activations ``x [M, K_in]`` through a W4 weight: :func:`quantize_activation` (gathered by
+    ``perm``, zero-padded to the weight's width) into the workspace, then :func:`w4a8_gemm` (the QuantLinear call
+    path; arguments as :func:`lowbit.kernels.w4ax_fused.w4ax_linear`'s)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K_in], got shape {tuple(x.shape)}")
+    m, k = x.shape[0], 2 * w_kernel.shape[1]
+    if k % block:
+        raise ValueError(f"block {block} does not divide the weight's padded width {k}")
+    dev = x.device
+    if workspace is not None:
+        sk = stream_key(dev)
+        bufs = (workspace.get("a_codes", (m, k), torch.int8, dev, sk),
+                workspace.get("a_scale", (m, k // block), torch.float32, dev, sk))
+    else:
+        bufs = None
+    codes, scale = quantize_activation(x, block, int8_mask, low_bits, perm=perm, padded_in=k, out=bufs)
+    return w4a8_gemm(codes, scale, block, w_kernel, w_scale, group, w_zero=w_zero, bias=bias, out_dtype=out_dtype,
+                     config=config, out=out, workspace=workspace)
+

@@ -10,6 +10,8 @@ profiler) take the JIT path.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds only
@@ -17,6 +19,37 @@ _device = getattr(torch._C, "_cuda_getDevice", None)
 
 
 MAX_KEYS = 4096  # calls remembered per kernel
+
+
+class Recording:
+    """The launches :class:`FastLaunch` kernels made while it was active: ``launches`` holds ``(run, head, argv)``
+    per launch (``run(*head, *argv)`` repeats it), ``complete`` is False when a launch could not be recorded (no
+    compiled launcher, or a launch hook active). Launches that do not go through a FastLaunch are not seen."""
+
+    def __init__(self):
+        self.launches: list[tuple] = []
+        self.complete = True
+
+
+_RECORDINGS: list[Recording] = []
+
+
+@contextmanager
+def recording():
+    """``with recording() as rec:`` -- the FastLaunch launches made inside, in order (see :class:`Recording`)."""
+    rec = Recording()
+    _RECORDINGS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDINGS.remove(rec)
+
+
+def _record(compiled, grid: tuple, stream, args: tuple, constexprs: list) -> None:
+    head = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, compiled.function,
+            compiled.packed_metadata, None, None, None)
+    for rec in _RECORDINGS:
+        rec.launches.append((compiled.run, head, list(args) + list(constexprs)))
 
 
 def hooked() -> bool:
@@ -56,10 +89,17 @@ class FastLaunch:
         if hit is None or hooked():
             compiled = self.fn[grid](*args, **kwargs)
             rest = self.names[len(args):]
-            if hit is None and hasattr(compiled, "run") and all(n in kwargs for n in rest):
+            ok = hasattr(compiled, "run") and all(n in kwargs for n in rest)
+            if hit is None and ok:
                 if len(self.kernels) >= MAX_KEYS:  # many shapes (prefill lengths): start over, the JIT still caches
                     self.kernels.clear()
                 self.kernels[key] = (compiled, [kwargs[n] for n in rest])
+            if _RECORDINGS:
+                if ok and not hooked():
+                    _record(compiled, grid, _raw_stream(_device()), args, [kwargs[n] for n in rest])
+                else:
+                    for rec in _RECORDINGS:
+                        rec.complete = False
             return
         compiled, constexprs = hit
         stream = _raw_stream(_device())
@@ -67,3 +107,5 @@ class FastLaunch:
         g2 = grid[2] if len(grid) > 2 else 1
         compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *constexprs)
+        if _RECORDINGS:
+            _record(compiled, grid, stream, args, constexprs)

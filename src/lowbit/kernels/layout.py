@@ -70,9 +70,12 @@ class GemmConfig:
         return f"BM{self.bm}-BN{self.bn}-w{self.num_warps}-s{self.num_stages}-k{self.split_k or 'auto'}{extra}"
 
 
+MAX_DECODE_M = 16  # the decode bucket: weight-streaming configs (split-K), the layers' prepared launches
+
+
 def default_config(m: int, n: int, k: int) -> GemmConfig:
     """Block shapes per token count: the fastest candidates measured on an H100 (BENCHMARKS.md)."""
-    if m <= 16:  # weight streaming; split-K fills the GPU
+    if m <= MAX_DECODE_M:  # weight streaming; split-K fills the GPU
         return GemmConfig(16, 64, 4, 4)
     if m <= 512:
         return GemmConfig(64, 128, 4, 4)

@@ -37,9 +37,9 @@ from lowbit.kernels.gemm import (
     stream_key,
 )
 from lowbit.kernels.launch import FastLaunch, hooked
-from lowbit.kernels.layout import BufferPool, GemmConfig
+from lowbit.kernels.layout import MAX_DECODE_M, BufferPool, GemmConfig
 
-MAX_FUSED_M = 16  # the decode bucket (default_config's weight-streaming shape); larger M quantizes once, separately
+MAX_FUSED_M = MAX_DECODE_M  # default_config's weight-streaming bucket; larger M quantizes once, separately
 # Every N tile re-quantizes its activation slice, so wider tiles pay off more than for the two-launch GEMM: BN 128 was
 # 1.1-1.7x faster than BN 64 at every Llama-3-8B shape, M 1 and 16 (H200, tools/fused_sweep.py, 2026-12-02).
 FUSED_CONFIG = GemmConfig(16, 128, 4, 4)
@@ -244,61 +244,99 @@ def w4ax_linear(
 
 
 class PreparedLinear:
-    """:func:`w4ax_linear` with everything but the activations fixed (a layer's weights, scales, mask, permutation,
-    bias and options): ``prepared(x, out=None)``.
+    """A W4Ax linear with everything but the activations fixed (a layer's weights, scales, mask, permutation, bias
+    and options): ``prepared(x, out=None)``, through :func:`w4ax_linear` (``launches="fused"``, one launch) or
+    :func:`lowbit.kernels.gemm.linear_two_launch` (``"two"``: quantizer, GEMM and, with split-K, its reduction).
 
-    The first call of each (shape, dtype, strides, alignment, device, stream, output) runs :func:`w4ax_linear` and
-    records its launch; later calls relaunch the same compiled kernel with the same arguments but ``x`` and the
-    output swapped in, skipping the checks, plan lookup, workspace and launch-key work (most of an eager call's
-    60-90 µs of host time on the H200's host, stop 29). Same kernel, same arguments: the same bits. Under Triton's
-    interpreter, with an active launch hook, or for inputs whose last dimension is strided, every call takes
-    :func:`w4ax_linear`. The recorded launches hold the workspace views of their first call: concurrent calls on one
-    stream are ordered by it, as for :func:`w4ax_linear`.
+    The first call of each (shape, dtype, strides, alignment, device, stream, output) runs that function and records
+    its launches (:func:`lowbit.kernels.launch.recording`); later calls relaunch the same compiled kernels with the
+    same arguments but ``x`` and the output swapped in, skipping the checks, plan lookup, workspace and launch-key
+    work (most of an eager call's 60-150 µs of host time on the H200's host, stop 29). Same kernels, same arguments:
+    the same bits. Under Triton's interpreter, with an active launch hook, for inputs whose last dimension is
+    strided, and for calls whose launches do not all go through a recorded launcher (the two-launch path's large-M
+    TMA GEMM), every call takes the function itself. The recorded launches hold the workspace views of their first
+    call: calls on one stream are ordered by it, as for the functions themselves.
     """
 
-    MAX_CALLS = 64  # recorded launches per layer (M values x streams); past it, start over
+    MAX_CALLS = 64  # recorded calls per layer (M values x streams); past it, start over
+    LAUNCHES = ("fused", "two")
 
     def __init__(self, block: int, w_kernel: torch.Tensor, w_scale: torch.Tensor, group: int,
                  int8_mask: torch.Tensor | None = None, low_bits: int = 4, perm: torch.Tensor | None = None,
                  w_zero: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype = torch.bfloat16, config: GemmConfig | None = None,
-                 workspace: BufferPool | None = WORKSPACE):
-        # w4ax_linear's arguments between x and out, in its order
+                 workspace: BufferPool | None = WORKSPACE, launches: str = "fused"):
+        from lowbit.kernels.gemm import linear_two_launch
+
+        if launches not in self.LAUNCHES:
+            raise ValueError(f"launches must be one of {self.LAUNCHES}, got {launches!r}")
+        # the function's arguments between x and out, in its order
         self.ops = (block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype, config)
-        self.out_dtype, self.workspace, self.n = out_dtype, workspace, w_kernel.shape[0]
-        self._calls: dict[tuple, tuple] = {}
+        self.fn = w4ax_linear if launches == "fused" else linear_two_launch
+        self.launches, self.out_dtype, self.workspace, self.n = launches, out_dtype, workspace, w_kernel.shape[0]
+        self._calls: dict[tuple, tuple | None] = {}  # key -> recorded launches, or None: not recordable
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if _interpreting() or not isinstance(x, torch.Tensor) or x.dim() != 2 or x.stride(-1) != 1:
-            return w4ax_linear(x, *self.ops, out, self.workspace)
+            return self.fn(x, *self.ops, out, self.workspace)
         key = (x.shape, x.dtype, x.stride(0), x.data_ptr() % 16 == 0, x.device, stream_key(x.device),
                None if out is None else (out.stride(0), out.data_ptr() % 16 == 0))
-        hit = self._calls.get(key)
-        if hit is None or hooked():
+        hit = self._calls.get(key, False)
+        if hit is False or hooked():
             return self._record(key, x, out)
-        run, head, argv, x_slots, out_slots = hit
+        if hit is None:
+            return self.fn(x, *self.ops, out, self.workspace)
         if out is None:
             out = torch.empty(x.shape[0], self.n, dtype=self.out_dtype, device=x.device)
         else:
             output_buffer(out, x.shape[0], self.n, self.out_dtype, x.device)
-        for i in x_slots:
-            argv[i] = x
-        for i in out_slots:
-            argv[i] = out
-        run(*head, *argv)
+        for run, head, argv, x_slots, out_slots in hit:
+            for i in x_slots:
+                argv[i] = x
+            for i in out_slots:
+                argv[i] = out
+            run(*head, *argv)
         return out
 
+    def _recordable(self, x: torch.Tensor) -> bool:
+        """Whether every launch of a call with `x` goes through a recorded launcher."""
+        if self.launches == "fused":
+            return True
+        block, w_kernel, group, config = self.ops[0], self.ops[1], self.ops[3], self.ops[10]
+        tile = min(block, group)
+        k = 2 * w_kernel.shape[1]
+        return x.shape[0] > 0 and k % tile == 0 and \
+            not PLANS.get(x.shape[0], self.n, k, tile, x.device, _sm_count, config).config.unpacked
+
     def _record(self, key, x, out):
-        grid, args, kwargs, out = _fused_call(x, *self.ops, out, self.workspace)
-        _launch(_LAUNCH, grid)(*args, **kwargs)
-        hit = _LAUNCH.compiled(args, kwargs)
-        if hit is not None and args[0] is x:
-            compiled, constexprs = hit
-            if len(self._calls) >= self.MAX_CALLS:
-                self._calls.clear()
-            g = tuple(grid) + (1,) * (3 - len(grid))
-            head = (*g, key[5], compiled.function, compiled.packed_metadata, None, None, None)
-            argv = list(args) + list(constexprs)
-            self._calls[key] = (compiled.run, head, argv, [i for i, a in enumerate(argv) if a is x],
-                                [i for i, a in enumerate(argv) if a is out])
+        from lowbit.kernels.launch import recording
+
+        with recording() as rec:
+            out = self.fn(x, *self.ops, out, self.workspace)
+        if hooked() or not self._recordable(x):
+            return out
+        steps, ok = [], rec.complete
+        for run, head, argv in rec.launches:
+            x_slots, out_slots = [i for i, a in enumerate(argv) if _aliases(a, x)], \
+                [i for i, a in enumerate(argv) if _aliases(a, out)]
+            # any other argument in x's or the output's memory (a slice of it) would not be swapped: not recordable
+            ok = ok and not any(isinstance(a, torch.Tensor) and i not in x_slots + out_slots and
+                                _shares_storage(a, (x, out)) for i, a in enumerate(argv))
+            steps.append((run, head, argv, x_slots, out_slots))
+        if len(self._calls) >= self.MAX_CALLS:
+            self._calls.clear()
+        # usable when every launch was recorded, x was read as given and the output written where returned
+        ok = ok and steps and any(s[3] for s in steps) and any(s[4] for s in steps)
+        self._calls[key] = steps if ok else None
         return out
+
+
+def _aliases(a, t: torch.Tensor) -> bool:
+    """Whether launch argument `a` is `t` or a view of all of it (same address, shape, strides and dtype)."""
+    return a is t or (isinstance(a, torch.Tensor) and a.data_ptr() == t.data_ptr() and a.dtype == t.dtype
+                      and a.shape == t.shape and a.stride() == t.stride())
+
+
+def _shares_storage(a: torch.Tensor, ts) -> bool:
+    return any(a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in ts)
+

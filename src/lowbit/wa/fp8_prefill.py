@@ -40,7 +40,10 @@ def fp8_weight_ref(w_int: torch.Tensor, factors: torch.Tensor, group: int) -> to
 def fp8_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(e4m3 [T, K], per-token scale [T] float32)`` of ``x [T, K]``."""
     xf = x.float()
-    s = (xf.abs().amax(dim=1) / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    amax = xf.abs().amax(dim=1)
+    # a tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal, which can differ in the
+    # last bit from the correctly rounded quotient the kernel (and the CPU) computes
+    s = (amax / torch.full_like(amax, E4M3_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
     return (xf / s[:, None]).to(torch.float8_e4m3fn), s
 
 

@@ -405,8 +405,7 @@ FUSED_DECODE = fused_mode(os.environ.get(FUSED_ENV))  # read once at import, not
 
 
 def _fused_now(x: torch.Tensor) -> bool:
-    """Whether this call takes the one-launch linear under :data:`FUSED_DECODE` ("eager": on the H200 one launch is
-    the faster eager call and two launches the faster captured one, BENCHMARKS.md 2026-12-02)."""
+    """Whether this call takes the one-launch linear under :data:`FUSED_DECODE`."""
     if FUSED_DECODE == "eager":
         return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
     return FUSED_DECODE == "1"
@@ -421,39 +420,36 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     scales and split-K partials come from the shared workspace (:data:`lowbit.kernels.gemm.WORKSPACE`),
     and with ``ql.reuse_output`` the output is a per-layer buffer reused for every call (the caller must be
     done with one output before the next call: CUDA graphs, decode loops); without it, a fresh tensor.
-    With ``$LOWBIT_W4AX_FUSED=1`` at import (:data:`FUSED_DECODE`), decode-sized calls (M <= 16, block <= group)
-    take the one-launch linear (:mod:`lowbit.kernels.w4ax_fused`, bit-identical at the same tile); with ``eager``,
-    only calls made outside CUDA-graph capture do. Off by default: slower under graphs on the H200.
+    Decode-sized calls (M <= 16) go through the layer's prepared launches
+    (:class:`lowbit.kernels.w4ax_fused.PreparedLinear`: recorded once, relaunched without the per-call host work):
+    the quantizer then the GEMM by default, the one-launch linear with ``$LOWBIT_W4AX_FUSED=1`` at import
+    (:data:`FUSED_DECODE`; ``eager``: only outside CUDA-graph capture; needs block <= group). The same bits either
+    way at the same tile; two launches ran faster on the H200's GPU at every Llama-3-8B shape (BENCHMARKS.md).
     """
-    from lowbit.kernels.gemm import WORKSPACE, quantize_activation, stream_key, w4a8_gemm
-    from lowbit.kernels.layout import BufferPool
+    from lowbit.kernels.gemm import linear_two_launch, stream_key
+    from lowbit.kernels.layout import MAX_DECODE_M, BufferPool
 
     dev = x.device
     perm, mask = kernel_inputs(ql, dev)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    m, sk = x2.shape[0], stream_key(dev)
+    m = x2.shape[0]
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
     out = None
     if ql.reuse_output:
         if ql._outputs is None:
             ql._outputs = BufferPool()
-        out = ql._outputs.get("y", (m, ql.out_features), out_dtype, dev, sk)
-    if _fused_now(x2):  # one launch: the quantizer in the GEMM's prologue
+        out = ql._outputs.get("y", (m, ql.out_features), out_dtype, dev, stream_key(dev))
+    ops = (ql.block, ql.qweight, ql.w_scale, ql.group, mask, ql.cfg.a_bits, perm, ql.w_zero, ql.bias, out_dtype)
+    if 0 < m <= MAX_DECODE_M:  # decode: the layer's prepared launches
         from lowbit.kernels.w4ax_fused import PreparedLinear, fused_supported
 
-        if fused_supported(m, ql.block, ql.group):
-            key = ("fused", str(dev), out_dtype)
-            prepared = ql._cache.get(key)
-            if prepared is None:  # the layer's launch, prepared once (kernels/w4ax_fused.py: PreparedLinear)
-                prepared = ql._cache[key] = PreparedLinear(
-                    ql.block, ql.qweight, ql.w_scale, ql.group, int8_mask=mask, low_bits=ql.cfg.a_bits, perm=perm,
-                    w_zero=ql.w_zero, bias=ql.bias, out_dtype=out_dtype)
-            y = prepared(x2, out)
-            return y.reshape(*lead, ql.out_features).to(x.dtype)
-    codes = WORKSPACE.get("a_codes", (m, ql.padded_in), torch.int8, dev, sk)
-    scale = WORKSPACE.get("a_scale", (m, ql.n_blocks), torch.float32, dev, sk)
-    quantize_activation(x2, ql.block, mask, ql.cfg.a_bits, perm=perm, padded_in=ql.padded_in, out=(codes, scale))
-    y = w4a8_gemm(codes, scale, ql.block, ql.qweight, ql.w_scale, ql.group, w_zero=ql.w_zero, bias=ql.bias,
-                  out_dtype=out_dtype, out=out, workspace=WORKSPACE)
+        launches = "fused" if _fused_now(x2) and fused_supported(m, ql.block, ql.group) else "two"
+        key = (launches, str(dev), out_dtype)
+        prepared = ql._cache.get(key)
+        if prepared is None:
+            prepared = ql._cache[key] = PreparedLinear(*ops, launches=launches)
+        y = prepared(x2, out)
+    else:
+        y = linear_two_launch(x2, *ops, out=out)
     return y.reshape(*lead, ql.out_features).to(x.dtype)
