@@ -166,8 +166,11 @@ def fake_fused(monkeypatch, fake_gemm):
 
 
 @pytest.mark.parametrize("spec", ["fmpq:a=4,block=64,group=64,int8_frac=0.25", "fmpq:a=8,block=32,group=64,sym=false"])
-def test_kernel_forward_call_path(fake_gemm, fake_fused, spec):
+def test_kernel_forward_call_path(fake_gemm, fake_fused, monkeypatch, spec):
+    from lowbit.wa import linear
     from lowbit.wa.linear import kernel_forward
+
+    monkeypatch.setattr(linear, "FUSED_DECODE", "0")  # decode-sized calls: the two-launch path's prepared launches
 
     lin = torch.nn.Linear(200, 40)
     q = QuantLinear.from_linear(lin, resolve_config(spec), torch.rand(200) + 0.1)
@@ -208,9 +211,10 @@ def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, fake_
 
     q = QuantLinear.from_linear(torch.nn.Linear(200, 40), resolve_config(spec), torch.rand(200) + 0.1)
     x = torch.randn(m, 200)
+    monkeypatch.setattr(linear, "FUSED_DECODE", "0")  # two launches
     torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
     decode = m <= 16
-    assert not fake_fused.seen and fake_fused.made == (["two"] if decode else [])  # two launches by default
+    assert not fake_fused.seen and fake_fused.made == (["two"] if decode else [])
     monkeypatch.setattr(linear, "FUSED_DECODE", "1")  # what $LOWBIT_W4AX_FUSED=1 sets at import
     torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
     assert bool(fake_fused.seen) == fused
@@ -218,11 +222,18 @@ def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, fake_
         assert fake_fused.seen[0][0] == q.qweight.data_ptr() and fake_fused.seen[0][1] == q.cfg.a_bits
         kernel_forward(q, x)
         assert fake_fused.made == ["two", "fused"] and len(fake_fused.seen) == 2  # prepared once per layer
+    # "auto" (the default): the one-launch linear for eager calls of layers under the weight-size bound
+    monkeypatch.setattr(linear, "FUSED_DECODE", "auto")
+    for bound, small in ((q.qweight.numel() + 1, True), (q.qweight.numel(), False)):
+        monkeypatch.setattr(linear, "EAGER_FUSED_MAX_WEIGHT_BYTES", bound)
+        fake_fused.seen.clear()
+        torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
+        assert bool(fake_fused.seen) == (fused and small)
     # "eager": the one-launch linear unless the call is being captured into a CUDA graph
     monkeypatch.setattr(linear, "FUSED_DECODE", "eager")
     for capturing in (False, True):
         fake_fused.seen.clear()
-        monkeypatch.setattr(linear, "_fused_now", lambda x, c=capturing: not c)
+        monkeypatch.setattr(linear, "_fused_now", lambda x, nbytes, c=capturing: not c)
         torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
         assert bool(fake_fused.seen) == (fused and not capturing)
     assert len(fake_fused.made) == (2 if fused else 1 if decode else 0)
@@ -231,18 +242,22 @@ def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, fake_
 def test_fused_mode_values():
     from lowbit.wa import linear
 
-    assert [linear.fused_mode(v) for v in (None, "", " 1 ", "eager", "0")] == ["0", "0", "1", "eager", "0"]
-    with pytest.raises(ValueError, match="LOWBIT_W4AX_FUSED must be one of 0, 1, eager"):
+    assert [linear.fused_mode(v) for v in (None, "", " 1 ", "eager", "0", "auto")] == \
+        ["auto", "auto", "1", "eager", "0", "auto"]
+    with pytest.raises(ValueError, match="LOWBIT_W4AX_FUSED must be one of auto, 0, 1, eager"):
         linear.fused_mode("yes")
 
 
+SMALL, LARGE = 8 << 20, 56 << 20  # packed weight bytes of 4096x4096 and 28672x4096
 
-@pytest.mark.parametrize("mode,is_cuda,capturing,want", [("0", True, False, False), ("1", True, True, True),
-                                                          ("eager", True, False, True), ("eager", True, True, False),
-                                                          ("eager", False, False, True)])
-def test_fused_now_follows_the_mode_and_graph_capture(monkeypatch, mode, is_cuda, capturing, want):
+
+@pytest.mark.parametrize("mode,is_cuda,capturing,nbytes,want", [
+    ("0", True, False, SMALL, False), ("1", True, True, LARGE, True),
+    ("eager", True, False, LARGE, True), ("eager", True, True, SMALL, False), ("eager", False, False, SMALL, True),
+    ("auto", True, False, SMALL, True), ("auto", True, False, LARGE, False), ("auto", True, True, SMALL, False)])
+def test_fused_now_follows_the_mode_graph_capture_and_size(monkeypatch, mode, is_cuda, capturing, nbytes, want):
     from lowbit.wa import linear
 
     monkeypatch.setattr(linear, "FUSED_DECODE", mode)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
-    assert linear._fused_now(types.SimpleNamespace(is_cuda=is_cuda)) == want
+    assert linear._fused_now(types.SimpleNamespace(is_cuda=is_cuda), nbytes) == want

@@ -250,6 +250,35 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     return out
 
 
+def _fp8_point(x, block: int, group: int, wsets) -> dict:
+    """The opt-in FP8 prefill (:mod:`lowbit.wa.fp8_prefill`) as a layer calls it at prefill: per-token e4m3
+    activations, the weight converted from the stored layout to a transient e4m3 (one launch), one FP8 GEMM with
+    row-wise scales. Graph and eager, and its error against the float32 reference of the same e4m3 operands."""
+    import torch
+
+    from lowbit.kernels.fp8_weight import fp8_activation, fp8_weight
+    from lowbit.kernels.gemm import unpack_weight_int8
+    from lowbit.wa import fp8_prefill
+
+    tile = min(block, group)
+    factors = {id(st): fp8_prefill.weight_factors(st[2], 4, True) for st in wsets}  # cached per layer
+
+    def call(st):
+        f, r = factors[id(st)]
+        x8, sx = fp8_activation(x)
+        w8 = fp8_weight(st[1], f, None, group, tile)
+        return torch._scaled_mm(x8, w8.t(), scale_a=sx[:, None], scale_b=r[None, :], out_dtype=torch.bfloat16)
+
+    st = wsets[0]
+    f, r = factors[id(st)]
+    x8, sx = fp8_prefill.fp8_activation(x)  # the PyTorch reference of both conversions
+    w8 = fp8_prefill.fp8_weight_ref(unpack_weight_int8(st[1], tile, group).to(torch.int16), f, group)
+    ref = fp8_prefill.fp8_matmul_ref(x8, sx, w8, r)
+    err = ((call(st).float() - ref).norm() / ref.norm()).item()
+    return {"fp8_prefill_us": bench_sets(call, wsets) * 1e3, "fp8_prefill_eager_us": bench_sets(call, wsets, graph=False) * 1e3,
+            "fp8_prefill_rel_err": err}
+
+
 def method_rows(row: dict) -> list[dict]:
     """The point's per-method rows (issue 14's format): m, n, k, method, graph and eager times with the activation
     quantizer included, and their ratios to cuBLAS bf16 timed the same way."""

@@ -388,27 +388,36 @@ def kernel_inputs(ql: QuantLinear, device: torch.device) -> tuple[torch.Tensor |
 
 
 FUSED_ENV = "LOWBIT_W4AX_FUSED"  # which decode-sized calls take the one-launch linear (kernels/w4ax_fused.py)
-FUSED_MODES = ("0", "1", "eager")  # never, always, only outside CUDA-graph capture
+FUSED_MODES = ("auto", "0", "1", "eager")  # by call and weight size, never, always, only outside CUDA-graph capture
+# "auto": an eager call of a layer with fewer packed weight bytes than this takes the one-launch linear, a larger one
+# (or any call being captured) the two-launch path. Replaying a recorded launch costs ~8-10 µs of host time on the
+# H200's host, so two or three of them outlast a small layer's GPU time, while the two-launch kernels run faster on
+# the GPU at every shape (1.2-1.45x): measured eager, one launch won at 6144x4096 (12 MiB), tied at 4096x4096
+# (8 MiB) and lost at 4096x14336 (28 MiB) and 28672x4096 (56 MiB) (BENCHMARKS.md, 2026-12-03 stop 30).
+EAGER_FUSED_MAX_WEIGHT_BYTES = 16 << 20
 
 
 def fused_mode(raw: str | None) -> str:
-    """The value of ``$LOWBIT_W4AX_FUSED`` checked: one of :data:`FUSED_MODES` (unset or empty: "0")."""
-    mode = (raw or "").strip() or "0"
+    """The value of ``$LOWBIT_W4AX_FUSED`` checked: one of :data:`FUSED_MODES` (unset or empty: "auto")."""
+    mode = (raw or "").strip() or "auto"
     if mode not in FUSED_MODES:
-        raise ValueError(f"${FUSED_ENV} must be one of {', '.join(FUSED_MODES)} (0: two launches, 1: the one-launch "
-                         f"linear for M <= 16, eager: the one-launch linear unless a CUDA graph is being captured), "
-                         f"got {raw!r}")
+        raise ValueError(f"${FUSED_ENV} must be one of {', '.join(FUSED_MODES)} (auto: the one-launch linear for "
+                         f"eager calls of layers under {EAGER_FUSED_MAX_WEIGHT_BYTES >> 20} MiB of weights, 0: two "
+                         f"launches, 1: the one-launch linear for M <= 16, eager: the one-launch linear unless a CUDA "
+                         f"graph is being captured), got {raw!r}")
     return mode
 
 
 FUSED_DECODE = fused_mode(os.environ.get(FUSED_ENV))  # read once at import, not per call
 
 
-def _fused_now(x: torch.Tensor) -> bool:
+def _fused_now(x: torch.Tensor, weight_bytes: int) -> bool:
     """Whether this call takes the one-launch linear under :data:`FUSED_DECODE`."""
-    if FUSED_DECODE == "eager":
-        return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-    return FUSED_DECODE == "1"
+    if FUSED_DECODE in ("0", "1"):
+        return FUSED_DECODE == "1"
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return FUSED_DECODE == "eager" or weight_bytes < EAGER_FUSED_MAX_WEIGHT_BYTES
 
 
 def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -422,9 +431,9 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     done with one output before the next call: CUDA graphs, decode loops); without it, a fresh tensor.
     Decode-sized calls (M <= 16) go through the layer's prepared launches
     (:class:`lowbit.kernels.w4ax_fused.PreparedLinear`: recorded once, relaunched without the per-call host work):
-    the quantizer then the GEMM by default, the one-launch linear with ``$LOWBIT_W4AX_FUSED=1`` at import
-    (:data:`FUSED_DECODE`; ``eager``: only outside CUDA-graph capture; needs block <= group). The same bits either
-    way at the same tile; two launches ran faster on the H200's GPU at every Llama-3-8B shape (BENCHMARKS.md).
+    the one-launch linear (needs block <= group) or the quantizer then the GEMM, as ``$LOWBIT_W4AX_FUSED`` at import
+    says (:data:`FUSED_DECODE`; by default one launch for eager calls of small layers, two otherwise). The same bits
+    either way at the same tile.
     """
     from lowbit.kernels.gemm import linear_two_launch, stream_key
     from lowbit.kernels.layout import MAX_DECODE_M, BufferPool
@@ -444,7 +453,8 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if 0 < m <= MAX_DECODE_M:  # decode: the layer's prepared launches
         from lowbit.kernels.w4ax_fused import PreparedLinear, fused_supported
 
-        launches = "fused" if _fused_now(x2) and fused_supported(m, ql.block, ql.group) else "two"
+        fused = _fused_now(x2, ql.qweight.numel()) and fused_supported(m, ql.block, ql.group)
+        launches = "fused" if fused else "two"
         key = (launches, str(dev), out_dtype)
         prepared = ql._cache.get(key)
         if prepared is None:
