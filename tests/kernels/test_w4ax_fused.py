@@ -59,8 +59,10 @@ def test_fused_equals_two_launches(m, block, group, split_k):
 
     plan = PLANS.get(m, 96, k, block, torch.device(DEV), _sm_count, cfg)
     assert plan.split > 1 or split_k == 1  # the in-kernel reduction is exercised
-    for low_bits in (4, 8):
-        want = _two_launch(c, k, low_bits, torch.float32, cfg)
+    from lowbit.kernels.w4ax_fused import FUSED_CONFIG
+
+    for low_bits in (4, 8):  # the same bits as the two-launch path at the same config (the fused default's, for 0)
+        want = _two_launch(c, k, low_bits, torch.float32, cfg or FUSED_CONFIG)
         for _ in range(2):  # the second call finds the tile counters back at zero
             got = w4ax_linear(**c, low_bits=low_bits, out_dtype=torch.float32, config=cfg)
             assert torch.equal(got, want), (low_bits, cfg)
@@ -88,13 +90,34 @@ def test_fused_options_and_reference(zero, perm, mask, bias):
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("block,group", [(128, 128), (64, 128), (32, 128)])
+@pytest.mark.parametrize("split_k", [1, 3, 0])
+@pytest.mark.parametrize("opts", [{}, {"zero": True, "perm": False, "bias": False}, {"mask": False}])
+def test_gemv_equals_two_launches(block, group, split_k, opts):
+    """The one-token GEMV (CUDA-core integer products): bit for bit the two-launch path at the same config, W4A4 and
+    W4A8, repeated calls (tile counters back at zero), asymmetric weights, no mask / permutation / bias."""
+    from lowbit.kernels.layout import GemmConfig
+    from lowbit.kernels.w4ax_fused import GEMV_CONFIG, w4ax_gemv
+
+    c, k = _case(1, 1000, 96, block, group, torch.float32, seed=block + split_k, **opts)
+    cfg = GemmConfig(16, 32, 4, 2, split_k) if split_k else GEMV_CONFIG
+    for low_bits in (4, 8):
+        want = _two_launch(c, k, low_bits, torch.float32, cfg)
+        for _ in range(2):
+            assert torch.equal(w4ax_gemv(**c, low_bits=low_bits, out_dtype=torch.float32, config=cfg), want)
+    with pytest.raises(ValueError, match="one token"):
+        w4ax_gemv(**{**c, "x": c["x"].expand(2, -1)}, config=cfg)
+
+
 def test_fused_half_precision_output():
     from lowbit.kernels.w4ax_fused import w4ax_linear
 
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     c, k = _case(2, 640, 80, 64, 64, dtype, seed=3)
+    from lowbit.kernels.w4ax_fused import FUSED_CONFIG
+
     got = w4ax_linear(**c, out_dtype=dtype)
-    want = _two_launch(c, k, 4, dtype, None)
+    want = _two_launch(c, k, 4, dtype, FUSED_CONFIG)  # at the fused default's config (its split-K order)
     assert got.dtype == dtype and torch.equal(got, want)
 
 

@@ -136,8 +136,8 @@ def test_not_recorded_when_a_launch_reads_a_slice_of_x(fused, monkeypatch):
     real = w4._fused_call
 
     def sliced(x, *a):  # a launch that reads part of x: relaunching with a new x could not swap it
-        grid, args, kwargs, out = real(x, *a)
-        return grid, (x[:, 1:],) + args[1:], kwargs, out
+        launcher, grid, args, kwargs, out = real(x, *a)
+        return launcher, grid, (x[:, 1:],) + args[1:], kwargs, out
 
     monkeypatch.setattr(w4, "_fused_call", sliced)
     x = torch.randn(2, 1000, dtype=torch.bfloat16)
@@ -152,3 +152,22 @@ def test_launches_option_is_checked():
 
     with pytest.raises(ValueError, match="launches must be one of"):
         w4ax_fused.PreparedLinear(**_operands(), launches="three")
+
+
+def test_gemv_launches_for_one_token_and_the_fused_kernel_otherwise(fused, monkeypatch):
+    w4, jit = fused
+    gemv = FakeJit(w4._w4ax_gemv_kernel.arg_names)
+    monkeypatch.setattr(w4, "_GEMV", launch.FastLaunch(gemv))
+    ops = _operands()
+    prepared = w4.PreparedLinear(**ops, launches="gemv")
+    for m in (1, 1, 3):
+        prepared(torch.randn(m, 1000, dtype=torch.bfloat16))
+    assert len(gemv.compiled) == 1 and len(gemv.compiled[0].runs) == 1  # recorded once, relaunched once
+    assert len(jit.compiled) == 1  # three tokens: the one-launch MMA kernel
+    x = torch.randn(1, 1000, dtype=torch.bfloat16)
+    y = prepared(x)
+    got = gemv.compiled[0].runs[-1]
+    w4.w4ax_gemv(x, *prepared.ops)
+    want = gemv.compiled[0].runs[-1]
+    assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
+    assert any(a is x for a in got) and any(a is y for a in got)

@@ -203,15 +203,22 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     """The W4Ax linear as a user calls it, each path timed eager (launches included) and under a CUDA graph, all with
     the activation quantizer: ``two_launch`` (quantizer, then the GEMM at the tuned config), and in the decode bucket
     what a QuantLinear layer calls, its prepared launches (one PreparedLinear per weight set, as one per layer):
-    ``two_prepared`` (the default: quantizer, GEMM, split-K reduction), ``fused_prepared`` (the one-launch linear,
-    ``$LOWBIT_W4AX_FUSED=1``) and ``fused`` (:func:`w4ax_linear` called directly); bit-exactness against the two-launch
-    call at the same config. FMPQ runs folded (no input gather: ``fmpq:fold=true``, the default) and, as
-    ``fmpq_unfolded``, with the gather."""
+    ``two_prepared`` (quantizer, GEMM, split-K reduction), ``fused_prepared`` (the one-launch linear), ``fused``
+    (:func:`w4ax_linear` called directly) and at M = 1 ``gemv_prepared`` (:func:`w4ax_gemv`, opt-in);
+    bit-exactness against the two-launch call at the same config. FMPQ runs folded (no input gather:
+    ``fmpq:fold=true``, the default) and, as ``fmpq_unfolded``, with the gather."""
     import torch
     import torch.nn.functional as F
 
     from lowbit.kernels.gemm import linear_two_launch, quantize_activation, w4a8_gemm
-    from lowbit.kernels.w4ax_fused import FUSED_CONFIG, MAX_FUSED_M, PreparedLinear, fused_supported, w4ax_linear
+    from lowbit.kernels.w4ax_fused import (
+        FUSED_CONFIG,
+        GEMV_CONFIG,
+        MAX_FUSED_M,
+        PreparedLinear,
+        fused_supported,
+        w4ax_linear,
+    )
 
     decode, fused = x.shape[0] <= MAX_FUSED_M, fused_supported(x.shape[0], block, group)
     out, k = {"cublas_bf16_eager_us": bench_sets(lambda w: F.linear(x, w), bsets, graph=False) * 1e3}, x.shape[1]
@@ -243,6 +250,13 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
             paths += [("fused", one), ("fused_prepared", lambda st, ls=fused_layers: ls[id(st)](x))]
             paths[-1][1](wsets[0])
             out[f"fused_prepared_{name}_bit_exact"] = bool(torch.equal(paths[-1][1](wsets[0]), same))
+            if x.shape[0] == 1:  # one token: the CUDA-core GEMV, bit-exact against two launches at its config
+                c, sc = quantize_activation(x, block, mask, bits, perm=p, padded_in=k)
+                same = w4a8_gemm(c, sc, block, wsets[0][1], wsets[0][2], group, config=GEMV_CONFIG)
+                gemv_layers = layers("gemv")
+                paths.append(("gemv_prepared", lambda st, ls=gemv_layers: ls[id(st)](x)))
+                paths[-1][1](wsets[0])
+                out[f"gemv_prepared_{name}_bit_exact"] = bool(torch.equal(paths[-1][1](wsets[0]), same))
         for label, fn in paths:
             out[f"{label}_{name}_us"] = bench_sets(fn, wsets) * 1e3
             out[f"{label}_{name}_eager_us"] = bench_sets(fn, wsets, graph=False) * 1e3
@@ -285,7 +299,7 @@ def method_rows(row: dict) -> list[dict]:
     out = []
     for name, method in (("w4a8", "w4a8"), ("fmpq", "fmpq_w4a4"), ("fmpq_unfolded", "fmpq_w4a4_unfolded")):
         for label, suffix in (("two_launch", ""), ("two_prepared", "_two_prepared"), ("fused", "_fused"),
-                              ("fused_prepared", "_fused_prepared")):
+                              ("fused_prepared", "_fused_prepared"), ("gemv_prepared", "_gemv_prepared")):
             if f"{label}_{name}_us" not in row:
                 continue
             g, e = row[f"{label}_{name}_us"], row[f"{label}_{name}_eager_us"]

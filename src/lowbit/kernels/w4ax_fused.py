@@ -27,6 +27,7 @@ from lowbit.kernels.gemm import (
     MAX_FAST_TILE,
     PLANS,
     WORKSPACE,
+    _i32_to_f32,
     _interpreting,
     _launch,
     _rint,
@@ -43,6 +44,7 @@ MAX_FUSED_M = MAX_DECODE_M  # default_config's weight-streaming bucket; larger M
 # Every N tile re-quantizes its activation slice, so wider tiles pay off more than for the two-launch GEMM: BN 128 was
 # 1.1-1.7x faster than BN 64 at every Llama-3-8B shape, M 1 and 16 (H200, tools/fused_sweep.py, 2026-12-02).
 FUSED_CONFIG = GemmConfig(16, 128, 4, 4)
+GEMV_CONFIG = GemmConfig(16, 64, 4, 3)  # w4ax_gemv: BN weight rows per program (bm unused); a guess, not yet timed
 
 
 @triton.jit
@@ -71,6 +73,77 @@ def _quantized_vec(X, PERM, k, K_IN, HAS_PERM: tl.constexpr):
 def _codes(x, scale, hi, USE_LIBDEVICE: tl.constexpr):
     c = _rint(tl.div_rn(x, scale[:, None]), USE_LIBDEVICE)
     return tl.minimum(tl.maximum(c, -hi[:, None] - 1.0), hi[:, None]).to(tl.int8)
+
+
+@triton.jit
+def _store_or_reduce(acc, rm, rn, mm, nm, tile_id, pid_k, BIAS, C, s_cm, PART, COUNT, M, N, SPLITS,
+                     BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """The output tile ``acc [BM, BN]``: stored (+ bias), or with split-K written as this split's partial, the last
+    split of the tile to take a ticket summing all partials in split order (the two-launch path's order), adding the
+    bias, storing the output and resetting the counter to zero for the next call (CUDA-graph safe)."""
+    omask = mm[:, None] & nm[None, :]
+    if SPLIT:
+        tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release at GPU scope)
+        ticket = tl.atomic_add(COUNT + tile_id, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLITS - 1:  # the last split of this tile: reduce in split order, then reset the counter
+            total = tl.zeros((BM, BN), tl.float32)
+            for s in range(0, SPLITS):
+                total += tl.load(PART + (s * M + rm[:, None]) * N + rn[None, :], mask=omask, other=0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
+            tl.store(C + rm[:, None] * s_cm + rn[None, :], total.to(C.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(COUNT + tile_id, 0, sem="relaxed", scope="gpu")
+    else:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
+        tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _w4ax_gemv_kernel(X, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, PART, COUNT, N, K, K_IN, TPS, SPLITS,
+                      GROUP: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr, LOW_HI: tl.constexpr,
+                      HAS_PERM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SPLIT: tl.constexpr, FAST_CVT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """M = 1 without tensor cores: each program's BN weight rows times the one token, quantized per K tile in the
+    loop, the integer products summed on the CUDA cores (exact in int32), then the two-launch path's float epilogue per
+    tile (the same operations in the same order: the same bits)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    HALF: tl.constexpr = TILE // 2
+    rn = pid_n * BN + tl.arange(0, BN)
+    nm = rn < N
+    rk = tl.arange(0, HALF)
+    t0 = pid_k * TPS
+    t1 = tl.minimum(t0 + TPS, K // TILE)
+    w_ptr = W + rn[:, None] * s_wn + rk[None, :]
+    acc = tl.zeros((BN,), tl.float32)
+    for t in range(t0, t1):
+        wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
+        v_lo = _quantized_vec(X, PERM, t * TILE + rk, K_IN, HAS_PERM)
+        v_hi = _quantized_vec(X, PERM, t * TILE + HALF + rk, K_IN, HAS_PERM)
+        amax = tl.maximum(tl.max(tl.abs(v_lo), 0), tl.max(tl.abs(v_hi), 0))
+        one = tl.zeros((1,), tl.float32)
+        hi = one + LOW_HI
+        if HAS_MASK:
+            hi = tl.where(tl.load(MASK + t) != 0, 127.0, hi)
+        scale = tl.div_rn(amax + one, hi)
+        scale = tl.where(scale > 0, scale, 1.0)
+        c_lo = _codes(v_lo[None, :], scale, hi, USE_LIBDEVICE).to(tl.int32)
+        c_hi = _codes(v_hi[None, :], scale, hi, USE_LIBDEVICE).to(tl.int32)
+        if HAS_ZERO:
+            z = tl.load(WZ + rn * s_wzn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.int32)[:, None]
+        else:
+            z = 8
+        w_lo = (wp & 15).to(tl.int32) - z
+        w_hi = (wp >> 4).to(tl.int32) - z
+        dot = tl.sum(w_lo * c_lo + w_hi * c_hi, axis=1)
+        wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
+        acc += _i32_to_f32(dot, FAST_CVT) * (scale * wsc)
+    rm = tl.arange(0, 1)
+    _store_or_reduce(acc[None, :], rm, rn, rm < 1, nm, pid_n, pid_k, BIAS, C, 0, PART, COUNT, 1, N, SPLITS,
+                     1, BN, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -115,27 +188,12 @@ def _w4ax_fused_kernel(X, s_xm, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS,
             a_hi = _codes(x_hi, scale, hi, USE_LIBDEVICE)
         acc += _w4_tile_product(a_lo, a_hi, scale, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO,
                                 USE_ASM, FAST_CVT)  # the two-launch kernel's loop body
-    omask = mm[:, None] & nm[None, :]
-    if SPLIT:
-        tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release at GPU scope)
-        ticket = tl.atomic_add(COUNT + tile_id, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLITS - 1:  # the last split of this tile: reduce in split order, then reset the counter
-            total = tl.zeros((BM, BN), tl.float32)
-            for s in range(0, SPLITS):
-                total += tl.load(PART + (s * M + rm[:, None]) * N + rn[None, :], mask=omask, other=0,
-                                 cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
-            tl.store(C + rm[:, None] * s_cm + rn[None, :], total.to(C.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(COUNT + tile_id, 0, sem="relaxed", scope="gpu")
-    else:
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
-        tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=omask)
+    _store_or_reduce(acc, rm, rn, mm, nm, tile_id, pid_k, BIAS, C, s_cm, PART, COUNT, M, N, SPLITS, BM, BN,
+                     HAS_BIAS, SPLIT)
 
 
 _LAUNCH = FastLaunch(_w4ax_fused_kernel)  # repeated calls skip the JIT's per-call binding (kernels/launch.py)
+_GEMV = FastLaunch(_w4ax_gemv_kernel)
 
 
 class _Counters:
@@ -161,8 +219,9 @@ def fused_supported(m: int, block: int, group: int) -> bool:
 
 
 def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype, config, out,
-                workspace) -> tuple:
-    """:func:`w4ax_linear`'s checks and arguments: ``(grid, positional args, keyword args, out)`` of its launch."""
+                workspace, gemv: bool = False) -> tuple:
+    """:func:`w4ax_linear`'s (`gemv`: :func:`w4ax_gemv`'s) checks and arguments: ``(launcher, grid, positional args,
+    keyword args, out)`` of its launch."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K_in], got shape {tuple(x.shape)}")
     m, k_in = x.shape
@@ -180,7 +239,9 @@ def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w
     x = x if x.stride(-1) == 1 else x.contiguous()
     dev = x.device
     tile = block  # = min(block, group)
-    plan = PLANS.get(m, n, k, tile, dev, _sm_count, config or FUSED_CONFIG)
+    if gemv and m != 1:
+        raise ValueError(f"the W4Ax GEMV takes one token (M = 1), got M={m}")
+    plan = PLANS.get(m, n, k, tile, dev, _sm_count, config or (GEMV_CONFIG if gemv else FUSED_CONFIG))
     cfg = plan.config
     if cfg.unpacked:
         raise ValueError(f"config {cfg.label()} is the unpacked large-M path; the fused linear streams packed weights")
@@ -198,6 +259,20 @@ def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w
     mask_t = int8_mask if not has_mask or (int8_mask.dtype == torch.int8 and int8_mask.device == dev) \
         else int8_mask.to(dev, torch.int8)
     has_zero, has_bias = w_zero is not None, bias is not None
+    low_hi, fast = float((1 << (low_bits - 1)) - 1), cfg.fast_cvt and tile <= MAX_FAST_TILE
+    if gemv:
+        args = (
+            x, perm_t.contiguous() if has_perm else x, mask_t.contiguous() if has_mask else x,
+            w_kernel, w_kernel.stride(0), w_scale, w_scale.stride(0),
+            w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,
+            bias if has_bias else w_scale, out, part, count, n, k, k_in, plan.tiles_per_split, split,
+        )
+        kwargs = dict(
+            GROUP=group, TILE=tile, BN=cfg.bn, LOW_HI=low_hi, HAS_PERM=has_perm, HAS_MASK=has_mask,
+            HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, FAST_CVT=fast, USE_LIBDEVICE=not _interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return _GEMV, (plan.tiles_mn, split), args, kwargs, out
     args = (
         x, x.stride(0), perm_t.contiguous() if has_perm else x, mask_t.contiguous() if has_mask else x,
         w_kernel, w_kernel.stride(0), w_scale, w_scale.stride(0),
@@ -206,12 +281,12 @@ def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w
         m, n, k, k_in, plan.tiles_per_split, split,
     )
     kwargs = dict(
-        GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m, LOW_HI=float((1 << (low_bits - 1)) - 1),
+        GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m, LOW_HI=low_hi,
         HAS_PERM=has_perm, HAS_MASK=has_mask, HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, ONE_ROW=m == 1,
-        USE_ASM=cfg.asm and not _interpreting(), FAST_CVT=cfg.fast_cvt and tile <= MAX_FAST_TILE,
+        USE_ASM=cfg.asm and not _interpreting(), FAST_CVT=fast,
         USE_LIBDEVICE=not _interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return (plan.tiles_mn, split), args, kwargs, out
+    return _LAUNCH, (plan.tiles_mn, split), args, kwargs, out
 
 
 def w4ax_linear(
@@ -237,16 +312,44 @@ def w4ax_linear(
     ``perm[j]``), ``int8_mask`` ``[K / block]`` (nonzero: 8-bit block); ``w_kernel``/``w_scale``/``w_zero`` as for
     :func:`~lowbit.kernels.gemm.w4a8_gemm`. Raises ``ValueError`` where :func:`fused_supported` is false.
     """
-    grid, args, kwargs, out = _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias,
-                                          out_dtype, config, out, workspace)
-    _launch(_LAUNCH, grid)(*args, **kwargs)
+    launcher, grid, args, kwargs, out = _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm,
+                                                    w_zero, bias, out_dtype, config, out, workspace)
+    _launch(launcher, grid)(*args, **kwargs)
+    return out
+
+
+def w4ax_gemv(
+    x: torch.Tensor,
+    block: int,
+    w_kernel: torch.Tensor,
+    w_scale: torch.Tensor,
+    group: int,
+    int8_mask: torch.Tensor | None = None,
+    low_bits: int = 4,
+    perm: torch.Tensor | None = None,
+    w_zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+    workspace: BufferPool | None = WORKSPACE,
+) -> torch.Tensor:
+    """:func:`w4ax_linear` for one token (``x [1, K_in]``) without tensor cores: each program multiplies BN weight
+    rows (``config.bn``, default :data:`GEMV_CONFIG`) by the token, quantized in the loop, with integer products
+    summed on the CUDA cores; split-K reduced in-kernel as :func:`w4ax_linear` does. The same bits as the two-launch
+    path at the same config. Not yet timed on a GPU (stop 30): opt-in through ``PreparedLinear(launches="gemv")``.
+    """
+    launcher, grid, args, kwargs, out = _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm,
+                                                    w_zero, bias, out_dtype, config, out, workspace, gemv=True)
+    _launch(launcher, grid)(*args, **kwargs)
     return out
 
 
 class PreparedLinear:
     """A W4Ax linear with everything but the activations fixed (a layer's weights, scales, mask, permutation, bias
     and options): ``prepared(x, out=None)``, through :func:`w4ax_linear` (``launches="fused"``, one launch) or
-    :func:`lowbit.kernels.gemm.linear_two_launch` (``"two"``: quantizer, GEMM and, with split-K, its reduction).
+    :func:`lowbit.kernels.gemm.linear_two_launch` (``"two"``: quantizer, GEMM and, with split-K, its reduction), or
+    :func:`w4ax_gemv` for one-token calls (``"gemv"``; other M take :func:`w4ax_linear`).
 
     The first call of each (shape, dtype, strides, alignment, device, stream, output) runs that function and records
     its launches (:func:`lowbit.kernels.launch.recording`); later calls relaunch the same compiled kernels with the
@@ -259,7 +362,7 @@ class PreparedLinear:
     """
 
     MAX_CALLS = 64  # recorded calls per layer (M values x streams); past it, start over
-    LAUNCHES = ("fused", "two")
+    LAUNCHES = ("fused", "two", "gemv")
 
     def __init__(self, block: int, w_kernel: torch.Tensor, w_scale: torch.Tensor, group: int,
                  int8_mask: torch.Tensor | None = None, low_bits: int = 4, perm: torch.Tensor | None = None,
@@ -272,7 +375,7 @@ class PreparedLinear:
             raise ValueError(f"launches must be one of {self.LAUNCHES}, got {launches!r}")
         # the function's arguments between x and out, in its order
         self.ops = (block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype, config)
-        self.fn = w4ax_linear if launches == "fused" else linear_two_launch
+        self.fn = {"fused": w4ax_linear, "two": linear_two_launch, "gemv": _gemv_or_fused}[launches]
         self.launches, self.out_dtype, self.workspace, self.n = launches, out_dtype, workspace, w_kernel.shape[0]
         self._calls: dict[tuple, tuple | None] = {}  # key -> recorded launches, or None: not recordable
 
@@ -300,7 +403,7 @@ class PreparedLinear:
 
     def _recordable(self, x: torch.Tensor) -> bool:
         """Whether every launch of a call with `x` goes through a recorded launcher."""
-        if self.launches == "fused":
+        if self.launches != "two":
             return True
         block, w_kernel, group, config = self.ops[0], self.ops[1], self.ops[3], self.ops[10]
         tile = min(block, group)
@@ -339,4 +442,9 @@ def _aliases(a, t: torch.Tensor) -> bool:
 
 def _shares_storage(a: torch.Tensor, ts) -> bool:
     return any(a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in ts)
+
+
+def _gemv_or_fused(x, *ops):
+    """:func:`w4ax_gemv` for one token, :func:`w4ax_linear` otherwise."""
+    return (w4ax_gemv if x.dim() == 2 and x.shape[0] == 1 else w4ax_linear)(x, *ops)
 
