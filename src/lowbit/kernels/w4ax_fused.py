@@ -44,7 +44,9 @@ MAX_FUSED_M = MAX_DECODE_M  # default_config's weight-streaming bucket; larger M
 # Every N tile re-quantizes its activation slice, so wider tiles pay off more than for the two-launch GEMM: BN 128 was
 # 1.1-1.7x faster than BN 64 at every Llama-3-8B shape, M 1 and 16 (H200, tools/fused_sweep.py, 2026-12-02).
 FUSED_CONFIG = GemmConfig(16, 128, 4, 4)
-GEMV_CONFIG = GemmConfig(16, 64, 4, 3)  # w4ax_gemv: BN weight rows per program (bm unused); a guess, not yet timed
+# w4ax_gemv: BN weight rows per program (bm unused). Not yet timed; chosen offline by ptxas register counts (sm_90,
+# TILE 128): BN 32 with 8 warps takes 116 registers, BN 64 with 4 warps spills (255 + 320 bytes of stack).
+GEMV_CONFIG = GemmConfig(16, 32, 8, 2)
 
 
 @triton.jit
