@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.gemm import _interpreting, _weight_halves
+from lowbit.kernels.gemm import _interpreting, _launch, _weight_halves
+from lowbit.kernels.launch import FastLaunch
 from lowbit.kernels.layout import cdiv
 
 
@@ -48,7 +49,7 @@ def fp8_weight(w_kernel: torch.Tensor, factors: torch.Tensor, w_zero: torch.Tens
     bn = 64
     has_zero = w_zero is not None
     factors = factors.contiguous()
-    _fp8_weight_kernel[(cdiv(n, bn), k // tile)](
+    _launch(_WEIGHT, (cdiv(n, bn), k // tile))(
         w_kernel, w_kernel.stride(0), w_zero if has_zero else w_kernel, w_zero.stride(0) if has_zero else 0,
         factors, factors.stride(0), out, out.stride(0), n,
         GROUP=group, TILE=tile, BN=bn, HAS_ZERO=has_zero, USE_ASM=not _interpreting(), num_warps=4,
@@ -82,6 +83,12 @@ def fp8_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(t, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(t, dtype=torch.float32, device=x.device)
     if t:
-        _fp8_activation_kernel[(t,)](x, x.stride(0), out, out.stride(0), scale, k, torch.finfo(torch.float32).tiny,
-                                     BLOCK=2048, num_warps=8)
+        _launch(_ACTIVATION, (t,))(x, x.stride(0), out, out.stride(0), scale, k, torch.finfo(torch.float32).tiny,
+                                   BLOCK=2048, num_warps=8)
     return out, scale
+
+
+# repeated calls skip the JIT's per-call binding (kernels/launch.py): at M = 512 the eager FP8 call was host-bound
+_WEIGHT = FastLaunch(_fp8_weight_kernel)
+_ACTIVATION = FastLaunch(_fp8_activation_kernel)
+
