@@ -94,8 +94,7 @@ def two(monkeypatch, fused):
     from lowbit.kernels import gemm
 
     jits = {}
-    for name, fn in (("_ACT_QUANT", gemm._act_quant_kernel), ("_W4A8_GEMM", gemm._w4a8_gemm_kernel),
-                     ("_SPLITK_REDUCE", gemm._splitk_reduce_kernel)):
+    for name, fn in (("_ACT_QUANT", gemm._act_quant_kernel), ("_W4A8_GEMM", gemm._w4a8_gemm_kernel)):
         jits[name] = FakeJit(fn.arg_names)
         monkeypatch.setattr(gemm, name, launch.FastLaunch(jits[name]))
     monkeypatch.setattr(gemm, "_sm_count", lambda device: 132)
@@ -103,15 +102,15 @@ def two(monkeypatch, fused):
 
 
 @pytest.mark.parametrize("m", [1, 16])
-def test_two_launch_relaunches_the_quantizer_gemm_and_reduce(two, m):
+def test_two_launch_relaunches_the_quantizer_and_gemm(two, m):
     w4, gemm, jits = two
     ops = _operands()
     prepared = w4.PreparedLinear(**ops, launches="two")
     prepared(torch.randn(m, 1000, dtype=torch.bfloat16))
-    order = ("_ACT_QUANT", "_W4A8_GEMM", "_SPLITK_REDUCE")
-    assert [len(jits[n].compiled) for n in order] == [1, 1, 1]  # split-K at this size: three launches, all recorded
+    order = ("_ACT_QUANT", "_W4A8_GEMM")
+    assert [len(jits[n].compiled) for n in order] == [1, 1]  # split-K at this size, reduced inside the GEMM
     (steps,) = prepared._calls.values()
-    assert len(steps) == 3
+    assert len(steps) == 2
     x2 = torch.randn(m, 1000, dtype=torch.bfloat16)
     y2 = prepared(x2)
     got = [jits[n].compiled[0].runs[-1] for n in order]
@@ -127,7 +126,7 @@ def test_two_launch_relaunches_the_quantizer_gemm_and_reduce(two, m):
                 assert w[i].shape == y2.shape and w[i].data_ptr() != x2.data_ptr()
             elif isinstance(a, torch.Tensor):  # the layer's operands and the workspace, the buffers the function uses
                 assert a.data_ptr() == w[i].data_ptr()
-    assert any(a is x2 for a in got[0]) and any(a is y2 for a in got[2])  # reads x, the reduction writes y
+    assert any(a is x2 for a in got[0]) and any(a is y2 for a in got[1])  # the quantizer reads x, the GEMM writes y
 
 
 def test_not_recorded_when_a_launch_reads_a_slice_of_x(fused, monkeypatch):

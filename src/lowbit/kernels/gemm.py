@@ -19,7 +19,9 @@ against the two contiguous halves of the activation tile. Codes keep their stora
 Call path. Launch plans (config, grid, split-K) are computed once per shape and device (:data:`PLANS`);
 with a :class:`~lowbit.kernels.layout.BufferPool` (``workspace=``, e.g. :data:`WORKSPACE`) the split-K
 partials and the transient int8 weight come from reused buffers, and ``out=`` takes a preallocated output:
-no allocation, no host synchronisation in the call path (CUDA-graph capturable once warmed up).
+no allocation, no host synchronisation in the call path (CUDA-graph capturable once warmed up). Split-K is reduced
+inside the GEMM launch: each split writes its partial tile and takes a ticket on the tile's counter
+(:data:`COUNTERS`); the last one sums the partials in split order, adds the bias and resets the counter.
 """
 
 from __future__ import annotations
@@ -45,6 +47,24 @@ from lowbit.kernels.layout import (  # noqa: F401
 
 PLANS = PlanCache()  # launch plans, one per (M, N, K, tile, device, config)
 WORKSPACE = BufferPool()  # shared workspace of the layers' call path (activation codes, split-K partials, int8 W)
+
+
+class _Counters:
+    """Zeroed int32 tile counters per (device, stream), grown (zeroed) on demand; kernels leave them at zero (the
+    in-kernel split-K reduction's tickets)."""
+
+    def __init__(self):
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, n: int, device: torch.device, stream: int) -> torch.Tensor:
+        key = (str(device), stream)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        return buf
+
+
+COUNTERS = _Counters()
 
 
 def stream_key(device: torch.device) -> int:
@@ -236,8 +256,34 @@ def _w4_tile_product(a_lo, a_hi, a_scale, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t
 
 
 @triton.jit
-def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, s_cm, PART,
-                      M, N, K, TPS,
+def _store_or_reduce(acc, rm, rn, mm, nm, tile_id, pid_k, BIAS, C, s_cm, PART, COUNT, M, N, SPLITS,
+                     BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """The output tile ``acc [BM, BN]``: stored (+ bias), or with split-K written as this split's partial, the last
+    split of the tile to take a ticket summing all partials in split order (the two-launch path's order), adding the
+    bias, storing the output and resetting the counter to zero for the next call (CUDA-graph safe)."""
+    omask = mm[:, None] & nm[None, :]
+    if SPLIT:
+        tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release at GPU scope)
+        ticket = tl.atomic_add(COUNT + tile_id, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLITS - 1:  # the last split of this tile: reduce in split order, then reset the counter
+            total = tl.zeros((BM, BN), tl.float32)
+            for s in range(0, SPLITS):
+                total += tl.load(PART + (s * M + rm[:, None]) * N + rn[None, :], mask=omask, other=0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
+            tl.store(C + rm[:, None] * s_cm + rn[None, :], total.to(C.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(COUNT + tile_id, 0, sem="relaxed", scope="gpu")
+    else:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
+        tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, s_cm, PART, COUNT,
+                      M, N, K, TPS, SPLITS,
                       BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
@@ -255,26 +301,8 @@ def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C
         asc = tl.load(AS + rm * s_asm + (t * TILE) // BLOCK_A, mask=mm, other=0)
         acc += _w4_tile_product(a_lo, a_hi, asc, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO,
                                 USE_ASM, FAST_CVT)
-    omask = mm[:, None] & nm[None, :]
-    if SPLIT:
-        tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
-        tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def _splitk_reduce_kernel(PART, BIAS, C, s_cm, M, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    m = tl.program_id(0)
-    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    nm = rn < N
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(0, SPLITS):
-        acc += tl.load(PART + (s * M + m) * N + rn, mask=nm, other=0)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)
-    tl.store(C + m * s_cm + rn, acc.to(C.dtype.element_ty), mask=nm)
+    _store_or_reduce(acc, rm, rn, mm, nm, tl.program_id(0), pid_k, BIAS, C, s_cm, PART, COUNT, M, N, SPLITS, BM, BN,
+                     HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -368,7 +396,6 @@ def _launch(fast: FastLaunch, grid):
 
 _ACT_QUANT = FastLaunch(_act_quant_kernel)
 _W4A8_GEMM = FastLaunch(_w4a8_gemm_kernel)
-_SPLITK_REDUCE = FastLaunch(_splitk_reduce_kernel)
 
 
 def output_buffer(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -443,20 +470,16 @@ def w4a8_gemm(
         return out
     split = plan.split
     part = buffer("splitk", (split, m, n), torch.float32) if split > 1 else out
+    count = COUNTERS.get(plan.tiles_mn, dev, stream_key(dev)) if split > 1 else out
     _launch(_W4A8_GEMM, (plan.tiles_mn, split))(
         a_codes, a_codes.stride(0), a_scale, a_scale.stride(0), w_kernel, w_kernel.stride(0),
         w_scale, w_scale.stride(0), w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,
-        bias if has_bias else w_scale, out, out.stride(0), part,
-        m, n, k, plan.tiles_per_split,
+        bias if has_bias else w_scale, out, out.stride(0), part, count,
+        m, n, k, plan.tiles_per_split, split,
         BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
         HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, USE_ASM=cfg.asm and not _interpreting(),
         FAST_CVT=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split > 1:
-        rb = 1024
-        _launch(_SPLITK_REDUCE, (m, cdiv(n, rb)))(
-            part, bias if has_bias else w_scale, out, out.stride(0), m, n, split, HAS_BIAS=has_bias, BLOCK=rb, num_warps=4,
-        )
     return out
 
 

@@ -1,7 +1,7 @@
 """One-launch W4Ax linear for decode-sized M: activation quantization in the GEMM's prologue, split-K reduced in-kernel.
 
 ``y = W4Ax(x)`` as :func:`lowbit.kernels.gemm.quantize_activation` followed by
-:func:`lowbit.kernels.gemm.w4a8_gemm` computes it, in one launch instead of two or three:
+:func:`lowbit.kernels.gemm.w4a8_gemm` computes it, in one launch instead of two:
 
 * **prologue** -- each program quantizes the activation tiles it multiplies, straight from ``x`` (through FMPQ's
   permutation when the input is not folded): per token and per block of ``block`` channels, symmetric, 8 bits in the
@@ -30,8 +30,10 @@ from lowbit.kernels.gemm import (
     _i32_to_f32,
     _interpreting,
     _launch,
+    COUNTERS,
     _rint,
     _sm_count,
+    _store_or_reduce,
     _split_tile,
     output_buffer,
     _w4_tile_product,
@@ -75,32 +77,6 @@ def _quantized_vec(X, PERM, k, K_IN, HAS_PERM: tl.constexpr):
 def _codes(x, scale, hi, USE_LIBDEVICE: tl.constexpr):
     c = _rint(tl.div_rn(x, scale[:, None]), USE_LIBDEVICE)
     return tl.minimum(tl.maximum(c, -hi[:, None] - 1.0), hi[:, None]).to(tl.int8)
-
-
-@triton.jit
-def _store_or_reduce(acc, rm, rn, mm, nm, tile_id, pid_k, BIAS, C, s_cm, PART, COUNT, M, N, SPLITS,
-                     BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """The output tile ``acc [BM, BN]``: stored (+ bias), or with split-K written as this split's partial, the last
-    split of the tile to take a ticket summing all partials in split order (the two-launch path's order), adding the
-    bias, storing the output and resetting the counter to zero for the next call (CUDA-graph safe)."""
-    omask = mm[:, None] & nm[None, :]
-    if SPLIT:
-        tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release at GPU scope)
-        ticket = tl.atomic_add(COUNT + tile_id, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLITS - 1:  # the last split of this tile: reduce in split order, then reset the counter
-            total = tl.zeros((BM, BN), tl.float32)
-            for s in range(0, SPLITS):
-                total += tl.load(PART + (s * M + rm[:, None]) * N + rn[None, :], mask=omask, other=0,
-                                 cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
-            tl.store(C + rm[:, None] * s_cm + rn[None, :], total.to(C.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(COUNT + tile_id, 0, sem="relaxed", scope="gpu")
-    else:
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
-        tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -198,21 +174,6 @@ _LAUNCH = FastLaunch(_w4ax_fused_kernel)  # repeated calls skip the JIT's per-ca
 _GEMV = FastLaunch(_w4ax_gemv_kernel)
 
 
-class _Counters:
-    """Zeroed int32 tile counters per (device, stream), grown (zeroed) on demand; kernels leave them at zero."""
-
-    def __init__(self):
-        self._bufs: dict[tuple, torch.Tensor] = {}
-
-    def get(self, n: int, device: torch.device, stream: int) -> torch.Tensor:
-        key = (str(device), stream)
-        buf = self._bufs.get(key)
-        if buf is None or buf.numel() < n:
-            buf = self._bufs[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-        return buf
-
-
-COUNTERS = _Counters()
 
 
 def fused_supported(m: int, block: int, group: int) -> bool:
@@ -350,7 +311,7 @@ def w4ax_gemv(
 class PreparedLinear:
     """A W4Ax linear with everything but the activations fixed (a layer's weights, scales, mask, permutation, bias
     and options): ``prepared(x, out=None)``, through :func:`w4ax_linear` (``launches="fused"``, one launch) or
-    :func:`lowbit.kernels.gemm.linear_two_launch` (``"two"``: quantizer, GEMM and, with split-K, its reduction), or
+    :func:`lowbit.kernels.gemm.linear_two_launch` (``"two"``: the quantizer, then the GEMM), or
     :func:`w4ax_gemv` for one-token calls (``"gemv"``; other M take :func:`w4ax_linear`).
 
     The first call of each (shape, dtype, strides, alignment, device, stream, output) runs that function and records
