@@ -97,16 +97,17 @@ def test_gemv_equals_two_launches(block, group, split_k, opts):
     """The one-token GEMV (CUDA-core integer products): bit for bit the two-launch path at the same config, W4A4 and
     W4A8, repeated calls (tile counters back at zero), asymmetric weights, no mask / permutation / bias."""
     from lowbit.kernels.layout import GemmConfig
-    from lowbit.kernels.w4ax_fused import GEMV_CONFIG, w4ax_gemv
+    from lowbit.kernels.w4ax_fused import GEMV_CONFIG, w4ax_linear
 
     c, k = _case(1, 1000, 96, block, group, torch.float32, seed=block + split_k, **opts)
     cfg = GemmConfig(16, 32, 4, 2, split_k) if split_k else GEMV_CONFIG
     for low_bits in (4, 8):
         want = _two_launch(c, k, low_bits, torch.float32, cfg)
         for _ in range(2):
-            assert torch.equal(w4ax_gemv(**c, low_bits=low_bits, out_dtype=torch.float32, config=cfg), want)
+            got = w4ax_linear(**c, low_bits=low_bits, out_dtype=torch.float32, config=cfg, gemv=True)
+            assert torch.equal(got, want)
     with pytest.raises(ValueError, match="one token"):
-        w4ax_gemv(**{**c, "x": c["x"].expand(2, -1)}, config=cfg)
+        w4ax_linear(**{**c, "x": c["x"].expand(2, -1)}, config=cfg, gemv=True)
 
 
 def test_fused_half_precision_output():

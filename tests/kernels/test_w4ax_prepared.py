@@ -166,7 +166,7 @@ def test_gemv_launches_for_one_token_and_the_fused_kernel_otherwise(fused, monke
     x = torch.randn(1, 1000, dtype=torch.bfloat16)
     y = prepared(x)
     got = gemv.compiled[0].runs[-1]
-    w4.w4ax_gemv(x, *prepared.ops)
+    w4.w4ax_linear(x, *prepared.ops, gemv=True)
     want = gemv.compiled[0].runs[-1]
     assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
     assert any(a is x for a in got) and any(a is y for a in got)

@@ -204,7 +204,7 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     the activation quantizer: ``two_launch`` (quantizer, then the GEMM at the tuned config), and in the decode bucket
     what a QuantLinear layer calls, its prepared launches (one PreparedLinear per weight set, as one per layer):
     ``two_prepared`` (quantizer, then GEMM), ``fused_prepared`` (the one-launch linear), ``fused``
-    (:func:`w4ax_linear` called directly) and at M = 1 ``gemv_prepared`` (:func:`w4ax_gemv`, opt-in);
+    (:func:`w4ax_linear` called directly) and at M = 1 ``gemv_prepared`` (``w4ax_linear(gemv=True)``, opt-in);
     bit-exactness against the two-launch call at the same config. FMPQ runs folded (no input gather:
     ``fmpq:fold=true``, the default) and, as ``fmpq_unfolded``, with the gather."""
     import torch

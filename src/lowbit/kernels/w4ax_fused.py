@@ -46,7 +46,7 @@ MAX_FUSED_M = MAX_DECODE_M  # default_config's weight-streaming bucket; larger M
 # Every N tile re-quantizes its activation slice, so wider tiles pay off more than for the two-launch GEMM: BN 128 was
 # 1.1-1.7x faster than BN 64 at every Llama-3-8B shape, M 1 and 16 (H200, tools/fused_sweep.py, 2026-12-02).
 FUSED_CONFIG = GemmConfig(16, 128, 4, 4)
-# w4ax_gemv: BN weight rows per program (bm unused). Not yet timed; chosen offline by ptxas register counts (sm_90,
+# w4ax_linear(gemv=True): BN weight rows per program (bm unused). Not yet timed; chosen offline by ptxas register counts (sm_90,
 # TILE 128): BN 32 with 8 warps takes 116 registers, BN 64 with 4 warps spills (255 + 320 bytes of stack).
 GEMV_CONFIG = GemmConfig(16, 32, 8, 2)
 
@@ -183,8 +183,8 @@ def fused_supported(m: int, block: int, group: int) -> bool:
 
 def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype, config, out,
                 workspace, gemv: bool = False) -> tuple:
-    """:func:`w4ax_linear`'s (`gemv`: :func:`w4ax_gemv`'s) checks and arguments: ``(launcher, grid, positional args,
-    keyword args, out)`` of its launch."""
+    """:func:`w4ax_linear`'s checks and arguments: ``(launcher, grid, positional args, keyword args, out)`` of its
+    launch (the GEMV kernel's with `gemv`)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K_in], got shape {tuple(x.shape)}")
     m, k_in = x.shape
@@ -267,6 +267,7 @@ def w4ax_linear(
     config: GemmConfig | None = None,
     out: torch.Tensor | None = None,
     workspace: BufferPool | None = WORKSPACE,
+    gemv: bool = False,
 ) -> torch.Tensor:
     """``y [M, N]`` of activations ``x [M, K_in]`` (float) through a W4 weight, in one launch.
 
@@ -274,36 +275,14 @@ def w4ax_linear(
     with the same config (see the module docstring). ``perm`` int32 ``[K_in]`` (permuted channel j = original
     ``perm[j]``), ``int8_mask`` ``[K / block]`` (nonzero: 8-bit block); ``w_kernel``/``w_scale``/``w_zero`` as for
     :func:`~lowbit.kernels.gemm.w4a8_gemm`. Raises ``ValueError`` where :func:`fused_supported` is false.
+
+    ``gemv``: one token (M = 1) without tensor cores. Each program multiplies BN weight rows (``config.bn``, default
+    :data:`GEMV_CONFIG`) by the token, quantized per K tile in the loop; the integer products are summed on the CUDA
+    cores, then scaled as the two-launch path does (the same bits at the same config). Not yet timed on a GPU
+    (stop 30): opt-in through ``PreparedLinear(launches="gemv")``.
     """
     launcher, grid, args, kwargs, out = _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm,
-                                                    w_zero, bias, out_dtype, config, out, workspace)
-    _launch(launcher, grid)(*args, **kwargs)
-    return out
-
-
-def w4ax_gemv(
-    x: torch.Tensor,
-    block: int,
-    w_kernel: torch.Tensor,
-    w_scale: torch.Tensor,
-    group: int,
-    int8_mask: torch.Tensor | None = None,
-    low_bits: int = 4,
-    perm: torch.Tensor | None = None,
-    w_zero: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.bfloat16,
-    config: GemmConfig | None = None,
-    out: torch.Tensor | None = None,
-    workspace: BufferPool | None = WORKSPACE,
-) -> torch.Tensor:
-    """:func:`w4ax_linear` for one token (``x [1, K_in]``) without tensor cores: each program multiplies BN weight
-    rows (``config.bn``, default :data:`GEMV_CONFIG`) by the token, quantized in the loop, with integer products
-    summed on the CUDA cores; split-K reduced in-kernel as :func:`w4ax_linear` does. The same bits as the two-launch
-    path at the same config. Not yet timed on a GPU (stop 30): opt-in through ``PreparedLinear(launches="gemv")``.
-    """
-    launcher, grid, args, kwargs, out = _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm,
-                                                    w_zero, bias, out_dtype, config, out, workspace, gemv=True)
+                                                    w_zero, bias, out_dtype, config, out, workspace, gemv)
     _launch(launcher, grid)(*args, **kwargs)
     return out
 
@@ -312,7 +291,7 @@ class PreparedLinear:
     """A W4Ax linear with everything but the activations fixed (a layer's weights, scales, mask, permutation, bias
     and options): ``prepared(x, out=None)``, through :func:`w4ax_linear` (``launches="fused"``, one launch) or
     :func:`lowbit.kernels.gemm.linear_two_launch` (``"two"``: the quantizer, then the GEMM), or
-    :func:`w4ax_gemv` for one-token calls (``"gemv"``; other M take :func:`w4ax_linear`).
+    :func:`w4ax_linear`'s one-token GEMV for calls of one token (``"gemv"``; other M take :func:`w4ax_linear`).
 
     The first call of each (shape, dtype, strides, alignment, device, stream, output) runs that function and records
     its launches (:func:`lowbit.kernels.launch.recording`); later calls relaunch the same compiled kernels with the
@@ -408,6 +387,5 @@ def _shares_storage(a: torch.Tensor, ts) -> bool:
 
 
 def _gemv_or_fused(x, *ops):
-    """:func:`w4ax_gemv` for one token, :func:`w4ax_linear` otherwise."""
-    return (w4ax_gemv if x.dim() == 2 and x.shape[0] == 1 else w4ax_linear)(x, *ops)
-
+    """:func:`w4ax_linear`, through its GEMV for one token."""
+    return w4ax_linear(x, *ops, gemv=x.dim() == 2 and x.shape[0] == 1)

@@ -391,9 +391,10 @@ FUSED_ENV = "LOWBIT_W4AX_FUSED"  # which decode-sized calls take the one-launch 
 FUSED_MODES = ("auto", "0", "1", "eager")  # by call and weight size, never, always, only outside CUDA-graph capture
 # "auto": an eager call of a layer with fewer packed weight bytes than this takes the one-launch linear, a larger one
 # (or any call being captured) the two-launch path. Replaying a recorded launch costs ~8-10 µs of host time on the
-# H200's host, so two or three of them outlast a small layer's GPU time, while the two-launch kernels run faster on
-# the GPU at every shape (1.2-1.45x): measured eager, one launch won at 6144x4096 (12 MiB), tied at 4096x4096
-# (8 MiB) and lost at 4096x14336 (28 MiB) and 28672x4096 (56 MiB) (BENCHMARKS.md, 2026-12-03 stop 30).
+# H200's host, so several of them outlast a small layer's GPU time, while the two-launch kernels run faster on the
+# GPU at every shape (1.2-1.45x). Measured eager with three launches (split-K then had its own), one launch won at
+# 6144x4096 (12 MiB), tied at 4096x4096 (8 MiB) and lost at 4096x14336 (28 MiB) and 28672x4096 (56 MiB)
+# (BENCHMARKS.md, 2026-12-03 stop 30); split-K is now reduced in-kernel, so re-measure the bound.
 EAGER_FUSED_MAX_WEIGHT_BYTES = 16 << 20
 
 
