@@ -21,7 +21,7 @@ with a :class:`~lowbit.kernels.layout.BufferPool` (``workspace=``, e.g. :data:`W
 partials and the transient int8 weight come from reused buffers, and ``out=`` takes a preallocated output:
 no allocation, no host synchronisation in the call path (CUDA-graph capturable once warmed up). Split-K is reduced
 inside the GEMM launch: each split writes its partial tile and takes a ticket on the tile's counter
-(:data:`COUNTERS`); the last one sums the partials in split order, adds the bias and resets the counter.
+(:data:`lowbit.kernels.splitk.COUNTERS`); the last one sums the partials in split order, adds the bias and resets the counter.
 """
 
 from __future__ import annotations
@@ -44,27 +44,10 @@ from lowbit.kernels.layout import (  # noqa: F401
     repack_weight,
     unrepack_weight,
 )
+from lowbit.kernels.splitk import COUNTERS, _store_or_reduce
 
 PLANS = PlanCache()  # launch plans, one per (M, N, K, tile, device, config)
 WORKSPACE = BufferPool()  # shared workspace of the layers' call path (activation codes, split-K partials, int8 W)
-
-
-class _Counters:
-    """Zeroed int32 tile counters per (device, stream), grown (zeroed) on demand; kernels leave them at zero (the
-    in-kernel split-K reduction's tickets)."""
-
-    def __init__(self):
-        self._bufs: dict[tuple, torch.Tensor] = {}
-
-    def get(self, n: int, device: torch.device, stream: int) -> torch.Tensor:
-        key = (str(device), stream)
-        buf = self._bufs.get(key)
-        if buf is None or buf.numel() < n:
-            buf = self._bufs[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-        return buf
-
-
-COUNTERS = _Counters()
 
 
 def stream_key(device: torch.device) -> int:
@@ -253,32 +236,6 @@ def _w4_tile_product(a_lo, a_hi, a_scale, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t
         acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
     wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
     return _i32_to_f32(acc_i, FAST_CVT) * (a_scale[:, None] * wsc[None, :])
-
-
-@triton.jit
-def _store_or_reduce(acc, rm, rn, mm, nm, tile_id, pid_k, BIAS, C, s_cm, PART, COUNT, M, N, SPLITS,
-                     BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """The output tile ``acc [BM, BN]``: stored (+ bias), or with split-K written as this split's partial, the last
-    split of the tile to take a ticket summing all partials in split order (the two-launch path's order), adding the
-    bias, storing the output and resetting the counter to zero for the next call (CUDA-graph safe)."""
-    omask = mm[:, None] & nm[None, :]
-    if SPLIT:
-        tl.store(PART + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release at GPU scope)
-        ticket = tl.atomic_add(COUNT + tile_id, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLITS - 1:  # the last split of this tile: reduce in split order, then reset the counter
-            total = tl.zeros((BM, BN), tl.float32)
-            for s in range(0, SPLITS):
-                total += tl.load(PART + (s * M + rm[:, None]) * N + rn[None, :], mask=omask, other=0,
-                                 cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
-            tl.store(C + rm[:, None] * s_cm + rn[None, :], total.to(C.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(COUNT + tile_id, 0, sem="relaxed", scope="gpu")
-    else:
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=nm, other=0).to(tl.float32)[None, :]
-        tl.store(C + rm[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=omask)
 
 
 @triton.jit

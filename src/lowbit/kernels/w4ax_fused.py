@@ -30,16 +30,15 @@ from lowbit.kernels.gemm import (
     _i32_to_f32,
     _interpreting,
     _launch,
-    COUNTERS,
     _rint,
     _sm_count,
-    _store_or_reduce,
     _split_tile,
     output_buffer,
     _w4_tile_product,
     stream_key,
 )
 from lowbit.kernels.launch import FastLaunch, hooked
+from lowbit.kernels.splitk import COUNTERS, _store_or_reduce
 from lowbit.kernels.layout import MAX_DECODE_M, BufferPool, GemmConfig
 
 MAX_FUSED_M = MAX_DECODE_M  # default_config's weight-streaming bucket; larger M quantizes once, separately
