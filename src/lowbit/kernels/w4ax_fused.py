@@ -79,6 +79,24 @@ def _codes(x, scale, hi, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _token_codes(X, PERM, MASK, t, rk, K_IN, TILE: tl.constexpr, LOW_HI: tl.constexpr, HAS_PERM: tl.constexpr,
+                 HAS_MASK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """K tile `t` of the one token (M = 1) quantized as the standalone quantizer does: int8 codes of its two halves
+    ``[1, TILE/2]`` and their scale ``[1]``."""
+    HALF: tl.constexpr = TILE // 2
+    v_lo = _quantized_vec(X, PERM, t * TILE + rk, K_IN, HAS_PERM)
+    v_hi = _quantized_vec(X, PERM, t * TILE + HALF + rk, K_IN, HAS_PERM)
+    amax = tl.maximum(tl.max(tl.abs(v_lo), 0), tl.max(tl.abs(v_hi), 0))
+    one = tl.zeros((1,), tl.float32)
+    hi = one + LOW_HI
+    if HAS_MASK:
+        hi = tl.where(tl.load(MASK + t) != 0, 127.0, hi)
+    scale = tl.div_rn(amax + one, hi)
+    scale = tl.where(scale > 0, scale, 1.0)
+    return _codes(v_lo[None, :], scale, hi, USE_LIBDEVICE), _codes(v_hi[None, :], scale, hi, USE_LIBDEVICE), scale
+
+
+@triton.jit
 def _w4ax_gemv_kernel(X, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, PART, COUNT, N, K, K_IN, TPS, SPLITS,
                       GROUP: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr, LOW_HI: tl.constexpr,
                       HAS_PERM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -98,17 +116,8 @@ def _w4ax_gemv_kernel(X, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, PAR
     acc = tl.zeros((BN,), tl.float32)
     for t in range(t0, t1):
         wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
-        v_lo = _quantized_vec(X, PERM, t * TILE + rk, K_IN, HAS_PERM)
-        v_hi = _quantized_vec(X, PERM, t * TILE + HALF + rk, K_IN, HAS_PERM)
-        amax = tl.maximum(tl.max(tl.abs(v_lo), 0), tl.max(tl.abs(v_hi), 0))
-        one = tl.zeros((1,), tl.float32)
-        hi = one + LOW_HI
-        if HAS_MASK:
-            hi = tl.where(tl.load(MASK + t) != 0, 127.0, hi)
-        scale = tl.div_rn(amax + one, hi)
-        scale = tl.where(scale > 0, scale, 1.0)
-        c_lo = _codes(v_lo[None, :], scale, hi, USE_LIBDEVICE).to(tl.int32)
-        c_hi = _codes(v_hi[None, :], scale, hi, USE_LIBDEVICE).to(tl.int32)
+        c_lo, c_hi, scale = _token_codes(X, PERM, MASK, t, rk, K_IN, TILE, LOW_HI, HAS_PERM, HAS_MASK, USE_LIBDEVICE)
+        c_lo, c_hi = c_lo.to(tl.int32), c_hi.to(tl.int32)
         if HAS_ZERO:
             z = tl.load(WZ + rn * s_wzn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.int32)[:, None]
         else:
@@ -140,17 +149,10 @@ def _w4ax_fused_kernel(X, s_xm, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS,
     for t in range(t0, t1):
         # prologue: this tile's activation block (block == TILE) quantized per token
         if ONE_ROW:  # M = 1: quantize the one token once, not once per row of the BM-row tile (15 of 16 masked)
-            v_lo = _quantized_vec(X, PERM, t * TILE + rk, K_IN, HAS_PERM)
-            v_hi = _quantized_vec(X, PERM, t * TILE + HALF + rk, K_IN, HAS_PERM)
-            amax1 = tl.maximum(tl.max(tl.abs(v_lo), 0), tl.max(tl.abs(v_hi), 0))
-            one = tl.zeros((1,), tl.float32)
-            hi1 = one + LOW_HI
-            if HAS_MASK:
-                hi1 = tl.where(tl.load(MASK + t) != 0, 127.0, hi1)
-            s1 = tl.div_rn(amax1 + one, hi1)
-            s1 = tl.where(s1 > 0, s1, 1.0)
-            a_lo = tl.broadcast_to(_codes(v_lo[None, :], s1, hi1, USE_LIBDEVICE), (BM, HALF))
-            a_hi = tl.broadcast_to(_codes(v_hi[None, :], s1, hi1, USE_LIBDEVICE), (BM, HALF))
+            c_lo, c_hi, s1 = _token_codes(X, PERM, MASK, t, rk, K_IN, TILE, LOW_HI, HAS_PERM, HAS_MASK,
+                                          USE_LIBDEVICE)
+            a_lo = tl.broadcast_to(c_lo, (BM, HALF))
+            a_hi = tl.broadcast_to(c_hi, (BM, HALF))
             scale = tl.broadcast_to(s1, (BM,))
         else:
             x_lo = _quantized_half(X, s_xm, PERM, rm, mm, t * TILE + rk, K_IN, HAS_PERM)
