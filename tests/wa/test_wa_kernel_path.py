@@ -222,21 +222,29 @@ def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, fake_
         assert fake_fused.seen[0][0] == q.qweight.data_ptr() and fake_fused.seen[0][1] == q.cfg.a_bits
         kernel_forward(q, x)
         assert fake_fused.made == ["two", "fused"] and len(fake_fused.seen) == 2  # prepared once per layer
-    # "auto" (the default): the one-launch linear for eager calls of layers under the weight-size bound
+    # "auto" (the default): the one-launch linear for eager calls of layers under the weight-size bound, except a
+    # layer that gathers its input (not folded) above one token
     monkeypatch.setattr(linear, "FUSED_DECODE", "auto")
-    for bound, small in ((q.qweight.numel() + 1, True), (q.qweight.numel(), False)):
-        monkeypatch.setattr(linear, "EAGER_FUSED_MAX_WEIGHT_BYTES", bound)
-        fake_fused.seen.clear()
-        torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
-        assert bool(fake_fused.seen) == (fused and small)
+    for gathers in (True, False):
+        q.input_permuted = not gathers
+        q._cache = {}
+        xin = x if gathers else x[..., q.perm.long()]
+        for bound, small in ((q.qweight.numel() + 1, True), (q.qweight.numel(), False)):
+            monkeypatch.setattr(linear, "EAGER_FUSED_MAX_WEIGHT_BYTES", bound)
+            fake_fused.seen.clear()
+            torch.testing.assert_close(kernel_forward(q, xin), q(xin), rtol=1e-5, atol=1e-5)
+            assert bool(fake_fused.seen) == (fused and small and not (gathers and m > 1))
+    q.input_permuted, q._cache = False, {}
+    fake_fused.made.clear()
     # "eager": the one-launch linear unless the call is being captured into a CUDA graph
     monkeypatch.setattr(linear, "FUSED_DECODE", "eager")
     for capturing in (False, True):
         fake_fused.seen.clear()
-        monkeypatch.setattr(linear, "_fused_now", lambda x, nbytes, c=capturing: not c)
+        monkeypatch.setattr(linear, "_fused_now", lambda x, nbytes, gathers, c=capturing: not c)
         torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
         assert bool(fake_fused.seen) == (fused and not capturing)
-    assert len(fake_fused.made) == (2 if fused else 1 if decode else 0)
+    # made once per path since the cache was cleared: one launch outside capture, two launches under it
+    assert fake_fused.made == (["fused", "two"] if fused else ["two"] if decode else [])
 
 
 def test_fused_mode_values():
@@ -251,13 +259,18 @@ def test_fused_mode_values():
 SMALL, LARGE = 8 << 20, 56 << 20  # packed weight bytes of 4096x4096 and 28672x4096
 
 
-@pytest.mark.parametrize("mode,is_cuda,capturing,nbytes,want", [
-    ("0", True, False, SMALL, False), ("1", True, True, LARGE, True),
-    ("eager", True, False, LARGE, True), ("eager", True, True, SMALL, False), ("eager", False, False, SMALL, True),
-    ("auto", True, False, SMALL, True), ("auto", True, False, LARGE, False), ("auto", True, True, SMALL, False)])
-def test_fused_now_follows_the_mode_graph_capture_and_size(monkeypatch, mode, is_cuda, capturing, nbytes, want):
+@pytest.mark.parametrize("mode,is_cuda,capturing,nbytes,m,gathers,want", [
+    ("0", True, False, SMALL, 1, False, False), ("1", True, True, LARGE, 16, True, True),
+    ("eager", True, False, LARGE, 16, True, True), ("eager", True, True, SMALL, 1, False, False),
+    ("eager", False, False, SMALL, 1, False, True),
+    ("auto", True, False, SMALL, 16, False, True), ("auto", True, False, LARGE, 1, False, False),
+    ("auto", True, True, SMALL, 1, False, False),
+    ("auto", True, False, SMALL, 1, True, True), ("auto", True, False, SMALL, 2, True, False)])
+def test_fused_now_follows_the_mode_graph_capture_size_and_gather(monkeypatch, mode, is_cuda, capturing, nbytes, m,
+                                                                  gathers, want):
     from lowbit.wa import linear
 
     monkeypatch.setattr(linear, "FUSED_DECODE", mode)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
-    assert linear._fused_now(types.SimpleNamespace(is_cuda=is_cuda), nbytes) == want
+    x = types.SimpleNamespace(is_cuda=is_cuda, shape=(m, 64))
+    assert linear._fused_now(x, nbytes, gathers) == want

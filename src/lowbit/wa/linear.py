@@ -394,7 +394,9 @@ FUSED_MODES = ("auto", "0", "1", "eager")  # by call and weight size, never, alw
 # H200's host, so several of them outlast a small layer's GPU time, while the two-launch kernels run faster on the
 # GPU at every shape (1.2-1.45x). Measured eager with three launches (split-K then had its own), one launch won at
 # 6144x4096 (12 MiB), tied at 4096x4096 (8 MiB) and lost at 4096x14336 (28 MiB) and 28672x4096 (56 MiB)
-# (BENCHMARKS.md, 2026-12-03 stop 30); split-K is now reduced in-kernel, so re-measure the bound.
+# (BENCHMARKS.md, 2026-12-03 stop 30); split-K is now reduced in-kernel, so re-measure the bound. A layer that gathers
+# its input (FMPQ with fold=false) takes two launches above one token: the one-launch kernel gathers in every N tile
+# (at M = 16, 0.58-0.66x cuBLAS eager against 0.73-0.74x for two launches, stop 30).
 EAGER_FUSED_MAX_WEIGHT_BYTES = 16 << 20
 
 
@@ -412,13 +414,16 @@ def fused_mode(raw: str | None) -> str:
 FUSED_DECODE = fused_mode(os.environ.get(FUSED_ENV))  # read once at import, not per call
 
 
-def _fused_now(x: torch.Tensor, weight_bytes: int) -> bool:
-    """Whether this call takes the one-launch linear under :data:`FUSED_DECODE`."""
+def _fused_now(x: torch.Tensor, weight_bytes: int, gathers: bool = False) -> bool:
+    """Whether this call (``x [M, K]``, a layer of `weight_bytes` packed weight bytes that `gathers` its input or not)
+    takes the one-launch linear under :data:`FUSED_DECODE`."""
     if FUSED_DECODE in ("0", "1"):
         return FUSED_DECODE == "1"
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    return FUSED_DECODE == "eager" or weight_bytes < EAGER_FUSED_MAX_WEIGHT_BYTES
+    if FUSED_DECODE == "eager":
+        return True
+    return weight_bytes < EAGER_FUSED_MAX_WEIGHT_BYTES and not (gathers and x.shape[0] > 1)
 
 
 def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -454,7 +459,7 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if 0 < m <= MAX_DECODE_M:  # decode: the layer's prepared launches
         from lowbit.kernels.w4ax_fused import PreparedLinear, fused_supported
 
-        fused = _fused_now(x2, ql.qweight.numel()) and fused_supported(m, ql.block, ql.group)
+        fused = _fused_now(x2, ql.qweight.numel(), perm is not None) and fused_supported(m, ql.block, ql.group)
         launches = "fused" if fused else "two"
         key = (launches, str(dev), out_dtype)
         prepared = ql._cache.get(key)
