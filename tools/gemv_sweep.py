@@ -1,4 +1,4 @@
-"""The one-token W4Ax GEMV (`w4ax_linear(gemv=True)`) over rows per program, warps, stages and split-K, graph timing,
+"""The one-token W4Ax GEMV (`w4ax_linear(gemv=True)`) over rows per program, warps, prefetch and split-K, graph timing,
 beside the prepared two-launch path and cuBLAS bf16, Llama-3-8B shapes: `python tools/gemv_sweep.py` on a GPU (the
 five fastest configs per point, each checked bit for bit against the two-launch path at its config)."""
 
@@ -11,6 +11,7 @@ from lowbit.bench.gemm import _weight_sets
 from lowbit.bench.timing import bench_sets
 from lowbit.kernels import gemm
 from lowbit.kernels.layout import GemmConfig
+from lowbit.kernels import w4ax_fused
 from lowbit.kernels.w4ax_fused import PreparedLinear, w4ax_linear
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # K x N
@@ -30,15 +31,16 @@ def main() -> None:
                       for st in wsets}
             two = bench_sets(lambda st: layers[id(st)](x), wsets) * 1e3
             res = []
-            for bn, warps, stages, split in itertools.product((16, 32, 64), (2, 4, 8), (2, 3), (0, 8)):
-                cfg = GemmConfig(16, bn, warps, stages, split_k=split)
+            for bn, warps, prefetch, split in itertools.product((16, 32, 64), (2, 4, 8), (True, False), (0, 8)):
+                w4ax_fused.GEMV_PREFETCH = prefetch  # read per call (a constexpr: each value its own binary)
+                cfg = GemmConfig(16, bn, warps, 2, split_k=split)
                 try:
                     fn = lambda st: w4ax_linear(x, block, st[1], st[2], group, int8_mask=mask, low_bits=bits,
                                                 config=cfg, gemv=True)
                     codes, scale = gemm.quantize_activation(x, block, mask, bits, padded_in=k)
                     exact = torch.equal(fn(wsets[0]), gemm.w4a8_gemm(codes, scale, block, wsets[0][1], wsets[0][2],
                                                                      group, config=cfg))
-                    res.append((bench_sets(fn, wsets) * 1e3, cfg.label(), exact))
+                    res.append((bench_sets(fn, wsets) * 1e3, cfg.label() + ("-prefetch" if prefetch else ""), exact))
                 except Exception as exc:
                     print(f"  {name} {cfg.label()} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             best = sorted(res)[:5]

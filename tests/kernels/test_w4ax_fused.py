@@ -110,6 +110,18 @@ def test_gemv_equals_two_launches(block, group, split_k, opts):
         w4ax_linear(**{**c, "x": c["x"].expand(2, -1)}, config=cfg, gemv=True)
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemv_without_prefetch_gives_the_same_bits(monkeypatch, split_k):
+    from lowbit.kernels import w4ax_fused
+    from lowbit.kernels.layout import GemmConfig
+
+    c, k = _case(1, 1000, 96, 128, 128, torch.float32, seed=50 + split_k)
+    cfg = GemmConfig(16, 32, 4, 2, split_k)
+    monkeypatch.setattr(w4ax_fused, "GEMV_PREFETCH", False)
+    got = w4ax_fused.w4ax_linear(**c, out_dtype=torch.float32, config=cfg, gemv=True)
+    assert torch.equal(got, _two_launch(c, k, 4, torch.float32, cfg))
+
+
 def test_fused_half_precision_output():
     from lowbit.kernels.w4ax_fused import w4ax_linear
 

@@ -20,7 +20,11 @@ def gemm_candidates(bucket: str):
     from lowbit.kernels.layout import GemmConfig as C
 
     return {
+        # 8 warps: the small-M kernel takes 253 registers at BN 64 with 4 warps (two CTAs per SM), 122 with 8
+        # (offline count, sm_90, stop 30). num_stages changes neither its registers nor its shared memory: the loop
+        # is not software-pipelined, so only occupancy hides the load latency
         "small": [C(16, 64, 4, 4), C(16, 128, 4, 4), C(16, 32, 4, 4), C(16, 128, 8, 4), C(16, 64, 4, 6),
+                  C(16, 64, 8, 4), C(16, 32, 8, 4),
                   C(16, 32, 4, 4, asm=False, fast_cvt=False), C(16, 128, 4, 4, asm=False, fast_cvt=False)],
         "mid": [C(64, 128, 4, 4), C(128, 64, 4, 4), C(64, 128, 4, 4, 1, unpacked=True, tma=True),
                 C(64, 64, 4, 4, 1, unpacked=True, tma=True), C(64, 128, 4, 4, asm=False, fast_cvt=False)],

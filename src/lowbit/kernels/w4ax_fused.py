@@ -48,6 +48,7 @@ FUSED_CONFIG = GemmConfig(16, 128, 4, 4)
 # w4ax_linear(gemv=True): BN weight rows per program (bm unused). Not yet timed; chosen offline by ptxas register counts (sm_90,
 # TILE 128): BN 32 with 8 warps takes 116 registers, BN 64 with 4 warps spills (255 + 320 bytes of stack).
 GEMV_CONFIG = GemmConfig(16, 32, 8, 2)
+GEMV_PREFETCH = True  # register prefetch of the next K tile's weights (module-level switch for tools/gemv_sweep.py)
 
 
 @triton.jit
@@ -100,10 +101,12 @@ def _token_codes(X, PERM, MASK, t, rk, K_IN, TILE: tl.constexpr, LOW_HI: tl.cons
 def _w4ax_gemv_kernel(X, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, PART, COUNT, N, K, K_IN, TPS, SPLITS,
                       GROUP: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr, LOW_HI: tl.constexpr,
                       HAS_PERM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SPLIT: tl.constexpr, FAST_CVT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+                      SPLIT: tl.constexpr, FAST_CVT: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+                      PREFETCH: tl.constexpr):
     """M = 1 without tensor cores: each program's BN weight rows times the one token, quantized per K tile in the
     loop, the integer products summed on the CUDA cores (exact in int32), then the two-launch path's float epilogue per
-    tile (the same operations in the same order: the same bits)."""
+    tile (the same operations in the same order: the same bits). PREFETCH: load the next tile's weight bytes before
+    working on this one (Triton does not pipeline this loop: its loads feed no ``tl.dot``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     HALF: tl.constexpr = TILE // 2
@@ -114,8 +117,14 @@ def _w4ax_gemv_kernel(X, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, PAR
     t1 = tl.minimum(t0 + TPS, K // TILE)
     w_ptr = W + rn[:, None] * s_wn + rk[None, :]
     acc = tl.zeros((BN,), tl.float32)
+    if PREFETCH:
+        wp_next = tl.load(w_ptr + t0 * HALF, mask=nm[:, None] & (t0 < t1), other=0)
     for t in range(t0, t1):
-        wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
+        if PREFETCH:
+            wp = wp_next
+            wp_next = tl.load(w_ptr + (t + 1) * HALF, mask=nm[:, None] & (t + 1 < t1), other=0)
+        else:
+            wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
         c_lo, c_hi, scale = _token_codes(X, PERM, MASK, t, rk, K_IN, TILE, LOW_HI, HAS_PERM, HAS_MASK, USE_LIBDEVICE)
         c_lo, c_hi = c_lo.to(tl.int32), c_hi.to(tl.int32)
         if HAS_ZERO:
@@ -234,7 +243,7 @@ def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w
         kwargs = dict(
             GROUP=group, TILE=tile, BN=cfg.bn, LOW_HI=low_hi, HAS_PERM=has_perm, HAS_MASK=has_mask,
             HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, FAST_CVT=fast, USE_LIBDEVICE=not _interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PREFETCH=GEMV_PREFETCH, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return _GEMV, (plan.tiles_mn, split), args, kwargs, out
     args = (
