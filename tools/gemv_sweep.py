@@ -8,19 +8,16 @@ import time
 import torch
 
 from lowbit.bench.gemm import _weight_sets
-from lowbit.bench.timing import bench_sets
+from lowbit.bench.timing import LINEAR_SHAPES, bench_sets
 from lowbit.kernels import gemm
 from lowbit.kernels.layout import GemmConfig
 from lowbit.kernels import w4ax_fused
 from lowbit.kernels.w4ax_fused import PreparedLinear, w4ax_linear
 
-SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # K x N
-
-
 def main() -> None:
     block = group = 128
     t0 = time.time()
-    for k, n in SHAPES:
+    for k, n in LINEAR_SHAPES:
         wsets, bsets, _ = _weight_sets(k, n, group, block, 256 << 20)
         maskf = torch.zeros(k // block, dtype=torch.int8, device="cuda")
         maskf[: k // block // 10 + 1] = 1

@@ -170,3 +170,25 @@ def test_gemv_launches_for_one_token_and_the_fused_kernel_otherwise(fused, monke
     want = gemv.compiled[0].runs[-1]
     assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
     assert any(a is x for a in got) and any(a is y for a in got)
+
+
+def test_a_launch_outside_fastlaunch_leaves_the_call_unrecorded(two, monkeypatch):
+    """The large-M path's JIT launches (weight unpack, then the INT8 GEMM) say they cannot be replayed: every call of
+    that key takes the function."""
+    from lowbit.kernels.layout import GemmConfig
+
+    w4, gemm, jits = two
+    unpack, i8 = FakeJit(gemm._unpack_weight_kernel.arg_names), FakeJit(gemm._i8_gemm_kernel.arg_names)
+    monkeypatch.setattr(gemm, "_unpack_weight_kernel", unpack)
+    monkeypatch.setattr(gemm, "_i8_gemm_kernel", i8)
+    monkeypatch.setattr(gemm, "_has_tma", lambda device: False)
+    cfg = GemmConfig(64, 128, 4, 4, split_k=1, unpacked=True)
+    prepared = w4.PreparedLinear(**_operands(), config=cfg, launches="two")
+    for _ in range(2):
+        prepared(torch.randn(4, 1000, dtype=torch.bfloat16))
+    assert list(prepared._calls.values()) == [None]
+    assert len(unpack.compiles) == 2 and len(i8.compiles) == 2  # both calls ran the function's own launches
+    ops = _operands()
+    with launch.recording() as rec:  # the mechanism itself: a JIT launch outside FastLaunch marks the recording
+        gemm.unpack_weight_int8(ops["w_kernel"], 128, 128)
+    assert not rec.complete and not rec.launches

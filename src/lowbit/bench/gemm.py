@@ -214,7 +214,7 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     import torch
     import torch.nn.functional as F
 
-    from lowbit.kernels.gemm import linear_two_launch, quantize_activation, w4a8_gemm
+    from lowbit.kernels.gemm import linear_two_launch
     from lowbit.kernels.w4ax_fused import (
         FUSED_CONFIG,
         GEMV_CONFIG,
@@ -224,43 +224,32 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
         w4ax_linear,
     )
 
-    decode, fused = x.shape[0] <= MAX_FUSED_M, fused_supported(x.shape[0], block, group)
-    out, k = {"cublas_bf16_eager_us": bench_sets(lambda w: F.linear(x, w), bsets, graph=False) * 1e3}, x.shape[1]
+    m = x.shape[0]
+    decode, fused = m <= MAX_FUSED_M, fused_supported(m, block, group)
+    out = {"cublas_bf16_eager_us": bench_sets(lambda w: F.linear(x, w), bsets, graph=False) * 1e3}
     for name, mask, bits, p in (("w4a8", mask8, 8, None), ("fmpq", maskf, 4, None), ("fmpq_unfolded", maskf, 4, perm)):
-        def two(st, mask=mask, bits=bits, p=p):  # quantizer, then the GEMM at the point's tuned config
-            c, sc = quantize_activation(x, block, mask, bits, perm=p, padded_in=k)
-            return w4a8_gemm(c, sc, block, st[1], st[2], group, config=cfg)
+        def two(st, config=cfg, mask=mask, bits=bits, p=p):  # quantizer, then the GEMM (the point's tuned config)
+            return linear_two_launch(x, block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p,
+                                     config=config, workspace=None)
 
         def one(st, mask=mask, bits=bits, p=p):
             return w4ax_linear(x, block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p,
                                config=None)  # its own default tile (wider: see w4ax_fused.FUSED_CONFIG)
 
-        def layers(launches, mask=mask, bits=bits, p=p):
-            return {id(st): PreparedLinear(block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p,
-                                           launches=launches) for st in wsets}
-
         paths = [("two_launch", two)]
-        if decode:
-            two_layers = layers("two")
-            paths.append(("two_prepared", lambda st, ls=two_layers: ls[id(st)](x)))
-            want = linear_two_launch(x, block, wsets[0][1], wsets[0][2], group, int8_mask=mask, low_bits=bits, perm=p)
+        prepared = [("two_prepared", "two", None)] if decode else []  # None: the library's default config
+        if fused:  # bit-exact at one config (split-K order follows the tile width): the two-launch call at that tile
+            out[f"fused_{name}_bit_exact"] = bool(torch.equal(one(wsets[0]), two(wsets[0], FUSED_CONFIG)))
+            paths.append(("fused", one))
+            prepared.append(("fused_prepared", "fused", FUSED_CONFIG))
+            if m == 1:  # one token: the CUDA-core GEMV
+                prepared.append(("gemv_prepared", "gemv", GEMV_CONFIG))
+        for label, launches, config in prepared:
+            layers = {id(st): PreparedLinear(block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p,
+                                             launches=launches) for st in wsets}
+            paths.append((label, lambda st, ls=layers: ls[id(st)](x)))
             paths[-1][1](wsets[0])  # the first call records the launches, the second relaunches them
-            out[f"two_prepared_{name}_bit_exact"] = bool(torch.equal(paths[-1][1](wsets[0]), want))
-        if fused:  # bit-exact at one config (split-K order follows the tile width): the two-launch call at the fused tile
-            c, sc = quantize_activation(x, block, mask, bits, perm=p, padded_in=k)
-            same = w4a8_gemm(c, sc, block, wsets[0][1], wsets[0][2], group, config=FUSED_CONFIG)
-            out[f"fused_{name}_bit_exact"] = bool(torch.equal(one(wsets[0]), same))
-            fused_layers = layers("fused")
-            paths += [("fused", one), ("fused_prepared", lambda st, ls=fused_layers: ls[id(st)](x))]
-            paths[-1][1](wsets[0])
-            out[f"fused_prepared_{name}_bit_exact"] = bool(torch.equal(paths[-1][1](wsets[0]), same))
-            if x.shape[0] == 1:  # one token: the CUDA-core GEMV, bit-exact against two launches at its config
-                c, sc = quantize_activation(x, block, mask, bits, perm=p, padded_in=k)
-                same = w4a8_gemm(c, sc, block, wsets[0][1], wsets[0][2], group, config=GEMV_CONFIG)
-                gemv_layers = layers("gemv")
-                paths.append(("gemv_prepared", lambda st, ls=gemv_layers: ls[id(st)](x)))
-                paths[-1][1](wsets[0])
-                out[f"gemv_prepared_{name}_bit_exact"] = bool(torch.equal(paths[-1][1](wsets[0]), same))
+            out[f"{label}_{name}_bit_exact"] = bool(torch.equal(paths[-1][1](wsets[0]), two(wsets[0], config)))
         for label, fn in paths:
             out[f"{label}_{name}_us"] = bench_sets(fn, wsets) * 1e3
             out[f"{label}_{name}_eager_us"] = bench_sets(fn, wsets, graph=False) * 1e3

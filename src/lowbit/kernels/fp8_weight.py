@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.gemm import _interpreting, _launch, _weight_halves
+from lowbit.kernels.gemm import _interpreting, _launch, _program_weight_tile
 from lowbit.kernels.launch import FastLaunch
 from lowbit.kernels.layout import cdiv
 
@@ -23,12 +23,7 @@ def _fp8_weight_kernel(W, s_wn, WZ, s_wzn, F, s_fn, OUT, s_on, N,
                        GROUP: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr,
                        USE_ASM: tl.constexpr):
     HALF: tl.constexpr = TILE // 2
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    t = tl.program_id(1)
-    nm = rn < N
-    j = tl.arange(0, HALF)
-    wp = tl.load(W + rn[:, None] * s_wn + t * HALF + j[None, :], mask=nm[:, None], other=0)
-    w_lo, w_hi = _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO, USE_ASM)
+    w_lo, w_hi, rn, nm, t, j = _program_weight_tile(W, s_wn, WZ, s_wzn, N, GROUP, TILE, BN, HAS_ZERO, USE_ASM)
     f = tl.load(F + rn * s_fn + (t * TILE) // GROUP, mask=nm, other=0)[:, None]
     o = OUT + rn[:, None] * s_on + t * TILE + j[None, :]
     tl.store(o, (w_lo.to(tl.float32) * f).to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=nm[:, None])

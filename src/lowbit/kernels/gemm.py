@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.kivi_quant import _INTERPRET, _rint
-from lowbit.kernels.launch import FastLaunch, _raw_stream
+from lowbit.kernels.launch import FastLaunch, _raw_stream, unrecorded
 from lowbit.kernels.layout import (  # noqa: F401
     BufferPool,
     GemmConfig,
@@ -263,10 +263,10 @@ def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C
 
 
 @triton.jit
-def _unpack_weight_kernel(W, s_wn, WZ, s_wzn, OUT, s_on, N, K,
-                          GROUP: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr,
-                          USE_ASM: tl.constexpr):
-    """Half-split packed weights -> int8 ``[N, K]`` in channel order (weight minus its zero point)."""
+def _program_weight_tile(W, s_wn, WZ, s_wzn, N, GROUP: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr,
+                         HAS_ZERO: tl.constexpr, USE_ASM: tl.constexpr):
+    """This program's BN weight rows (grid dim 0) and K tile (grid dim 1) of half-split packed weights: the int8
+    halves minus the zero point, the rows, their mask, the tile index and a half's channel offsets."""
     HALF: tl.constexpr = TILE // 2
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     t = tl.program_id(1)
@@ -274,6 +274,16 @@ def _unpack_weight_kernel(W, s_wn, WZ, s_wzn, OUT, s_on, N, K,
     j = tl.arange(0, HALF)
     wp = tl.load(W + rn[:, None] * s_wn + t * HALF + j[None, :], mask=nm[:, None], other=0)
     w_lo, w_hi = _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO, USE_ASM)
+    return w_lo, w_hi, rn, nm, t, j
+
+
+@triton.jit
+def _unpack_weight_kernel(W, s_wn, WZ, s_wzn, OUT, s_on, N, K,
+                          GROUP: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr,
+                          USE_ASM: tl.constexpr):
+    """Half-split packed weights -> int8 ``[N, K]`` in channel order (weight minus its zero point)."""
+    HALF: tl.constexpr = TILE // 2
+    w_lo, w_hi, rn, nm, t, j = _program_weight_tile(W, s_wn, WZ, s_wzn, N, GROUP, TILE, BN, HAS_ZERO, USE_ASM)
     o = OUT + rn[:, None] * s_on + t * TILE + j[None, :]
     tl.store(o, w_lo, mask=nm[:, None])
     tl.store(o + HALF, w_hi, mask=nm[:, None])
@@ -321,6 +331,7 @@ def unpack_weight_int8(w_kernel: torch.Tensor, tile: int, group: int, w_zero: to
         out = torch.empty(n, k, dtype=torch.int8, device=w_kernel.device)
     bn = 64
     has_zero = w_zero is not None
+    unrecorded()
     _unpack_weight_kernel[(cdiv(n, bn), k // tile)](
         w_kernel, w_kernel.stride(0), w_zero if has_zero else w_kernel, w_zero.stride(0) if has_zero else 0,
         out, out.stride(0), n, k, GROUP=group, TILE=tile, BN=bn, HAS_ZERO=has_zero,
@@ -418,6 +429,7 @@ def w4a8_gemm(
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             a_op, b_op = TensorDescriptor.from_tensor(a_codes, [cfg.bm, tile]), TensorDescriptor.from_tensor(w8, [cfg.bn, tile])
+        unrecorded()  # its descriptors are new objects each call: no FastLaunch, no replay
         _i8_gemm_kernel[(plan.tiles_mn,)](
             a_op, a_codes.stride(0), a_scale, a_scale.stride(0), b_op, w8.stride(0), w_scale, w_scale.stride(0),
             bias if has_bias else w_scale, out, out.stride(0), m, n, k,

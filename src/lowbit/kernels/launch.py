@@ -24,7 +24,7 @@ MAX_KEYS = 4096  # calls remembered per kernel
 class Recording:
     """The launches :class:`FastLaunch` kernels made while it was active: ``launches`` holds ``(run, head, argv)``
     per launch (``run(*head, *argv)`` repeats it), ``complete`` is False when a launch could not be recorded (no
-    compiled launcher, or a launch hook active). Launches that do not go through a FastLaunch are not seen."""
+    compiled launcher, a launch hook active, or a launch outside FastLaunch that said so through :func:`unrecorded`)."""
 
     def __init__(self):
         self.launches: list[tuple] = []
@@ -45,9 +45,21 @@ def recording():
         _RECORDINGS.remove(rec)
 
 
-def _record(compiled, grid: tuple, stream, args: tuple, constexprs: list) -> None:
-    head = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, compiled.function,
+def unrecorded() -> None:
+    """Say that a launch is made outside :class:`FastLaunch` (a JIT launch with descriptors, a library call): the
+    active recordings cannot repeat the call they are in."""
+    for rec in _RECORDINGS:
+        rec.complete = False
+
+
+def _head(compiled, grid: tuple, stream) -> tuple:
+    """The compiled launcher's arguments before the kernel's own: grid (3-D), stream, function, metadata, hooks."""
+    return (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, compiled.function,
             compiled.packed_metadata, None, None, None)
+
+
+def _record(compiled, grid: tuple, stream, args: tuple, constexprs: list) -> None:
+    head = _head(compiled, grid, stream)
     for rec in _RECORDINGS:
         rec.launches.append((compiled.run, head, list(args) + list(constexprs)))
 
@@ -98,14 +110,10 @@ class FastLaunch:
                 if ok and not hooked():
                     _record(compiled, grid, _raw_stream(_device()), args, [kwargs[n] for n in rest])
                 else:
-                    for rec in _RECORDINGS:
-                        rec.complete = False
+                    unrecorded()
             return
         compiled, constexprs = hit
         stream = _raw_stream(_device())
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
-        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *args, *constexprs)
+        compiled.run(*_head(compiled, grid, stream), *args, *constexprs)
         if _RECORDINGS:
             _record(compiled, grid, stream, args, constexprs)

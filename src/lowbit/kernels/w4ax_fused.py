@@ -308,8 +308,8 @@ class PreparedLinear:
     same arguments but ``x`` and the output swapped in, skipping the checks, plan lookup, workspace and launch-key
     work (most of an eager call's 60-150 µs of host time on the H200's host, stop 29). Same kernels, same arguments:
     the same bits. Under Triton's interpreter, with an active launch hook, for inputs whose last dimension is
-    strided, and for calls whose launches do not all go through a recorded launcher (the two-launch path's large-M
-    TMA GEMM), every call takes the function itself. The recorded launches hold the workspace views of their first
+    strided, and for calls with a launch outside :class:`~lowbit.kernels.launch.FastLaunch` (the two-launch path's
+    large-M TMA GEMM: :func:`~lowbit.kernels.launch.unrecorded`), every call takes the function itself. The recorded launches hold the workspace views of their first
     call: calls on one stream are ordered by it, as for the functions themselves.
     """
 
@@ -328,7 +328,7 @@ class PreparedLinear:
         # the function's arguments between x and out, in its order
         self.ops = (block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype, config)
         self.fn = {"fused": w4ax_linear, "two": linear_two_launch, "gemv": _gemv_or_fused}[launches]
-        self.launches, self.out_dtype, self.workspace, self.n = launches, out_dtype, workspace, w_kernel.shape[0]
+        self.out_dtype, self.workspace, self.n = out_dtype, workspace, w_kernel.shape[0]
         self._calls: dict[tuple, tuple | None] = {}  # key -> recorded launches, or None: not recordable
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -353,22 +353,12 @@ class PreparedLinear:
             run(*head, *argv)
         return out
 
-    def _recordable(self, x: torch.Tensor) -> bool:
-        """Whether every launch of a call with `x` goes through a recorded launcher."""
-        if self.launches != "two":
-            return True
-        block, w_kernel, group, config = self.ops[0], self.ops[1], self.ops[3], self.ops[10]
-        tile = min(block, group)
-        k = 2 * w_kernel.shape[1]
-        return x.shape[0] > 0 and k % tile == 0 and \
-            not PLANS.get(x.shape[0], self.n, k, tile, x.device, _sm_count, config).config.unpacked
-
     def _record(self, key, x, out):
         from lowbit.kernels.launch import recording
 
         with recording() as rec:
             out = self.fn(x, *self.ops, out, self.workspace)
-        if hooked() or not self._recordable(x):
+        if hooked():
             return out
         steps, ok = [], rec.complete
         for run, head, argv in rec.launches:

@@ -419,11 +419,9 @@ def _fused_now(x: torch.Tensor, weight_bytes: int, gathers: bool = False) -> boo
     takes the one-launch linear under :data:`FUSED_DECODE`."""
     if FUSED_DECODE in ("0", "1"):
         return FUSED_DECODE == "1"
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    if FUSED_DECODE == "eager":
-        return True
-    return weight_bytes < EAGER_FUSED_MAX_WEIGHT_BYTES and not (gathers and x.shape[0] > 1)
+    if FUSED_DECODE == "auto" and (weight_bytes >= EAGER_FUSED_MAX_WEIGHT_BYTES or (gathers and x.shape[0] > 1)):
+        return False  # decided without the capture query (a per-call host cost)
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
