@@ -3,6 +3,7 @@ beside the prepared two-launch path and cuBLAS bf16, Llama-3-8B shapes: `python 
 five fastest configs per point, each checked bit for bit against the two-launch path at its config)."""
 
 import itertools
+import os
 import time
 
 import torch
@@ -13,6 +14,12 @@ from lowbit.kernels import gemm
 from lowbit.kernels.layout import GemmConfig
 from lowbit.kernels import w4ax_fused
 from lowbit.kernels.w4ax_fused import PreparedLinear, w4ax_linear
+
+
+def _ints(env: str, default: str) -> list[int]:
+    """The sweep's values for one axis: `env` (comma-separated) narrows it, e.g. GEMV_WARPS=4,8."""
+    return [int(v) for v in os.environ.get(env, default).split(",")]
+
 
 def main() -> None:
     block = group = 128
@@ -28,7 +35,9 @@ def main() -> None:
                       for st in wsets}
             two = bench_sets(lambda st: layers[id(st)](x), wsets) * 1e3
             res = []
-            for bn, warps, prefetch, split in itertools.product((16, 32, 64), (2, 4, 8), (True, False), (0, 8)):
+            for bn, warps, prefetch, split in itertools.product(_ints("GEMV_BN", "16,32,64"), _ints("GEMV_WARPS", "2,4,8"),
+                                                                 [bool(v) for v in _ints("GEMV_PREFETCH", "1,0")],
+                                                                 _ints("GEMV_SPLIT", "0,8")):
                 w4ax_fused.GEMV_PREFETCH = prefetch  # read per call (a constexpr: each value its own binary)
                 cfg = GemmConfig(16, bn, warps, 2, split_k=split)
                 try:

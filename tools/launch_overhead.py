@@ -28,15 +28,15 @@ class Jit:
 
 
 def main(rounds: int = 7) -> None:
-    fast = {"fused": (w4ax_fused._LAUNCH,), "two": (gemm._ACT_QUANT, gemm._W4A8_GEMM, gemm._SPLITK_REDUCE)}
+    fast = {"fused": (w4ax_fused._LAUNCH,), "two": (gemm._ACT_QUANT, gemm._W4A8_GEMM)}
     jit = {"fused": (Jit(w4ax_fused._w4ax_fused_kernel),),
-           "two": (Jit(gemm._act_quant_kernel), Jit(gemm._w4a8_gemm_kernel), Jit(gemm._splitk_reduce_kernel))}
+           "two": (Jit(gemm._act_quant_kernel), Jit(gemm._w4a8_gemm_kernel))}
 
     def use(path, launchers):
         if path == "fused":
             (w4ax_fused._LAUNCH,) = launchers
         else:
-            gemm._ACT_QUANT, gemm._W4A8_GEMM, gemm._SPLITK_REDUCE = launchers
+            gemm._ACT_QUANT, gemm._W4A8_GEMM = launchers
 
     for m, n, k in SHAPES:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -24,8 +24,8 @@ def gemm_candidates(bucket: str):
         # (offline count, sm_90, stop 30). num_stages changes neither its registers nor its shared memory: the loop
         # is not software-pipelined, so only occupancy hides the load latency
         "small": [C(16, 64, 4, 4), C(16, 128, 4, 4), C(16, 32, 4, 4), C(16, 128, 8, 4), C(16, 64, 4, 6),
-                  C(16, 64, 8, 4), C(16, 32, 8, 4),
-                  C(16, 32, 4, 4, asm=False, fast_cvt=False), C(16, 128, 4, 4, asm=False, fast_cvt=False)],
+                  C(16, 64, 4, 4, unroll=2), C(16, 128, 4, 4, unroll=2), C(16, 64, 4, 4, unroll=4),
+                  C(16, 32, 4, 4, asm=False, fast_cvt=False)],
         "mid": [C(64, 128, 4, 4), C(128, 64, 4, 4), C(64, 128, 4, 4, 1, unpacked=True, tma=True),
                 C(64, 64, 4, 4, 1, unpacked=True, tma=True), C(64, 128, 4, 4, asm=False, fast_cvt=False)],
         "large": [C(64, 128, 4, 4, 1, unpacked=True, tma=True), C(64, 128, 4, 3, 1, unpacked=True, tma=True),
@@ -177,8 +177,8 @@ def measure_point(m: int, k: int, n: int, block: int, group: int, int8_frac: flo
     default_ms = timings[cands[0].label()][0]
 
     fmpq_ms = bench_sets(lambda st: w4a8_gemm(c4, s4, block, st[1], st[2], group, config=best), wsets)
-    aq8_ms = bench_sets(lambda st: quantize_activation(x, block, mask8, 8), [None])
-    aq4_ms = bench_sets(lambda st: quantize_activation(x, block, maskf, 4, perm=perm), [None])
+    aq8_ms = bench_sets(lambda st: quantize_activation(x, block, mask8, 8), [None] * 16)
+    aq4_ms = bench_sets(lambda st: quantize_activation(x, block, maskf, 4, perm=perm), [None] * 16)
     bf16_ms = bench_sets(lambda w: F.linear(x, w), bsets)
     int_ms, mi, probe_us = _int_baselines(m, k, isets, log)
     fused = _fused_point(x, block, group, mask8, maskf, perm, wsets, bsets, best)
