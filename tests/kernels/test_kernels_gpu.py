@@ -208,8 +208,7 @@ def test_w4a8_gemm_vs_reference(m, k, n, block, group):
     wk = repack_weight(qw, min(block, group))
     ref = w4a8_gemm_ref(codes, scale, block, qw, ws, group, bias=bias)
     for cfg in (None, GemmConfig(16, 32, 4, 2, 1), GemmConfig(32, 64, 4, 3, 3), GemmConfig(64, 128, 4, 3, 1),
-                GemmConfig(16, 64, 4, 2, 2, asm=False, fast_cvt=False), GemmConfig(16, 64, 4, 4, 3, unroll=2),
-                GemmConfig(16, 128, 4, 4, unroll=4), GemmConfig(64, 128, 4, 3, 1, unpacked=True),
+                GemmConfig(16, 64, 4, 2, 2, asm=False, fast_cvt=False), GemmConfig(64, 128, 4, 3, 1, unpacked=True),
                 GemmConfig(128, 128, 8, 3, 1, unpacked=True, fast_cvt=False), GemmConfig(64, 64, 4, 3, 1, unpacked=True, tma=True)):
         y = w4a8_gemm(codes, scale, block, wk, ws, group, bias=bias, out_dtype=torch.float32, config=cfg)
         assert rel(y, ref) < 1e-5, cfg

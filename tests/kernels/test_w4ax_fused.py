@@ -90,38 +90,6 @@ def test_fused_options_and_reference(zero, perm, mask, bias):
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("block,group", [(128, 128), (64, 128), (32, 128)])
-@pytest.mark.parametrize("split_k", [1, 3, 0])
-@pytest.mark.parametrize("opts", [{}, {"zero": True, "perm": False, "bias": False}, {"mask": False}])
-def test_gemv_equals_two_launches(block, group, split_k, opts):
-    """The one-token GEMV (CUDA-core integer products): bit for bit the two-launch path at the same config, W4A4 and
-    W4A8, repeated calls (tile counters back at zero), asymmetric weights, no mask / permutation / bias."""
-    from lowbit.kernels.layout import GemmConfig
-    from lowbit.kernels.w4ax_fused import GEMV_CONFIG, w4ax_linear
-
-    c, k = _case(1, 1000, 96, block, group, torch.float32, seed=block + split_k, **opts)
-    cfg = GemmConfig(16, 32, 4, 2, split_k) if split_k else GEMV_CONFIG
-    for low_bits in (4, 8):
-        want = _two_launch(c, k, low_bits, torch.float32, cfg)
-        for _ in range(2):
-            got = w4ax_linear(**c, low_bits=low_bits, out_dtype=torch.float32, config=cfg, gemv=True)
-            assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="one token"):
-        w4ax_linear(**{**c, "x": c["x"].expand(2, -1)}, config=cfg, gemv=True)
-
-
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_gemv_without_prefetch_gives_the_same_bits(monkeypatch, split_k):
-    from lowbit.kernels import w4ax_fused
-    from lowbit.kernels.layout import GemmConfig
-
-    c, k = _case(1, 1000, 96, 128, 128, torch.float32, seed=50 + split_k)
-    cfg = GemmConfig(16, 32, 4, 2, split_k)
-    monkeypatch.setattr(w4ax_fused, "GEMV_PREFETCH", False)
-    got = w4ax_fused.w4ax_linear(**c, out_dtype=torch.float32, config=cfg, gemv=True)
-    assert torch.equal(got, _two_launch(c, k, 4, torch.float32, cfg))
-
-
 def test_fused_half_precision_output():
     from lowbit.kernels.w4ax_fused import w4ax_linear
 
@@ -221,55 +189,3 @@ def test_prepared_two_launches_give_the_two_launch_bits(m, split_k, opts):
     (steps,) = prepared._calls.values()
     assert steps is not None and len(steps) == 2  # the quantizer and the GEMM (split-K reduced inside it)
 
-
-@pytest.mark.parametrize("unroll", [2, 3, 4])
-@pytest.mark.parametrize("m,split_k,zero", [(1, 1, False), (5, 3, True), (16, 2, False), (2, 0, False)])
-def test_unrolled_k_loop_gives_the_same_bits(unroll, m, split_k, zero):
-    """The GEMM's K loop unrolled (tiles loaded together, a masked tail when the split's tiles are not a multiple)
-    gives the bits of the plain loop, and both match the float64 reference."""
-    from lowbit.kernels.gemm import quantize_activation, w4a8_gemm
-    from lowbit.kernels.layout import GemmConfig, unrepack_weight
-    from lowbit.kernels.reference import w4a8_gemm_ref
-
-    c, k = _case(m, 1400, 96, 128, 128, torch.float32, seed=97 + unroll + m, zero=zero)  # 11 K tiles
-    codes, scale = quantize_activation(c["x"], 128, c["int8_mask"], 4, perm=c["perm"], padded_in=k)
-    args = (codes, scale, 128, c["w_kernel"], c["w_scale"], 128)
-    kw = dict(w_zero=c["w_zero"], bias=c["bias"], out_dtype=torch.float32)
-    plain = w4a8_gemm(*args, **kw, config=GemmConfig(16, 32, 4, 2, split_k))
-    unrolled = w4a8_gemm(*args, **kw, config=GemmConfig(16, 32, 4, 2, split_k, unroll=unroll))
-    assert torch.equal(unrolled, plain)
-    ref = w4a8_gemm_ref(codes.cpu(), scale.cpu(), 128, unrepack_weight(c["w_kernel"].cpu(), 128), c["w_scale"].cpu(),
-                        128, None if c["w_zero"] is None else c["w_zero"].cpu(), c["bias"].cpu())
-    assert (unrolled.cpu() - ref).abs().max() <= 1e-4 * ref.abs().max()
-
-
-@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="programmatic dependent launch needs a Hopper (or newer) GPU")
-@pytest.mark.parametrize("m,split_k", [(1, 0), (16, 1), (3, 3)])
-def test_dependent_launch_gives_the_same_bits_eager_and_in_a_graph(monkeypatch, m, split_k):
-    """The GEMM launched early (programmatic dependent launch, L2 prefetch of its first tiles) after its quantizer:
-    the bits of the plain launches, called directly, through a prepared layer, and replayed from a CUDA graph with
-    fresh activations."""
-    from lowbit.kernels import gemm, w4ax_fused
-    from lowbit.kernels.layout import GemmConfig
-
-    c, k = _case(m, 1000, 96, 128, 128, torch.bfloat16, seed=5 + m)
-    cfg = GemmConfig(16, 32, 4, 2, split_k) if split_k else None
-    ops = {key: c[key] for key in ("block", "w_kernel", "w_scale", "group", "int8_mask", "perm", "w_zero", "bias")}
-    monkeypatch.setattr(gemm, "PDL", False)
-    xs = [c["x"], torch.randn_like(c["x"]) * 2]
-    plain = [gemm.linear_two_launch(x, **ops, config=cfg) for x in xs]
-    monkeypatch.setattr(gemm, "PDL", True)
-    assert gemm._pdl_options(c["x"].device) == {"PDL": True, "launch_pdl": True}
-    assert torch.equal(gemm.linear_two_launch(xs[0], **ops, config=cfg), plain[0])
-    prepared = w4ax_fused.PreparedLinear(**ops, config=cfg, launches="two")
-    assert torch.equal(prepared(xs[1]), plain[1])
-    x_in = xs[0].clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = prepared(x_in)
-    for x, want in zip(xs * 2, plain * 2):
-        x_in.copy_(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y, want)

@@ -153,25 +153,6 @@ def test_launches_option_is_checked():
         w4ax_fused.PreparedLinear(**_operands(), launches="three")
 
 
-def test_gemv_launches_for_one_token_and_the_fused_kernel_otherwise(fused, monkeypatch):
-    w4, jit = fused
-    gemv = FakeJit(w4._w4ax_gemv_kernel.arg_names)
-    monkeypatch.setattr(w4, "_GEMV", launch.FastLaunch(gemv))
-    ops = _operands()
-    prepared = w4.PreparedLinear(**ops, launches="gemv")
-    for m in (1, 1, 3):
-        prepared(torch.randn(m, 1000, dtype=torch.bfloat16))
-    assert len(gemv.compiled) == 1 and len(gemv.compiled[0].runs) == 1  # recorded once, relaunched once
-    assert len(jit.compiled) == 1  # three tokens: the one-launch MMA kernel
-    x = torch.randn(1, 1000, dtype=torch.bfloat16)
-    y = prepared(x)
-    got = gemv.compiled[0].runs[-1]
-    w4.w4ax_linear(x, *prepared.ops, gemv=True)
-    want = gemv.compiled[0].runs[-1]
-    assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
-    assert any(a is x for a in got) and any(a is y for a in got)
-
-
 def test_a_launch_outside_fastlaunch_leaves_the_call_unrecorded(two, monkeypatch):
     """The large-M path's JIT launches (weight unpack, then the INT8 GEMM) say they cannot be replayed: every call of
     that key takes the function."""

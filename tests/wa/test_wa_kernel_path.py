@@ -222,25 +222,18 @@ def test_kernel_forward_routes_decode_calls_to_the_fused_linear(fake_gemm, fake_
         assert fake_fused.seen[0][0] == q.qweight.data_ptr() and fake_fused.seen[0][1] == q.cfg.a_bits
         kernel_forward(q, x)
         assert fake_fused.made == ["two", "fused"] and len(fake_fused.seen) == 2  # prepared once per layer
-    # "auto" (the default): the one-launch linear for eager calls of layers under the weight-size bound, except a
-    # layer that gathers its input (not folded) above one token
+    # "auto" (the default): two launches, as "0"
     monkeypatch.setattr(linear, "FUSED_DECODE", "auto")
-    for gathers in (True, False):
-        q.input_permuted = not gathers
-        q._cache = {}
-        xin = x if gathers else x[..., q.perm.long()]
-        for bound, small in ((q.qweight.numel() + 1, True), (q.qweight.numel(), False)):
-            monkeypatch.setattr(linear, "EAGER_FUSED_MAX_WEIGHT_BYTES", bound)
-            fake_fused.seen.clear()
-            torch.testing.assert_close(kernel_forward(q, xin), q(xin), rtol=1e-5, atol=1e-5)
-            assert bool(fake_fused.seen) == (fused and small and not (gathers and m > 1))
-    q.input_permuted, q._cache = False, {}
+    fake_fused.seen.clear()
+    torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
+    assert not fake_fused.seen
+    q._cache = {}
     fake_fused.made.clear()
     # "eager": the one-launch linear unless the call is being captured into a CUDA graph
     monkeypatch.setattr(linear, "FUSED_DECODE", "eager")
     for capturing in (False, True):
         fake_fused.seen.clear()
-        monkeypatch.setattr(linear, "_fused_now", lambda x, nbytes, gathers, c=capturing: not c)
+        monkeypatch.setattr(linear, "_fused_now", lambda x, c=capturing: not c)
         torch.testing.assert_close(kernel_forward(q, x), q(x), rtol=1e-5, atol=1e-5)
         assert bool(fake_fused.seen) == (fused and not capturing)
     # made once per path since the cache was cleared: one launch outside capture, two launches under it
@@ -256,21 +249,12 @@ def test_fused_mode_values():
         linear.fused_mode("yes")
 
 
-SMALL, LARGE = 8 << 20, 56 << 20  # packed weight bytes of 4096x4096 and 28672x4096
-
-
-@pytest.mark.parametrize("mode,is_cuda,capturing,nbytes,m,gathers,want", [
-    ("0", True, False, SMALL, 1, False, False), ("1", True, True, LARGE, 16, True, True),
-    ("eager", True, False, LARGE, 16, True, True), ("eager", True, True, SMALL, 1, False, False),
-    ("eager", False, False, SMALL, 1, False, True),
-    ("auto", True, False, SMALL, 16, False, True), ("auto", True, False, LARGE, 1, False, False),
-    ("auto", True, True, SMALL, 1, False, False),
-    ("auto", True, False, SMALL, 1, True, True), ("auto", True, False, SMALL, 2, True, False)])
-def test_fused_now_follows_the_mode_graph_capture_size_and_gather(monkeypatch, mode, is_cuda, capturing, nbytes, m,
-                                                                  gathers, want):
+@pytest.mark.parametrize("mode,is_cuda,capturing,want", [
+    ("0", True, False, False), ("auto", True, False, False), ("auto", False, False, False), ("1", True, True, True),
+    ("eager", True, False, True), ("eager", True, True, False), ("eager", False, True, True)])
+def test_fused_now_follows_the_mode_and_graph_capture(monkeypatch, mode, is_cuda, capturing, want):
     from lowbit.wa import linear
 
     monkeypatch.setattr(linear, "FUSED_DECODE", mode)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
-    x = types.SimpleNamespace(is_cuda=is_cuda, shape=(m, 64))
-    assert linear._fused_now(x, nbytes, gathers) == want
+    assert linear._fused_now(types.SimpleNamespace(is_cuda=is_cuda, shape=(1, 64))) == want

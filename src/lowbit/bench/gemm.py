@@ -24,7 +24,6 @@ def gemm_candidates(bucket: str):
         # (offline count, sm_90, stop 30). num_stages changes neither its registers nor its shared memory: the loop
         # is not software-pipelined, so only occupancy hides the load latency
         "small": [C(16, 64, 4, 4), C(16, 128, 4, 4), C(16, 32, 4, 4), C(16, 128, 8, 4), C(16, 64, 4, 6),
-                  C(16, 64, 4, 4, unroll=2), C(16, 128, 4, 4, unroll=2), C(16, 64, 4, 4, unroll=4),
                   C(16, 32, 4, 4, asm=False, fast_cvt=False)],
         "mid": [C(64, 128, 4, 4), C(128, 64, 4, 4), C(64, 128, 4, 4, 1, unpacked=True, tma=True),
                 C(64, 64, 4, 4, 1, unpacked=True, tma=True), C(64, 128, 4, 4, asm=False, fast_cvt=False)],
@@ -208,8 +207,7 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     the activation quantizer: ``two_launch`` (quantizer, then the GEMM at the tuned config), and in the decode bucket
     what a QuantLinear layer calls, its prepared launches (one PreparedLinear per weight set, as one per layer):
     ``two_prepared`` (quantizer, then GEMM), ``fused_prepared`` (the one-launch linear), ``fused``
-    (:func:`w4ax_linear` called directly) and at M = 1 ``gemv_prepared`` (``w4ax_linear(gemv=True)``, opt-in);
-    bit-exactness against the two-launch call at the same config. FMPQ runs folded (no input gather:
+    (:func:`w4ax_linear` called directly); bit-exactness against the two-launch call at the same config. FMPQ runs folded (no input gather:
     ``fmpq:fold=true``, the default) and, as ``fmpq_unfolded``, with the gather."""
     import torch
     import torch.nn.functional as F
@@ -217,7 +215,6 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     from lowbit.kernels.gemm import linear_two_launch
     from lowbit.kernels.w4ax_fused import (
         FUSED_CONFIG,
-        GEMV_CONFIG,
         MAX_FUSED_M,
         PreparedLinear,
         fused_supported,
@@ -242,8 +239,6 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
             out[f"fused_{name}_bit_exact"] = bool(torch.equal(one(wsets[0]), two(wsets[0], FUSED_CONFIG)))
             paths.append(("fused", one))
             prepared.append(("fused_prepared", "fused", FUSED_CONFIG))
-            if m == 1:  # one token: the CUDA-core GEMV
-                prepared.append(("gemv_prepared", "gemv", GEMV_CONFIG))
         for label, launches, config in prepared:
             layers = {id(st): PreparedLinear(block, st[1], st[2], group, int8_mask=mask, low_bits=bits, perm=p,
                                              launches=launches) for st in wsets}
@@ -292,7 +287,7 @@ def method_rows(row: dict) -> list[dict]:
     out = []
     for name, method in (("w4a8", "w4a8"), ("fmpq", "fmpq_w4a4"), ("fmpq_unfolded", "fmpq_w4a4_unfolded")):
         for label, suffix in (("two_launch", ""), ("two_prepared", "_two_prepared"), ("fused", "_fused"),
-                              ("fused_prepared", "_fused_prepared"), ("gemv_prepared", "_gemv_prepared")):
+                              ("fused_prepared", "_fused_prepared")):
             if f"{label}_{name}_us" not in row:
                 continue
             g, e = row[f"{label}_{name}_us"], row[f"{label}_{name}_eager_us"]

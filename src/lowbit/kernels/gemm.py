@@ -26,13 +26,11 @@ inside the GEMM launch: each split writes its partial tile and takes a ticket on
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels.kivi_quant import _INTERPRET, _rint
 from lowbit.kernels.launch import FastLaunch, _raw_stream, unrecorded
@@ -65,37 +63,13 @@ def _interpreting() -> bool:
     return _INTERPRET
 
 
-PDL = os.environ.get("LOWBIT_PDL", "1") != "0"  # programmatic dependent launch of the W4Ax GEMM (Hopper and newer)
-PDL_PREFETCH_TILES = int(os.environ.get("LOWBIT_PDL_PREFETCH", "4"))  # K tiles per program prefetched into L2 early
-
-
-def _pdl_options(device, launch: bool = True) -> dict:
-    """Launch options for programmatic dependent launch on Hopper and newer (``PDL``): the activation quantizer
-    lets its GEMM launch early (``launch=False``: only the PDL flag), and the GEMM, launched with ``launch_pdl``,
-    prefetches its first weight tiles into L2 and waits for the codes before reading them. ``PDL`` False elsewhere
-    (always given: :class:`FastLaunch` caches only calls that name every constexpr)."""
-    if not PDL or _interpreting() or device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-        return {"PDL": False}
-    return {"PDL": True, "launch_pdl": True} if launch else {"PDL": True}
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 to fetch the lines at ``ptrs`` (no registers written, nothing waited on)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
-                              pack=1)
-
-
 # ------------------------------------------------------------------------------ activation quantization
 
 
 @triton.jit
 def _act_quant_kernel(X, s_xm, PERM, MASK, C, s_cm, SC, s_sm, K_IN, NB,
                       BLOCK: tl.constexpr, BPP: tl.constexpr, LOW_HI: tl.constexpr,
-                      HAS_PERM: tl.constexpr, HAS_MASK: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-                      PDL: tl.constexpr):
-    if PDL:  # the GEMM that reads these codes may launch now (it waits for them before reading)
-        gdc_launch_dependents()
+                      HAS_PERM: tl.constexpr, HAS_MASK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     m = tl.program_id(0)
     bb = tl.program_id(1) * BPP + tl.arange(0, BPP)
     bm = bb < NB
@@ -166,7 +140,7 @@ def quantize_activation(
     _launch(_ACT_QUANT, (m, cdiv(nb, bpp)))(
         x2, x2.stride(0), perm_t, mask_t, codes, codes.stride(0), scale, scale.stride(0), k_in, nb,
         BLOCK=block, BPP=bpp, LOW_HI=float((1 << (low_bits - 1)) - 1), HAS_PERM=has_perm, HAS_MASK=has_mask,
-        USE_LIBDEVICE=not _interpreting(), num_warps=4, **_pdl_options(x.device, launch=False),
+        USE_LIBDEVICE=not _interpreting(), num_warps=4,
     )
     return codes, scale
 
@@ -247,13 +221,11 @@ def _split_tile(tile_id, pid_k, M, N, K, TPS, BM: tl.constexpr, BN: tl.constexpr
 
 @triton.jit
 def _w4_tile_product(a_lo, a_hi, a_scale, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t, TILE: tl.constexpr,
-                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr,
-                     live=True):
+                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr):
     """K tile `t` of the product: int8 activation halves ``[BM, TILE/2]`` times the packed weights on INT8 tensor
-    cores, scaled by the activation (``[BM]``) and weight-group scales -> float32 ``[BM, BN]``. ``live`` False: the
-    tile lies past the split's range (an unrolled loop's tail) and its weights are not read (the product is 0)."""
+    cores, scaled by the activation (``[BM]``) and weight-group scales -> float32 ``[BM, BN]``."""
     HALF: tl.constexpr = TILE // 2
-    wp = tl.load(w_ptr + t * HALF, mask=nm[:, None] & live, other=0)
+    wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
     w_lo, w_hi = _weight_halves(wp, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO, USE_ASM)
     if HALF < 32:  # INT8 tensor cores take K >= 32: one dot over both halves, interleaved alike on both sides
         a_all = tl.reshape(tl.join(a_lo, a_hi), (a_lo.shape[0], TILE))
@@ -262,7 +234,7 @@ def _w4_tile_product(a_lo, a_hi, a_scale, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t
     else:
         acc_i = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
         acc_i = tl.dot(a_hi, tl.trans(w_hi), acc=acc_i, out_dtype=tl.int32)
-    wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm & live, other=0).to(tl.float32)
+    wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
     return _i32_to_f32(acc_i, FAST_CVT) * (a_scale[:, None] * wsc[None, :])
 
 
@@ -272,36 +244,20 @@ def _w4a8_gemm_kernel(A, s_am, AS, s_asm, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C
                       BLOCK_A: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                      USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr, UNROLL: tl.constexpr,
-                      PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                      USE_ASM: tl.constexpr, FAST_CVT: tl.constexpr):
     pid_k = tl.program_id(1)
     rm, rn, mm, nm, t0, t1 = _split_tile(tl.program_id(0), pid_k, M, N, K, TPS, BM, BN, GROUP_M, TILE)
     HALF: tl.constexpr = TILE // 2
-    if PDL:  # launched early (programmatic dependent launch): warm L2 with the first weight tiles, then wait
-        for t in range(t0, tl.minimum(t1, t0 + PREFETCH)):  # for the activation codes of the kernel before
-            _prefetch_l2(W + rn * s_wn + t * HALF)
-        gdc_wait()
     rk = tl.arange(0, HALF)
     a_ptr = A + rm[:, None] * s_am + rk[None, :]
     w_ptr = W + rn[:, None] * s_wn + rk[None, :]
     acc = tl.zeros((BM, BN), tl.float32)
-    if UNROLL == 1:  # Triton pipelines this loop (cp.async, num_stages deep)
-        for t in range(t0, t1):
-            a_lo = tl.load(a_ptr + t * TILE, mask=mm[:, None], other=0)
-            a_hi = tl.load(a_ptr + t * TILE + HALF, mask=mm[:, None], other=0)
-            asc = tl.load(AS + rm * s_asm + (t * TILE) // BLOCK_A, mask=mm, other=0)
-            acc += _w4_tile_product(a_lo, a_hi, asc, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO,
-                                    USE_ASM, FAST_CVT)
-    else:  # UNROLL K tiles per iteration, straight-line (a masked tail past the split's last tile)
-        for t_base in range(t0, t1, UNROLL):
-            for u in tl.static_range(UNROLL):
-                t = t_base + u
-                live = t < t1
-                a_lo = tl.load(a_ptr + t * TILE, mask=mm[:, None] & live, other=0)
-                a_hi = tl.load(a_ptr + t * TILE + HALF, mask=mm[:, None] & live, other=0)
-                asc = tl.load(AS + rm * s_asm + (t * TILE) // BLOCK_A, mask=mm & live, other=0)
-                acc += _w4_tile_product(a_lo, a_hi, asc, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t, TILE, GROUP,
-                                        HAS_ZERO, USE_ASM, FAST_CVT, live)
+    for t in range(t0, t1):
+        a_lo = tl.load(a_ptr + t * TILE, mask=mm[:, None], other=0)
+        a_hi = tl.load(a_ptr + t * TILE + HALF, mask=mm[:, None], other=0)
+        asc = tl.load(AS + rm * s_asm + (t * TILE) // BLOCK_A, mask=mm, other=0)
+        acc += _w4_tile_product(a_lo, a_hi, asc, w_ptr, WS, s_wsn, WZ, s_wzn, rn, nm, t, TILE, GROUP, HAS_ZERO,
+                                USE_ASM, FAST_CVT)
     _store_or_reduce(acc, rm, rn, mm, nm, tl.program_id(0), pid_k, BIAS, C, s_cm, PART, COUNT, M, N, SPLITS, BM, BN,
                      HAS_BIAS, SPLIT)
 
@@ -491,8 +447,7 @@ def w4a8_gemm(
         m, n, k, plan.tiles_per_split, split,
         BLOCK_A=block, GROUP=group, TILE=tile, BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m,
         HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, USE_ASM=cfg.asm and not _interpreting(),
-        FAST_CVT=fast, UNROLL=cfg.unroll, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        PREFETCH=PDL_PREFETCH_TILES, **_pdl_options(dev),
+        FAST_CVT=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 

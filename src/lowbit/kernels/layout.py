@@ -64,11 +64,9 @@ class GemmConfig:
     fast_cvt: bool = True  # int32 -> float32 by bit pattern instead of I2F
     unpacked: bool = False  # unpack W to a transient int8 [N, K] first, then a pure INT8 GEMM (large M)
     tma: bool = False  # unpacked path: load operand tiles with TMA tensor descriptors
-    unroll: int = 1  # packed path: K tiles per loop iteration (their weight loads in flight together)
 
     def label(self) -> str:
         extra = "".join(f"-{k}" for k, on in (("noasm", not self.asm), ("i2f", not self.fast_cvt), ("unpacked", self.unpacked), ("tma", self.tma)) if on)
-        extra += f"-u{self.unroll}" if self.unroll > 1 else ""
         return f"BM{self.bm}-BN{self.bn}-w{self.num_warps}-s{self.num_stages}-k{self.split_k or 'auto'}{extra}"
 
 

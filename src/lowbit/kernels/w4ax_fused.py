@@ -45,10 +45,6 @@ MAX_FUSED_M = MAX_DECODE_M  # default_config's weight-streaming bucket; larger M
 # Every N tile re-quantizes its activation slice, so wider tiles pay off more than for the two-launch GEMM: BN 128 was
 # 1.1-1.7x faster than BN 64 at every Llama-3-8B shape, M 1 and 16 (H200, tools/fused_sweep.py, 2026-12-02).
 FUSED_CONFIG = GemmConfig(16, 128, 4, 4)
-# w4ax_linear(gemv=True): BN weight rows per program (bm unused). Not yet timed; chosen offline by ptxas register counts (sm_90,
-# TILE 128): BN 32 with 8 warps takes 116 registers, BN 64 with 4 warps spills (255 + 320 bytes of stack).
-GEMV_CONFIG = GemmConfig(16, 32, 8, 2)
-GEMV_PREFETCH = True  # register prefetch of the next K tile's weights (module-level switch for tools/gemv_sweep.py)
 
 
 @triton.jit
@@ -98,50 +94,6 @@ def _token_codes(X, PERM, MASK, t, rk, K_IN, TILE: tl.constexpr, LOW_HI: tl.cons
 
 
 @triton.jit
-def _w4ax_gemv_kernel(X, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, PART, COUNT, N, K, K_IN, TPS, SPLITS,
-                      GROUP: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr, LOW_HI: tl.constexpr,
-                      HAS_PERM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SPLIT: tl.constexpr, FAST_CVT: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-                      PREFETCH: tl.constexpr):
-    """M = 1 without tensor cores: each program's BN weight rows times the one token, quantized per K tile in the
-    loop, the integer products summed on the CUDA cores (exact in int32), then the two-launch path's float epilogue per
-    tile (the same operations in the same order: the same bits). PREFETCH: load the next tile's weight bytes before
-    working on this one (Triton does not pipeline this loop: its loads feed no ``tl.dot``)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    HALF: tl.constexpr = TILE // 2
-    rn = pid_n * BN + tl.arange(0, BN)
-    nm = rn < N
-    rk = tl.arange(0, HALF)
-    t0 = pid_k * TPS
-    t1 = tl.minimum(t0 + TPS, K // TILE)
-    w_ptr = W + rn[:, None] * s_wn + rk[None, :]
-    acc = tl.zeros((BN,), tl.float32)
-    if PREFETCH:
-        wp_next = tl.load(w_ptr + t0 * HALF, mask=nm[:, None] & (t0 < t1), other=0)
-    for t in range(t0, t1):
-        if PREFETCH:
-            wp = wp_next
-            wp_next = tl.load(w_ptr + (t + 1) * HALF, mask=nm[:, None] & (t + 1 < t1), other=0)
-        else:
-            wp = tl.load(w_ptr + t * HALF, mask=nm[:, None], other=0)
-        c_lo, c_hi, scale = _token_codes(X, PERM, MASK, t, rk, K_IN, TILE, LOW_HI, HAS_PERM, HAS_MASK, USE_LIBDEVICE)
-        c_lo, c_hi = c_lo.to(tl.int32), c_hi.to(tl.int32)
-        if HAS_ZERO:
-            z = tl.load(WZ + rn * s_wzn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.int32)[:, None]
-        else:
-            z = 8
-        w_lo = (wp & 15).to(tl.int32) - z
-        w_hi = (wp >> 4).to(tl.int32) - z
-        dot = tl.sum(w_lo * c_lo + w_hi * c_hi, axis=1)
-        wsc = tl.load(WS + rn * s_wsn + (t * TILE) // GROUP, mask=nm, other=0).to(tl.float32)
-        acc += _i32_to_f32(dot, FAST_CVT) * (scale * wsc)
-    rm = tl.arange(0, 1)
-    _store_or_reduce(acc[None, :], rm, rn, rm < 1, nm, pid_n, pid_k, BIAS, C, 0, PART, COUNT, 1, N, SPLITS,
-                     1, BN, HAS_BIAS, SPLIT)
-
-
-@triton.jit
 def _w4ax_fused_kernel(X, s_xm, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS, C, s_cm, PART, COUNT,
                        M, N, K, K_IN, TPS, SPLITS,
                        GROUP: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -181,9 +133,6 @@ def _w4ax_fused_kernel(X, s_xm, PERM, MASK, W, s_wn, WS, s_wsn, WZ, s_wzn, BIAS,
 
 
 _LAUNCH = FastLaunch(_w4ax_fused_kernel)  # repeated calls skip the JIT's per-call binding (kernels/launch.py)
-_GEMV = FastLaunch(_w4ax_gemv_kernel)
-
-
 
 
 def fused_supported(m: int, block: int, group: int) -> bool:
@@ -192,9 +141,9 @@ def fused_supported(m: int, block: int, group: int) -> bool:
 
 
 def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype, config, out,
-                workspace, gemv: bool = False) -> tuple:
+                workspace) -> tuple:
     """:func:`w4ax_linear`'s checks and arguments: ``(launcher, grid, positional args, keyword args, out)`` of its
-    launch (the GEMV kernel's with `gemv`)."""
+    launch."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K_in], got shape {tuple(x.shape)}")
     m, k_in = x.shape
@@ -212,9 +161,7 @@ def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w
     x = x if x.stride(-1) == 1 else x.contiguous()
     dev = x.device
     tile = block  # = min(block, group)
-    if gemv and m != 1:
-        raise ValueError(f"the W4Ax GEMV takes one token (M = 1), got M={m}")
-    plan = PLANS.get(m, n, k, tile, dev, _sm_count, config or (GEMV_CONFIG if gemv else FUSED_CONFIG))
+    plan = PLANS.get(m, n, k, tile, dev, _sm_count, config or FUSED_CONFIG)
     cfg = plan.config
     if cfg.unpacked:
         raise ValueError(f"config {cfg.label()} is the unpacked large-M path; the fused linear streams packed weights")
@@ -233,19 +180,6 @@ def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w
         else int8_mask.to(dev, torch.int8)
     has_zero, has_bias = w_zero is not None, bias is not None
     low_hi, fast = float((1 << (low_bits - 1)) - 1), cfg.fast_cvt and tile <= MAX_FAST_TILE
-    if gemv:
-        args = (
-            x, perm_t.contiguous() if has_perm else x, mask_t.contiguous() if has_mask else x,
-            w_kernel, w_kernel.stride(0), w_scale, w_scale.stride(0),
-            w_zero if has_zero else w_scale, w_zero.stride(0) if has_zero else 0,
-            bias if has_bias else w_scale, out, part, count, n, k, k_in, plan.tiles_per_split, split,
-        )
-        kwargs = dict(
-            GROUP=group, TILE=tile, BN=cfg.bn, LOW_HI=low_hi, HAS_PERM=has_perm, HAS_MASK=has_mask,
-            HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT=split > 1, FAST_CVT=fast, USE_LIBDEVICE=not _interpreting(),
-            PREFETCH=GEMV_PREFETCH, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        return _GEMV, (plan.tiles_mn, split), args, kwargs, out
     args = (
         x, x.stride(0), perm_t.contiguous() if has_perm else x, mask_t.contiguous() if has_mask else x,
         w_kernel, w_kernel.stride(0), w_scale, w_scale.stride(0),
@@ -277,7 +211,6 @@ def w4ax_linear(
     config: GemmConfig | None = None,
     out: torch.Tensor | None = None,
     workspace: BufferPool | None = WORKSPACE,
-    gemv: bool = False,
 ) -> torch.Tensor:
     """``y [M, N]`` of activations ``x [M, K_in]`` (float) through a W4 weight, in one launch.
 
@@ -285,14 +218,9 @@ def w4ax_linear(
     with the same config (see the module docstring). ``perm`` int32 ``[K_in]`` (permuted channel j = original
     ``perm[j]``), ``int8_mask`` ``[K / block]`` (nonzero: 8-bit block); ``w_kernel``/``w_scale``/``w_zero`` as for
     :func:`~lowbit.kernels.gemm.w4a8_gemm`. Raises ``ValueError`` where :func:`fused_supported` is false.
-
-    ``gemv``: one token (M = 1) without tensor cores. Each program multiplies BN weight rows (``config.bn``, default
-    :data:`GEMV_CONFIG`) by the token, quantized per K tile in the loop; the integer products are summed on the CUDA
-    cores, then scaled as the two-launch path does (the same bits at the same config). Not yet timed on a GPU
-    (stop 30): opt-in through ``PreparedLinear(launches="gemv")``.
     """
     launcher, grid, args, kwargs, out = _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm,
-                                                    w_zero, bias, out_dtype, config, out, workspace, gemv)
+                                                    w_zero, bias, out_dtype, config, out, workspace)
     _launch(launcher, grid)(*args, **kwargs)
     return out
 
@@ -300,8 +228,7 @@ def w4ax_linear(
 class PreparedLinear:
     """A W4Ax linear with everything but the activations fixed (a layer's weights, scales, mask, permutation, bias
     and options): ``prepared(x, out=None)``, through :func:`w4ax_linear` (``launches="fused"``, one launch) or
-    :func:`lowbit.kernels.gemm.linear_two_launch` (``"two"``: the quantizer, then the GEMM), or
-    :func:`w4ax_linear`'s one-token GEMV for calls of one token (``"gemv"``; other M take :func:`w4ax_linear`).
+    :func:`lowbit.kernels.gemm.linear_two_launch` (``"two"``: the quantizer, then the GEMM).
 
     The first call of each (shape, dtype, strides, alignment, device, stream, output) runs that function and records
     its launches (:func:`lowbit.kernels.launch.recording`); later calls relaunch the same compiled kernels with the
@@ -314,7 +241,7 @@ class PreparedLinear:
     """
 
     MAX_CALLS = 64  # recorded calls per layer (M values x streams); past it, start over
-    LAUNCHES = ("fused", "two", "gemv")
+    LAUNCHES = ("fused", "two")
 
     def __init__(self, block: int, w_kernel: torch.Tensor, w_scale: torch.Tensor, group: int,
                  int8_mask: torch.Tensor | None = None, low_bits: int = 4, perm: torch.Tensor | None = None,
@@ -327,7 +254,7 @@ class PreparedLinear:
             raise ValueError(f"launches must be one of {self.LAUNCHES}, got {launches!r}")
         # the function's arguments between x and out, in its order
         self.ops = (block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype, config)
-        self.fn = {"fused": w4ax_linear, "two": linear_two_launch, "gemv": _gemv_or_fused}[launches]
+        self.fn = {"fused": w4ax_linear, "two": linear_two_launch}[launches]
         self.out_dtype, self.workspace, self.n = out_dtype, workspace, w_kernel.shape[0]
         self._calls: dict[tuple, tuple | None] = {}  # key -> recorded launches, or None: not recordable
 
@@ -384,8 +311,3 @@ def _aliases(a, t: torch.Tensor) -> bool:
 
 def _shares_storage(a: torch.Tensor, ts) -> bool:
     return any(a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in ts)
-
-
-def _gemv_or_fused(x, *ops):
-    """:func:`w4ax_linear`, through its GEMV for one token."""
-    return w4ax_linear(x, *ops, gemv=x.dim() == 2 and x.shape[0] == 1)

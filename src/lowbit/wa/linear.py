@@ -388,40 +388,31 @@ def kernel_inputs(ql: QuantLinear, device: torch.device) -> tuple[torch.Tensor |
 
 
 FUSED_ENV = "LOWBIT_W4AX_FUSED"  # which decode-sized calls take the one-launch linear (kernels/w4ax_fused.py)
-FUSED_MODES = ("auto", "0", "1", "eager")  # by call and weight size, never, always, only outside CUDA-graph capture
-# "auto": an eager call of a layer with fewer packed weight bytes than this takes the one-launch linear, a larger one
-# (or any call being captured) the two-launch path. Replaying a recorded launch costs ~8-10 µs of host time on the
-# H200's host, so several of them outlast a small layer's GPU time, while the two-launch kernels run faster on the
-# GPU at every shape (1.2-1.45x). Measured eager with three launches (split-K then had its own), one launch won at
-# 6144x4096 (12 MiB), tied at 4096x4096 (8 MiB) and lost at 4096x14336 (28 MiB) and 28672x4096 (56 MiB)
-# (BENCHMARKS.md, 2026-12-03 stop 30); split-K is now reduced in-kernel, so re-measure the bound. A layer that gathers
-# its input (FMPQ with fold=false) takes two launches above one token: the one-launch kernel gathers in every N tile
-# (at M = 16, 0.58-0.66x cuBLAS eager against 0.73-0.74x for two launches, stop 30).
-EAGER_FUSED_MAX_WEIGHT_BYTES = 16 << 20
+FUSED_MODES = ("auto", "0", "1", "eager")  # the default (two launches), never, always, only outside CUDA-graph capture
+# "auto" takes the two-launch path's prepared launches (quantizer, then the GEMM with split-K reduced inside it) for
+# every decode-sized call. With split-K in-kernel they beat the one-launch linear eager as well as under CUDA graphs
+# at every Llama-3-8B shape, M 1 and 16 (H200, BENCHMARKS.md, stop 31): the one-launch kernel re-quantizes the
+# activation slice in every N tile, which costs more GPU time than the second launch costs host time.
 
 
 def fused_mode(raw: str | None) -> str:
     """The value of ``$LOWBIT_W4AX_FUSED`` checked: one of :data:`FUSED_MODES` (unset or empty: "auto")."""
     mode = (raw or "").strip() or "auto"
     if mode not in FUSED_MODES:
-        raise ValueError(f"${FUSED_ENV} must be one of {', '.join(FUSED_MODES)} (auto: the one-launch linear for "
-                         f"eager calls of layers under {EAGER_FUSED_MAX_WEIGHT_BYTES >> 20} MiB of weights, 0: two "
-                         f"launches, 1: the one-launch linear for M <= 16, eager: the one-launch linear unless a CUDA "
-                         f"graph is being captured), got {raw!r}")
+        raise ValueError(f"${FUSED_ENV} must be one of {', '.join(FUSED_MODES)} (auto and 0: two launches, 1: the "
+                         f"one-launch linear for M <= 16, eager: the one-launch linear unless a CUDA graph is being "
+                         f"captured), got {raw!r}")
     return mode
 
 
 FUSED_DECODE = fused_mode(os.environ.get(FUSED_ENV))  # read once at import, not per call
 
 
-def _fused_now(x: torch.Tensor, weight_bytes: int, gathers: bool = False) -> bool:
-    """Whether this call (``x [M, K]``, a layer of `weight_bytes` packed weight bytes that `gathers` its input or not)
-    takes the one-launch linear under :data:`FUSED_DECODE`."""
-    if FUSED_DECODE in ("0", "1"):
-        return FUSED_DECODE == "1"
-    if FUSED_DECODE == "auto" and (weight_bytes >= EAGER_FUSED_MAX_WEIGHT_BYTES or (gathers and x.shape[0] > 1)):
-        return False  # decided without the capture query (a per-call host cost)
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+def _fused_now(x: torch.Tensor) -> bool:
+    """Whether this decode-sized call (``x [M, K]``) takes the one-launch linear under :data:`FUSED_DECODE`."""
+    if FUSED_DECODE == "eager":
+        return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return FUSED_DECODE == "1"
 
 
 def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -436,7 +427,7 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     Decode-sized calls (M <= 16) go through the layer's prepared launches
     (:class:`lowbit.kernels.w4ax_fused.PreparedLinear`: recorded once, relaunched without the per-call host work):
     the one-launch linear (needs block <= group) or the quantizer then the GEMM, as ``$LOWBIT_W4AX_FUSED`` at import
-    says (:data:`FUSED_DECODE`; by default one launch for eager calls of small layers, two otherwise). The same bits
+    says (:data:`FUSED_DECODE`; two launches by default). The same bits
     either way at the same tile.
     """
     from lowbit.kernels.gemm import linear_two_launch, stream_key
@@ -457,7 +448,7 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if 0 < m <= MAX_DECODE_M:  # decode: the layer's prepared launches
         from lowbit.kernels.w4ax_fused import PreparedLinear, fused_supported
 
-        fused = _fused_now(x2, ql.qweight.numel(), perm is not None) and fused_supported(m, ql.block, ql.group)
+        fused = _fused_now(x2) and fused_supported(m, ql.block, ql.group)
         launches = "fused" if fused else "two"
         key = (launches, str(dev), out_dtype)
         prepared = ql._cache.get(key)
