@@ -75,6 +75,11 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
 
     import lowbit
 
+    from lowbit.wa.fuse import is_fused
+
+    if is_fused(model):
+        raise ValueError("the model's sibling projections are fused (lowbit.wa.fuse_projections): call "
+                         "lowbit.wa.unfuse_projections(model) before saving, and fuse again after")
     layers = _quant_layers(model)
     if not layers:
         raise ValueError("the model holds no QuantLinear layer: quantize it with lowbit.wa.quantize_model first")
