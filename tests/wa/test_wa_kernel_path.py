@@ -258,3 +258,33 @@ def test_fused_now_follows_the_mode_and_graph_capture(monkeypatch, mode, is_cuda
     monkeypatch.setattr(linear, "FUSED_DECODE", mode)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     assert linear._fused_now(types.SimpleNamespace(is_cuda=is_cuda, shape=(1, 64))) == want
+
+
+def test_decode_calls_take_the_prepared_launches_directly_once_made(fake_gemm, fake_fused, monkeypatch):
+    """After a decode-sized kernel_forward, the layer keeps a direct call of its prepared launches (what forward takes
+    on CUDA for later calls of that dtype and device): the same launches, the same output; never where the general
+    path does more (an output buffer reused per layer, an input rotation, a dtype conversion, the capture-dependent
+    mode)."""
+    from lowbit.kernels.layout import MAX_DECODE_M
+    from lowbit.wa import linear
+    from lowbit.wa.linear import DECODE_FAST_M, kernel_forward
+
+    assert DECODE_FAST_M == MAX_DECODE_M
+    monkeypatch.setattr(linear, "FUSED_DECODE", "0")
+    q = QuantLinear.from_linear(torch.nn.Linear(200, 40), resolve_config("fmpq:a=8,block=32,group=64"),
+                                torch.rand(200) + 0.1)
+    x = torch.randn(2, 1, 200, dtype=torch.bfloat16)
+    want = kernel_forward(q, x)
+    fast = q._cache[("decode", torch.bfloat16, x.device, "0")]
+    calls = len(fake_gemm.calls)
+    got = fast(x)
+    assert got.shape == (2, 1, 40) and got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert fake_fused.made == ["two"] and len(fake_gemm.calls) == calls + 2  # the same prepared launches, once more
+    for change in ("float64", "reuse", "rotation", "eager"):
+        q._cache = {}
+        xc = x.double() if change == "float64" else x
+        q.reuse_output = change == "reuse"
+        q.in_rotation = torch.eye(200) if change == "rotation" else None
+        monkeypatch.setattr(linear, "FUSED_DECODE", "eager" if change == "eager" else "0")
+        kernel_forward(q, xc)
+        assert not [k for k in q._cache if k[0] == "decode"], change
