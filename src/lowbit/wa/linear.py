@@ -472,7 +472,7 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
             prepared = ql._cache[key] = PreparedLinear(*ops, launches=launches)
         y = prepared(x2, out)
         if out is None and out_dtype == x.dtype and ql.in_rotation is None and FUSED_DECODE != "eager" \
-                and fp8_prefill.FP8_MIN_TOKENS > DECODE_FAST_M:
+                and fp8_prefill.FP8_MIN_TOKENS > DECODE_FAST_M and ql.cfg.aclip >= 1.0:  # what forward would route here
             ql._cache[("decode", x.dtype, dev, FUSED_DECODE)] = partial(_decode_call, prepared, ql.out_features)
     else:
         y = linear_two_launch(x2, *ops, out=out)
