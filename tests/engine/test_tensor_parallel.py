@@ -45,6 +45,10 @@ def _worker(rank, world, port, kv, out, wa=None):
         model = _model(wa)
         check_same_weights(model)
         model = shard_llama(model, rank, world)
+        if wa:  # as lowbit serve does: each rank's sibling shards fused (TP 1 below keeps them separate)
+            from lowbit.wa import fuse_projections
+
+            assert fuse_projections(model) == 2 * len(model.model.layers)
         engine = TensorParallelEngine(PagedEngine(model, kv=kv, kv_budget_mb=16, max_batch=4, max_tokens=512), rank, world)
         if rank == 0:
             reqs = [engine.add(p, m) for p, m in _prompts()]

@@ -108,7 +108,7 @@ def serve(
     if tensor_parallel < 1:
         raise SpecError(f"--tensor-parallel must be >= 1, got {tensor_parallel}")
     m, tok = load_for_serving(model, wa)
-    if wa:  # one process: q/k/v and gate/up as one W4Ax GEMM each (tensor-parallel ranks shard them separately)
+    if wa:  # q/k/v and gate/up as one W4Ax GEMM each (tensor-parallel ranks fuse their shards after cutting)
         from lowbit.wa import fuse_projections
 
         fuse_projections(m)

@@ -43,6 +43,9 @@ def tensor_parallel_engine(model, tokenizer, rank: int, world: int, **engine_kwa
         shard_llama(model, rank, world)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
+    from lowbit.wa.fuse import fuse_projections
+
+    fuse_projections(model)  # each rank's q/k/v and gate/up shards as one W4Ax GEMM each (no-op without --wa)
     return PagedServeEngine(model, tokenizer, wrap=lambda e: TensorParallelEngine(e, rank, world), **engine_kwargs)
 
 
