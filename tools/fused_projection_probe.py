@@ -3,7 +3,7 @@
 bf16 (the HF modules), W4Ax with separate projections, W4Ax with fused projections
 (:func:`lowbit.wa.fuse_projections`), and fused plus the one-launch permuted norm (``LOWBIT_FUSED_NORM``'s path).
 Graph and eager timings, and each variant's output against the separate W4Ax layer's:
-`python tools/fused_projection_probe.py` on a GPU (``--spec``, ``--m``; ``--small`` for a quick run anywhere).
+`python tools/fused_projection_probe.py` on a GPU (``--spec``, ``--m``, ``--json``; ``--small`` for a quick run anywhere).
 ``--only-projections`` times q/k/v and gate/up alone (stop 31's first measurement)."""
 
 from __future__ import annotations
@@ -46,25 +46,24 @@ def layer_call(layer, only_projections: bool, fused_norm: bool | None = None):
 
 
 def main() -> None:
-    from lowbit.bench.timing import bench_sets
+    from pathlib import Path
+
+    from lowbit.bench.timing import bench_sets, env_info, write_json
     from lowbit.wa import fuse_projections, quantize_model, select_linears
+    from lowbit.wa.fuse import sibling_stats
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--spec", default="fmpq:w=4,a=8")
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--only-projections", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="write env and rows (times, ratios to cuBLAS) here")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = build(args.small, device)
     sep = copy.deepcopy(base)
     names = select_linears(sep)
-    stats: dict = {}
-    for n in names:  # siblings read one input: the same statistics
-        first = n.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
-        stats[n] = stats.get(first)
-        if stats[n] is None:
-            stats[n] = torch.rand(sep.get_submodule(n).in_features, device=device) + 0.1
+    stats = sibling_stats(names, lambda n: torch.rand(sep.get_submodule(n).in_features, device=device) + 0.1)
     quantize_model(sep, args.spec, mode="int", stats=stats)
     fused = copy.deepcopy(sep)
     print(f"fused groups: {fuse_projections(fused)}", flush=True)
@@ -75,6 +74,7 @@ def main() -> None:
     if not only:
         calls["w4ax_fused_norm"] = layer_call(fused.model.layers[0], only, True)
     hidden = base.config.hidden_size
+    rows = []
     for m in [int(v) for v in args.m.split(",")]:
         sets = [torch.randn(m, hidden, device=device, dtype=torch.bfloat16) for _ in range(8)]
         with torch.no_grad():
@@ -96,6 +96,10 @@ def main() -> None:
             for name, (g, e) in row.items():
                 print(f"   {name:16s} graph {g:7.1f} us (x{cb[0] / g:.2f})   eager {e:7.1f} us (x{cb[1] / e:.2f})",
                       flush=True)
+                rows.append(dict(m=m, method=name, spec=args.spec, only_projections=only, graph_us=g, eager_us=e,
+                                 graph_speedup=cb[0] / g, eager_speedup=cb[1] / e, rel_diff_vs_separate=errs[name]))
+    if rows:
+        write_json(args.json, {"env": env_info(), "rows": rows})
 
 
 if __name__ == "__main__":

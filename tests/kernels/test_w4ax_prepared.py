@@ -135,8 +135,8 @@ def test_not_recorded_when_a_launch_reads_a_slice_of_x(fused, monkeypatch):
     real = w4._fused_call
 
     def sliced(x, *a):  # a launch that reads part of x: relaunching with a new x could not swap it
-        launcher, grid, args, kwargs, out = real(x, *a)
-        return launcher, grid, (x[:, 1:],) + args[1:], kwargs, out
+        grid, args, kwargs, out = real(x, *a)
+        return grid, (x[:, 1:],) + args[1:], kwargs, out
 
     monkeypatch.setattr(w4, "_fused_call", sliced)
     x = torch.randn(2, 1000, dtype=torch.bfloat16)

@@ -123,3 +123,19 @@ def test_fused_model_on_the_kernel_path_matches_the_separate_layers(make_tiny, s
         fuse_projections(model)
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(model(ids[:, :1]).logits, step, rtol=1e-3, atol=1e-3)
+
+
+def test_sibling_stats_are_shared_within_each_group():
+    from lowbit.wa.fuse import sibling_stats
+
+    names = [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                 "self_attn.v_proj", "self_attn.o_proj",
+                                                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    made = []
+    stats = sibling_stats(names, lambda n: made.append(n) or torch.rand(4))
+    assert len(made) == 8  # per layer: q/k/v, o, gate/up, down
+    for i in (0, 1):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        assert stats[f"{attn}.k_proj"] is stats[f"{attn}.q_proj"] is stats[f"{attn}.v_proj"]
+        assert stats[f"{mlp}.up_proj"] is stats[f"{mlp}.gate_proj"] is not stats[f"{mlp}.down_proj"]
+    assert stats["model.layers.0.self_attn.q_proj"] is not stats["model.layers.1.self_attn.q_proj"]

@@ -125,7 +125,7 @@ class DecodeBench:
 
             import torch
 
-            from lowbit.wa.fuse import fuse_projections
+            from lowbit.wa.fuse import fuse_projections, sibling_stats
             from lowbit.wa.model import quantize_model, select_linears
 
             self.wa_models.clear()
@@ -133,12 +133,7 @@ class DecodeBench:
             torch.cuda.empty_cache()
             qm = copy.deepcopy(self.model)
             names = select_linears(qm)
-            stats = {}
-            for n in names:  # siblings read one input, so they see the same statistics (as calibration gives them)
-                first = n.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
-                stats[n] = stats.get(first)
-                if stats[n] is None:
-                    stats[n] = torch.rand(qm.get_submodule(n).in_features, device="cuda") + 0.1
+            stats = sibling_stats(names, lambda n: torch.rand(qm.get_submodule(n).in_features, device="cuda") + 0.1)
             quantize_model(qm, WA_SPECS[kind], mode="int", stats=stats)
             fuse_projections(qm)  # q/k/v and gate/up: one W4Ax GEMM each, as served
             self.wa_models[kind] = qm

@@ -20,9 +20,8 @@ def gemm_candidates(bucket: str):
     from lowbit.kernels.layout import GemmConfig as C
 
     return {
-        # 8 warps: the small-M kernel takes 253 registers at BN 64 with 4 warps (two CTAs per SM), 122 with 8
-        # (offline count, sm_90, stop 30). num_stages changes neither its registers nor its shared memory: the loop
-        # is not software-pipelined, so only occupancy hides the load latency
+        # 8 warps at BN 32/64 were tried in stop 31 and won nowhere (BENCHMARKS.md); the kernel's loop is cp.async
+        # pipelined at 72 registers (BN 64, 4 warps; tools/triton_offline_regs.py)
         "small": [C(16, 64, 4, 4), C(16, 128, 4, 4), C(16, 32, 4, 4), C(16, 128, 8, 4), C(16, 64, 4, 6),
                   C(16, 32, 4, 4, asm=False, fast_cvt=False)],
         "mid": [C(64, 128, 4, 4), C(128, 64, 4, 4), C(64, 128, 4, 4, 1, unpacked=True, tma=True),

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.gemm import _interpreting
+from lowbit.kernels.gemm import _interpreting, _launch
 from lowbit.kernels.launch import FastLaunch
 from lowbit.kernels.layout import next_pow2
 
@@ -49,11 +49,6 @@ def permuted_rmsnorm(x: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor, 
         x2 = x2.contiguous()
     out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
     if x2.shape[0]:
-        grid = (x2.shape[0],)
-        args = (x2, x2.stride(0), perm, weight, out, out.stride(0), k, float(eps))
-        kwargs = dict(KB=next_pow2(k), APPROX=not _interpreting(), num_warps=8 if k >= 2048 else 4)
-        if _interpreting():
-            _permuted_rmsnorm_kernel[grid](*args, **kwargs)
-        else:
-            _LAUNCH(grid, *args, **kwargs)
+        _launch(_LAUNCH, (x2.shape[0],))(x2, x2.stride(0), perm, weight, out, out.stride(0), k, float(eps),
+                                         KB=next_pow2(k), APPROX=not _interpreting(), num_warps=8 if k >= 2048 else 4)
     return out.view(*x.shape[:-1], k)

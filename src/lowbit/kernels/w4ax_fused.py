@@ -142,8 +142,7 @@ def fused_supported(m: int, block: int, group: int) -> bool:
 
 def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias, out_dtype, config, out,
                 workspace) -> tuple:
-    """:func:`w4ax_linear`'s checks and arguments: ``(launcher, grid, positional args, keyword args, out)`` of its
-    launch."""
+    """:func:`w4ax_linear`'s checks and arguments: ``(grid, positional args, keyword args, out)`` of its launch."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K_in], got shape {tuple(x.shape)}")
     m, k_in = x.shape
@@ -193,7 +192,7 @@ def _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w
         USE_ASM=cfg.asm and not _interpreting(), FAST_CVT=fast,
         USE_LIBDEVICE=not _interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return _LAUNCH, (plan.tiles_mn, split), args, kwargs, out
+    return (plan.tiles_mn, split), args, kwargs, out
 
 
 def w4ax_linear(
@@ -219,9 +218,9 @@ def w4ax_linear(
     ``perm[j]``), ``int8_mask`` ``[K / block]`` (nonzero: 8-bit block); ``w_kernel``/``w_scale``/``w_zero`` as for
     :func:`~lowbit.kernels.gemm.w4a8_gemm`. Raises ``ValueError`` where :func:`fused_supported` is false.
     """
-    launcher, grid, args, kwargs, out = _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm,
-                                                    w_zero, bias, out_dtype, config, out, workspace)
-    _launch(launcher, grid)(*args, **kwargs)
+    grid, args, kwargs, out = _fused_call(x, block, w_kernel, w_scale, group, int8_mask, low_bits, perm, w_zero, bias,
+                                          out_dtype, config, out, workspace)
+    _launch(_LAUNCH, grid)(*args, **kwargs)
     return out
 
 
@@ -236,8 +235,9 @@ class PreparedLinear:
     work (most of an eager call's 60-150 µs of host time on the H200's host, stop 29). Same kernels, same arguments:
     the same bits. Under Triton's interpreter, with an active launch hook, for inputs whose last dimension is
     strided, and for calls with a launch outside :class:`~lowbit.kernels.launch.FastLaunch` (the two-launch path's
-    large-M TMA GEMM: :func:`~lowbit.kernels.launch.unrecorded`), every call takes the function itself. The recorded launches hold the workspace views of their first
-    call: calls on one stream are ordered by it, as for the functions themselves.
+    large-M TMA GEMM: :func:`~lowbit.kernels.launch.unrecorded`), every call takes the function itself. The recorded
+    launches hold the workspace views of their first call: calls on one stream are ordered by it, as for the
+    functions themselves.
     """
 
     MAX_CALLS = 64  # recorded calls per layer (M values x streams); past it, start over

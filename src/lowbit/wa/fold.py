@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from lowbit.kernels import triton_ready
-
 from lowbit.wa.linear import QuantLinear, outlier_permutation
 
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x / rms(x), weight as is

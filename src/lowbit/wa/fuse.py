@@ -103,38 +103,48 @@ def fusable(layers: list[nn.Module]) -> bool:
     return True
 
 
-def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-    return None if tensors[0] is None else torch.cat(tensors, 0)
+def _like(q: QuantLinear, rows: dict[str, torch.Tensor | None]) -> QuantLinear:
+    """A QuantLinear configured as `q` (its input permutation and INT8 blocks copied) whose per-output-row buffers
+    (``qweight``, ``w_scale``, ``w_zero``, ``bias``) are `rows`."""
+    bias_dtype = q.bias.dtype if q.bias is not None else torch.float32
+    out = QuantLinear(q.in_features, rows["qweight"].shape[0], q.cfg, q.bias is not None, bias_dtype, q.mode,
+                      rotated_model=True).to(q.qweight.device)
+    for name, value in rows.items():
+        setattr(out, name, value)
+    for name in ("perm", "int8_mask"):
+        value = getattr(q, name)
+        setattr(out, name, None if value is None else value.clone())
+    out.input_permuted, out.reuse_output = q.input_permuted, q.reuse_output
+    return out
+
+
+ROW_BUFFERS = ("qweight", "w_scale", "w_zero", "bias")
 
 
 def fuse_layers(layers: list[QuantLinear]) -> QuantLinear:
     """One QuantLinear computing the siblings' outputs side by side (their weight rows concatenated in order)."""
-    first = layers[0]
-    bias_dtype = first.bias.dtype if first.bias is not None else torch.float32
-    fused = QuantLinear(first.in_features, sum(q.out_features for q in layers), first.cfg, first.bias is not None,
-                        bias_dtype, first.mode, rotated_model=True).to(first.qweight.device)
-    for name in ("qweight", "w_scale", "w_zero", "bias"):
-        setattr(fused, name, _cat([getattr(q, name) for q in layers]))
-    for name in ("perm", "int8_mask"):
-        value = getattr(first, name)
-        setattr(fused, name, None if value is None else value.clone())
-    fused.input_permuted, fused.reuse_output = first.input_permuted, first.reuse_output
-    return fused
+    return _like(layers[0], {name: None if getattr(layers[0], name) is None else
+                             torch.cat([getattr(q, name) for q in layers], 0) for name in ROW_BUFFERS})
 
 
 def split_layer(fused: QuantLinear, start: int, stop: int) -> QuantLinear:
     """The QuantLinear of output rows ``[start, stop)`` of `fused` (its own copies of those rows)."""
-    bias_dtype = fused.bias.dtype if fused.bias is not None else torch.float32
-    q = QuantLinear(fused.in_features, stop - start, fused.cfg, fused.bias is not None, bias_dtype, fused.mode,
-                    rotated_model=True).to(fused.qweight.device)
-    for name in ("qweight", "w_scale", "w_zero", "bias"):
-        value = getattr(fused, name)
-        setattr(q, name, None if value is None else value[start:stop].clone())
-    for name in ("perm", "int8_mask"):
-        value = getattr(fused, name)
-        setattr(q, name, None if value is None else value.clone())
-    q.input_permuted, q.reuse_output = fused.input_permuted, fused.reuse_output
-    return q
+    return _like(fused, {name: None if getattr(fused, name) is None else getattr(fused, name)[start:stop].clone()
+                         for name in ROW_BUFFERS})
+
+
+def _group_head(name: str) -> str:
+    """The first sibling of `name`'s group (``...self_attn.q_proj`` for ``...self_attn.v_proj``), or `name`."""
+    parent, _, leaf = name.rpartition(".")
+    return next((f"{parent}.{group[0]}" for group in SIBLINGS if leaf in group), name)
+
+
+def sibling_stats(names: list[str], make) -> dict:
+    """Per linear name, input statistics ``make(name)``, one shared by the siblings of each group (:data:`SIBLINGS`):
+    they read the same tensor, as calibration sees it (for benchmarks and probes that draw statistics at random)."""
+    heads = {name: _group_head(name) for name in names}
+    shared = {head: make(head) for head in dict.fromkeys(heads.values())}
+    return {name: shared[head] for name, head in heads.items()}
 
 
 def fuse_projections(model: nn.Module) -> int:

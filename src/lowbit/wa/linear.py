@@ -37,6 +37,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from lowbit.kernels.layout import MAX_DECODE_M
 from lowbit.quant import integer
 from lowbit.wa import core, fp8_prefill
 from lowbit.wa.gptq import gptq_quantize, rtn_quantize
@@ -420,7 +421,7 @@ def _fused_now(x: torch.Tensor) -> bool:
     return FUSED_DECODE == "1"
 
 
-DECODE_FAST_M = 16  # = lowbit.kernels.layout.MAX_DECODE_M (checked by a test; importing it here needs the kernels)
+DECODE_FAST_M = MAX_DECODE_M  # decode-sized calls: the ones through the layer's prepared launches
 
 
 def _decode_call(prepared, n: int, x: torch.Tensor) -> torch.Tensor:
@@ -447,7 +448,7 @@ def kernel_forward(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     either way at the same tile.
     """
     from lowbit.kernels.gemm import linear_two_launch, stream_key
-    from lowbit.kernels.layout import MAX_DECODE_M, BufferPool
+    from lowbit.kernels.layout import BufferPool
 
     dev = x.device
     perm, mask = kernel_inputs(ql, dev)
