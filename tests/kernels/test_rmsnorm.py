@@ -42,7 +42,9 @@ def test_one_launch_matches_the_module(k, lead, x_dtype, w_dtype):
     want = norm(x)
     got = permuted_rmsnorm(x, norm.perm.int(), norm.permuted_weight(), norm.variance_epsilon)
     assert got.shape == want.shape and got.dtype == want.dtype
-    ulp = torch.finfo(want.dtype).eps
+    # the normalized input is rounded to x's dtype before the weight multiplies it (as the module does): a last-bit
+    # difference of the rsqrt shows there, at x's precision, when x is narrower than the output
+    ulp = max(torch.finfo(want.dtype).eps, torch.finfo(x_dtype).eps)
     assert ((got.float() - want.float()).abs() <= 2 * ulp * want.float().abs() + 1e-6).all()
     strided = x.transpose(0, -1).contiguous().transpose(0, -1) if len(lead) > 1 else x
     assert torch.equal(permuted_rmsnorm(strided, norm.perm, norm.permuted_weight(), norm.variance_epsilon), got)
@@ -70,3 +72,4 @@ def test_module_takes_the_kernel_when_asked(monkeypatch):
     monkeypatch.setattr(fold, "FUSED_NORM", True)
     got = norm(x)
     assert calls and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-3)
+

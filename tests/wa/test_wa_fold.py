@@ -221,3 +221,13 @@ def test_bundled_model_folded_equals_gathered(spec, monkeypatch):
     assert count_gathers(q, monkeypatch, x) == (0, 60) and count_gathers(gathered, monkeypatch, x) == (30 * 7, 0)
     with torch.no_grad():
         assert torch.equal(q(x).logits, gathered(x).logits)
+
+
+def test_fused_norm_setting_is_checked():
+    import pytest
+
+    from lowbit.wa.fold import fused_norm_setting
+
+    assert fused_norm_setting(None) and fused_norm_setting("1") and not fused_norm_setting("0")
+    with pytest.raises(ValueError, match="LOWBIT_FUSED_NORM"):
+        fused_norm_setting("yes")

@@ -257,10 +257,16 @@ class PreparedLinear:
         self.fn = {"fused": w4ax_linear, "two": linear_two_launch}[launches]
         self.out_dtype, self.workspace, self.n = out_dtype, workspace, w_kernel.shape[0]
         self._calls: dict[tuple, tuple | None] = {}  # key -> recorded launches, or None: not recordable
+        self.gemv_m = _gemv_tokens(launches, block, w_kernel, group, w_zero, out_dtype)
+        self._gemv = None  # the CUDA GEMV (lowbit.kernels.w4ax_gemv) of calls of <= gemv_m tokens, made at first use
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if _interpreting() or not isinstance(x, torch.Tensor) or x.dim() != 2 or x.stride(-1) != 1:
             return self.fn(x, *self.ops, out, self.workspace)
+        if 0 < x.shape[0] <= self.gemv_m and x.dtype in _GEMV_DTYPES and x.is_cuda:
+            gemv = self._gemv if self._gemv is not None else self._make_gemv()
+            if gemv:
+                return gemv(x, out)
         key = (x.shape, x.dtype, x.stride(0), x.data_ptr() % 16 == 0, x.device, stream_key(x.device),
                None if out is None else (out.stride(0), out.data_ptr() % 16 == 0))
         hit = self._calls.get(key, False)
@@ -279,6 +285,19 @@ class PreparedLinear:
                 argv[i] = out
             run(*head, *argv)
         return out
+
+    def _make_gemv(self):
+        """The layer's GEMV, or False (and no more tries) where the CUDA kernel does not build."""
+        from lowbit.kernels.w4ax_gemv import GemvLinear, built, two_launch_tps
+
+        if not built():
+            self.gemv_m, self._gemv = 0, False
+            return False
+        block, w_kernel, w_scale, group, int8_mask, low_bits, perm, _, bias, out_dtype, config = self.ops
+        n, k, dev = w_kernel.shape[0], 2 * w_kernel.shape[1], w_kernel.device
+        self._gemv = GemvLinear(block, w_kernel, w_scale, group, int8_mask, low_bits, perm, bias, out_dtype,
+                                lambda m: two_launch_tps(m, n, k, block, group, dev, config))
+        return self._gemv
 
     def _record(self, key, x, out):
         from lowbit.kernels.launch import recording
@@ -301,6 +320,21 @@ class PreparedLinear:
         ok = ok and steps and any(s[3] for s in steps) and any(s[4] for s in steps)
         self._calls[key] = steps if ok else None
         return out
+
+
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _gemv_tokens(launches: str, block: int, w_kernel: torch.Tensor, group: int, w_zero, out_dtype) -> int:
+    """The most tokens a call of this layer may have to take the CUDA GEMV (``$LOWBIT_W4AX_GEMV``, for the two-launch
+    path on CUDA; the same bits), 0 for none."""
+    from lowbit.kernels.w4ax_gemv import GEMV_M, gemv_supported
+
+    if launches != "two" or not w_kernel.is_cuda:
+        return 0
+    k = 2 * w_kernel.shape[1]
+    return max((m for m in range(1, GEMV_M + 1) if gemv_supported(m, k, block, group, w_zero, torch.bfloat16, out_dtype)),
+               default=0)
 
 
 def _aliases(a, t: torch.Tensor) -> bool:
