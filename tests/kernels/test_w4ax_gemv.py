@@ -1,6 +1,6 @@
-"""The one-launch CUDA GEMV (``lowbit.kernels.w4ax_gemv``): its PyTorch reference against the float64 integer
-reference on the CPU; on a GPU with nvcc, the kernel against the Triton two-launch path bit for bit and against the
-reference."""
+"""The one-launch CUDA GEMV (``lowbit.kernels.w4ax_gemv``): its PyTorch reference on the CPU; on a GPU with nvcc, the
+kernel against the reference and against the Triton two-launch path (the same function, float32 sums in another
+order: equal up to the output's last bit)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.kernels.layout import repack_weight
+from lowbit.kernels.layout import repack_weight, unpack_tiles
 
 
 def _case(m, k_in, n, block, group, dtype, seed, perm=True, mask=True, bias=True, device="cpu"):
@@ -31,28 +31,43 @@ def _case(m, k_in, n, block, group, dtype, seed, perm=True, mask=True, bias=True
 
 
 def _float64_reference(c, k, low_bits):
-    from lowbit.kernels.reference import quantize_activation_ref, w4a8_gemm_ref
-    from lowbit.kernels.layout import unrepack_weight
-
-    codes, scale = quantize_activation_ref(c["x"], c["block"], c["int8_mask"], low_bits, perm=c["perm"], padded_in=k)
-    qw = unrepack_weight(c["w_kernel"].cpu(), min(c["block"], c["group"])).to(c["x"].device)
-    return w4a8_gemm_ref(codes, scale, c["block"], qw, c["w_scale"], c["group"], bias=c["bias"])
+    """The definition, written out: x gathered by perm and zero-padded, per-token per-block codes rint(x / scale) with
+    scale = amax / hi, the weight codes minus 8 from the plain nibbles, everything dequantized in float64."""
+    x = c["x"].double()
+    if c["perm"] is not None:
+        x = x[:, c["perm"].long()]
+    x = torch.nn.functional.pad(x, (0, k - x.shape[1]))
+    block, group = c["block"], c["group"]
+    xb = x.view(x.shape[0], -1, block)
+    low = float((1 << (low_bits - 1)) - 1)
+    hi = torch.full((k // block,), low, dtype=torch.float64)
+    if c["int8_mask"] is not None:
+        hi[c["int8_mask"].bool()] = 127.0
+    scale = (xb.abs().amax(-1).float() / hi.float()).double()  # the quantizer divides in float32
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.maximum(torch.minimum(torch.round((xb.float() / scale[..., None].float()).double()), hi[:, None]),
+                          -hi[:, None] - 1)
+    a = (codes * scale[..., None]).view(x.shape[0], k)
+    wq = unpack_tiles(c["w_kernel"], min(block, group)).double() - 8
+    w = (wq.view(wq.shape[0], -1, group) * c["w_scale"].double()[..., None]).view(wq.shape[0], k)
+    y = a @ w.t()
+    return y + c["bias"].double() if c["bias"] is not None else y
 
 
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(1, 5), k_in=st.integers(40, 700), n=st.integers(1, 40),
-       bg=st.sampled_from([(128, 128), (64, 128), (32, 64), (128, 32), (256, 256)]),
-       tps=st.integers(1, 8), low_bits=st.sampled_from([4, 8]), seed=st.integers(0, 10_000))
-def test_reference_matches_the_float64_integer_matmul(m, k_in, n, bg, tps, low_bits, seed):
+@given(m=st.integers(1, 4), k_in=st.integers(40, 2000), n=st.integers(1, 40),
+       bg=st.sampled_from([(128, 128), (64, 128), (32, 64), (128, 32), (256, 1024)]),
+       low_bits=st.sampled_from([4, 8]), seed=st.integers(0, 10_000))
+def test_reference_is_the_integer_function(m, k_in, n, bg, low_bits, seed):
+    """The reference is the quantize-then-multiply definition (float32 output of the float64 sum)."""
     from lowbit.kernels.w4ax_gemv import gemv_reference
 
     block, group = bg
     c, k = _case(m, k_in, n, block, group, torch.float32, seed)
-    got = gemv_reference(**c, low_bits=low_bits, out_dtype=torch.float32, tps=tps)
+    got = gemv_reference(**c, low_bits=low_bits, out_dtype=torch.float32)
     want = _float64_reference(c, k, low_bits)
-    scale = want.abs().max().clamp_min(1.0)
     assert got.shape == (m, n)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
 
 
 def test_reference_changes_with_the_inputs():
@@ -66,13 +81,13 @@ def test_reference_changes_with_the_inputs():
 
 
 def test_env_is_checked():
-    from lowbit.kernels.w4ax_gemv import AUTO_M, gemv_tokens
+    from lowbit.kernels.w4ax_gemv import AUTO, gemv_policy
 
-    assert gemv_tokens(None) == AUTO_M and gemv_tokens("auto") == AUTO_M and gemv_tokens("0") == 0
-    assert gemv_tokens("4") == 4
+    assert gemv_policy(None) == AUTO and gemv_policy("auto") == AUTO and gemv_policy("0") == (0, 1)
+    assert gemv_policy("4") == (4, 1)
     for bad in ("yes", "5", "-1"):
         with pytest.raises(ValueError, match="LOWBIT_W4AX_GEMV"):
-            gemv_tokens(bad)
+            gemv_policy(bad)
 
 
 def test_supported_calls():
@@ -102,23 +117,26 @@ def _cuda_ready() -> bool:
 gpu = pytest.mark.skipif(not _cuda_ready(), reason="needs CUDA, nvcc and Triton")
 
 
+def _close_to(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to one rounding of the output dtype (float32 sums in another order), and equal for most elements."""
+    ulp = torch.finfo(got.dtype).eps
+    diff = (got.float() - want.float()).abs()
+    assert (diff <= 2 * ulp * want.float().abs() + 1e-3 * ulp).all(), float(diff.max())
+    assert (diff == 0).float().mean() > 0.8
+
+
 @gpu
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("block,group", [(128, 128), (64, 128), (32, 64), (128, 32), (256, 1024)])
-@pytest.mark.parametrize("split_k", [0, 1, 3])
-def test_kernel_equals_two_launches(m, block, group, split_k):
+@pytest.mark.parametrize("n", [200, 4099])
+def test_kernel_equals_the_reference_and_two_launches(m, block, group, n):
     from lowbit.kernels.gemm import linear_two_launch
-    from lowbit.kernels.layout import GemmConfig
-    from lowbit.kernels.w4ax_gemv import gemv_reference, two_launch_tps, w4ax_gemv
+    from lowbit.kernels.w4ax_gemv import gemv_reference, w4ax_gemv
 
-    c, k = _case(m, 1000, 200, block, group, torch.bfloat16, seed=m * 11 + block + split_k, device="cuda")
-    cfg = GemmConfig(16, 32, 4, 2, split_k) if split_k else None
-    got = w4ax_gemv(**c, config=cfg)
-    want = linear_two_launch(**c, config=cfg, workspace=None)
-    assert torch.equal(got, want)
-    tps = two_launch_tps(m, 200, k, block, group, torch.device("cuda"), cfg)
-    ref = gemv_reference(**c, tps=tps)
-    assert (got.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
+    c, k = _case(m, 1000, n, block, group, torch.bfloat16, seed=m * 11 + block + n, device="cuda")
+    got = w4ax_gemv(**c)
+    _close_to(got, gemv_reference(**c))
+    _close_to(got, linear_two_launch(**c, workspace=None))
 
 
 @gpu
@@ -134,18 +152,16 @@ def test_kernel_dtypes_options_and_widths(x_dtype, out_dtype, opts, k_in):
     c, k = _case(3, k_in, 136, 128, 128, x_dtype, seed=k_in, device="cuda", **opts)
     for low_bits in (4, 8):
         got = w4ax_gemv(**c, low_bits=low_bits, out_dtype=out_dtype)
-        assert torch.equal(got, linear_two_launch(**c, low_bits=low_bits, out_dtype=out_dtype, workspace=None))
+        _close_to(got, linear_two_launch(**c, low_bits=low_bits, out_dtype=out_dtype, workspace=None))
 
 
 @gpu
 def test_kernel_on_a_side_stream_and_in_a_graph():
-    from lowbit.kernels.gemm import linear_two_launch
-    from lowbit.kernels.w4ax_gemv import GemvLinear, two_launch_tps
+    from lowbit.kernels.w4ax_gemv import GemvLinear
 
     c, k = _case(1, 2048, 512, 128, 128, torch.bfloat16, seed=5, device="cuda")
-    want = linear_two_launch(**c, workspace=None)
-    lin = GemvLinear(128, c["w_kernel"], c["w_scale"], 128, c["int8_mask"], 4, c["perm"], c["bias"], torch.bfloat16,
-                     lambda m: two_launch_tps(m, 512, k, 128, 128, torch.device("cuda")))
+    lin = GemvLinear(128, c["w_kernel"], c["w_scale"], 128, c["int8_mask"], 4, c["perm"], c["bias"], torch.bfloat16)
+    want = lin(c["x"])
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         out = torch.empty(1, 512, dtype=torch.bfloat16, device="cuda")
@@ -170,3 +186,28 @@ def test_bad_calls_are_refused():
         w4ax_gemv(**{**c, "x": c["x"].expand(5, -1).contiguous()})
     with pytest.raises(ValueError, match=r"\[M, 1024\]"):
         w4ax_gemv(**{**c, "x": c["x"][:, :128].contiguous()})
+
+
+@gpu
+def test_layers_take_the_gemv_by_policy():
+    """Under the default policy a one-token call of a wide layer (>= 16384 rows) takes the GEMV; narrower layers and
+    more tokens keep the two launches (bit-exact to the two-launch call)."""
+    from lowbit.kernels.gemm import linear_two_launch
+    from lowbit.kernels.w4ax_fused import PreparedLinear
+    from lowbit.kernels.w4ax_gemv import GEMV_ENV
+
+    import os
+
+    if os.environ.get(GEMV_ENV, "auto") not in ("", "auto"):
+        pytest.skip(f"${GEMV_ENV} is set")
+    for n, m, takes in ((16384, 1, True), (16384, 2, False), (4096, 1, False)):
+        c, _ = _case(m, 1024, n, 128, 128, torch.bfloat16, seed=n + m, device="cuda")
+        layer = PreparedLinear(128, c["w_kernel"], c["w_scale"], 128, c["int8_mask"], 4, c["perm"], bias=c["bias"],
+                               launches="two")
+        got = layer(c["x"])
+        want = linear_two_launch(**c, workspace=None)
+        assert bool(layer._gemv) == takes
+        if takes:
+            _close_to(got, want)
+        else:
+            assert torch.equal(got, want)

@@ -205,7 +205,8 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
     """The W4Ax linear as a user calls it, each path timed eager (launches included) and under a CUDA graph, all with
     the activation quantizer: ``two_launch`` (quantizer, then the GEMM at the tuned config), and in the decode bucket
     what a QuantLinear layer calls, its prepared launches (one PreparedLinear per weight set, as one per layer):
-    ``two_prepared`` (quantizer, then GEMM), ``fused_prepared`` (the one-launch linear), ``fused``
+    ``two_prepared`` (the layer's default: quantizer, then GEMM; the one-launch CUDA GEMV where it takes the call,
+    ``*_gemv`` says so), ``fused_prepared`` (the one-launch linear), ``fused``
     (:func:`w4ax_linear` called directly); bit-exactness against the two-launch call at the same config. FMPQ runs folded (no input gather:
     ``fmpq:fold=true``, the default) and, as ``fmpq_unfolded``, with the gather."""
     import torch
@@ -244,6 +245,8 @@ def _fused_point(x, block: int, group: int, mask8, maskf, perm, wsets, bsets, cf
             paths.append((label, lambda st, ls=layers: ls[id(st)](x)))
             paths[-1][1](wsets[0])  # the first call records the launches, the second relaunches them
             out[f"{label}_{name}_bit_exact"] = bool(torch.equal(paths[-1][1](wsets[0]), two(wsets[0], config)))
+            if launches == "two":  # the layer's default path: at M <= $LOWBIT_W4AX_GEMV the CUDA GEMV takes the call
+                out[f"{label}_{name}_gemv"] = bool(layers[id(wsets[0])]._gemv) and m <= layers[id(wsets[0])].gemv_m
         for label, fn in paths:
             out[f"{label}_{name}_us"] = bench_sets(fn, wsets) * 1e3
             out[f"{label}_{name}_eager_us"] = bench_sets(fn, wsets, graph=False) * 1e3
@@ -293,7 +296,8 @@ def method_rows(row: dict) -> list[dict]:
             out.append({"m": row["M"], "n": row["N"], "k": row["K"], "method": method + suffix, "graph_us": g,
                         "eager_us": e, "graph_speedup": row["cublas_bf16_us"] / g,
                         "eager_speedup": row["cublas_bf16_eager_us"] / e,
-                        "bit_exact_vs_two_launch": row.get(f"{label}_{name}_bit_exact") if label != "two_launch" else None})
+                        "bit_exact_vs_two_launch": row.get(f"{label}_{name}_bit_exact") if label != "two_launch" else None,
+                        "gemv": row.get(f"{label}_{name}_gemv", False)})
     if "fp8_prefill_us" in row:  # the opt-in FP8 prefill (not the integer function: e4m3 operands)
         g, e = row["fp8_prefill_us"], row["fp8_prefill_eager_us"]
         out.append({"m": row["M"], "n": row["N"], "k": row["K"], "method": "fp8_prefill", "graph_us": g, "eager_us": e,

@@ -288,15 +288,13 @@ class PreparedLinear:
 
     def _make_gemv(self):
         """The layer's GEMV, or False (and no more tries) where the CUDA kernel does not build."""
-        from lowbit.kernels.w4ax_gemv import GemvLinear, built, two_launch_tps
+        from lowbit.kernels.w4ax_gemv import GemvLinear, built
 
         if not built():
             self.gemv_m, self._gemv = 0, False
             return False
-        block, w_kernel, w_scale, group, int8_mask, low_bits, perm, _, bias, out_dtype, config = self.ops
-        n, k, dev = w_kernel.shape[0], 2 * w_kernel.shape[1], w_kernel.device
-        self._gemv = GemvLinear(block, w_kernel, w_scale, group, int8_mask, low_bits, perm, bias, out_dtype,
-                                lambda m: two_launch_tps(m, n, k, block, group, dev, config))
+        block, w_kernel, w_scale, group, int8_mask, low_bits, perm, _, bias, out_dtype, _ = self.ops
+        self._gemv = GemvLinear(block, w_kernel, w_scale, group, int8_mask, low_bits, perm, bias, out_dtype)
         return self._gemv
 
     def _record(self, key, x, out):
@@ -326,11 +324,12 @@ _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _gemv_tokens(launches: str, block: int, w_kernel: torch.Tensor, group: int, w_zero, out_dtype) -> int:
-    """The most tokens a call of this layer may have to take the CUDA GEMV (``$LOWBIT_W4AX_GEMV``, for the two-launch
-    path on CUDA; the same bits), 0 for none."""
-    from lowbit.kernels.w4ax_gemv import GEMV_M, gemv_supported
+    """The most tokens a call of this layer may have to take the CUDA GEMV in place of the two launches on CUDA (the
+    same function, float32 sums in another order): ``$LOWBIT_W4AX_GEMV``'s policy
+    (:func:`lowbit.kernels.w4ax_gemv.gemv_policy`), 0 for none."""
+    from lowbit.kernels.w4ax_gemv import GEMV_M, GEMV_MIN_N, gemv_supported
 
-    if launches != "two" or not w_kernel.is_cuda:
+    if launches != "two" or not w_kernel.is_cuda or w_kernel.shape[0] < GEMV_MIN_N:
         return 0
     k = 2 * w_kernel.shape[1]
     return max((m for m in range(1, GEMV_M + 1) if gemv_supported(m, k, block, group, w_zero, torch.bfloat16, out_dtype)),
