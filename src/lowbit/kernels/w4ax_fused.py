@@ -238,6 +238,10 @@ class PreparedLinear:
     large-M TMA GEMM: :func:`~lowbit.kernels.launch.unrecorded`), every call takes the function itself. The recorded
     launches hold the workspace views of their first call: calls on one stream are ordered by it, as for the
     functions themselves.
+
+    With ``launches="two"`` on CUDA, calls of at most :attr:`gemv_m` bf16/fp16 tokens take the one-launch CUDA GEMV
+    instead (:mod:`lowbit.kernels.w4ax_gemv`; ``$LOWBIT_W4AX_GEMV``'s policy: by default one-token calls of layers of
+    16384 rows or more): the same function, its float32 sums in another order.
     """
 
     MAX_CALLS = 64  # recorded calls per layer (M values x streams); past it, start over
